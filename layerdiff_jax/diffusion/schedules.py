@@ -1,0 +1,109 @@
+"""Noise schedules, forward noising (q_sample) and LayerDiff's training-timestep policy.
+
+Conventions follow diffusers' DDPM/DDIM schedulers so SD-1.5 weights see the noise levels they were
+trained on. Timesteps index ``alphas_cumprod`` and may have one entry per sample ``(B,)`` or one per
+layer ``(B, L)``; coefficients broadcast over the trailing (h, w, C) axes.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BETA_SCHEDULES = ("linear", "scaled_linear")
+
+
+class NoiseSchedule(NamedTuple):
+    """Discrete diffusion schedule (a pytree: pass it through ``jax.jit`` as an argument or close over it).
+
+    Attributes:
+      betas: float32 ``(T,)``.
+      alphas_cumprod: float32 ``(T,)``, ``prod_{s<=t} (1 - beta_s)``.
+      final_alpha_cumprod: float32 scalar, the "previous" alpha_cumprod used by DDIM's last step
+        (1.0 with diffusers' ``set_alpha_to_one=True``, else ``alphas_cumprod[0]``).
+    """
+
+    betas: jax.Array
+    alphas_cumprod: jax.Array
+    final_alpha_cumprod: jax.Array
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.betas.shape[0]
+
+
+def make_schedule(
+    num_train_timesteps: int = 1000,
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
+    beta_schedule: str = "scaled_linear",
+    set_alpha_to_one: bool = False,
+) -> NoiseSchedule:
+    """Builds the schedule the way diffusers does (defaults: SD-1.5's config).
+
+    Computed in float64 and stored as float32, which agrees with diffusers' float32 arithmetic to ~1e-7.
+    """
+    if num_train_timesteps < 1:
+        raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
+    if beta_schedule == "linear":
+        betas = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float64)
+    elif beta_schedule == "scaled_linear":
+        betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
+    else:
+        raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
+    alphas_cumprod = np.cumprod(1.0 - betas)
+    final = 1.0 if set_alpha_to_one else alphas_cumprod[0]
+    return NoiseSchedule(
+        betas=jnp.asarray(betas, jnp.float32),
+        alphas_cumprod=jnp.asarray(alphas_cumprod, jnp.float32),
+        final_alpha_cumprod=jnp.asarray(final, jnp.float32),
+    )
+
+
+def expand_to(coef: jax.Array, x: jax.Array) -> jax.Array:
+    """Appends singleton axes so a per-sample / per-layer coefficient broadcasts against ``x``.
+
+    ``coef`` must match the leading axes of ``x`` (or be a scalar): ``(B,)`` vs ``(B, h, w, C)``,
+    ``(B, L)`` vs ``(B, L, h, w, C)``.
+    """
+    if coef.ndim > x.ndim or (coef.ndim and coef.shape != x.shape[: coef.ndim]):
+        raise ValueError(
+            f"timestep shape {coef.shape} must be a scalar or match the leading axes of the "
+            f"latent shape {x.shape}"
+        )
+    return coef.reshape(coef.shape + (1,) * (x.ndim - coef.ndim))
+
+
+def add_noise(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
+    """q(x_t | x_0): ``sqrt(abar_t) * x0 + sqrt(1 - abar_t) * noise`` (diffusers' ``add_noise``).
+
+    ``t`` is an integer array of shape ``()``, ``(B,)`` or ``(B, L)`` matching the leading axes of ``x0``.
+    """
+    if x0.shape != noise.shape:
+        raise ValueError(f"x0 shape {x0.shape} and noise shape {noise.shape} differ")
+    abar = jnp.take(schedule.alphas_cumprod, jnp.asarray(t)).astype(x0.dtype)
+    return expand_to(jnp.sqrt(abar), x0) * x0 + expand_to(jnp.sqrt(1.0 - abar), x0) * noise
+
+
+def sample_timesteps(
+    rng: jax.Array,
+    batch: int,
+    num_layers: int,
+    num_train_timesteps: int,
+    p_shared: float = 0.5,
+) -> jax.Array:
+    """LayerDiff's training timesteps, int32 ``(batch, num_layers)``.
+
+    With probability ``p_shared`` a sample uses one t for all its layers; otherwise each layer draws its
+    own t. Every t is uniform on ``[0, num_train_timesteps)``.
+    """
+    if not 0.0 <= p_shared <= 1.0:
+        raise ValueError(f"p_shared must be in [0, 1], got {p_shared}")
+    k_flag, k_shared, k_layer = jax.random.split(rng, 3)
+    shared = jax.random.bernoulli(k_flag, p_shared, (batch, 1))
+    t_shared = jax.random.randint(k_shared, (batch, 1), 0, num_train_timesteps, jnp.int32)
+    t_layer = jax.random.randint(k_layer, (batch, num_layers), 0, num_train_timesteps, jnp.int32)
+    return jnp.where(shared, t_shared, t_layer)
