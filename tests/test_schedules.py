@@ -52,7 +52,9 @@ def test_add_noise_matches_diffusers(shape, t_shape):
         torch.from_numpy(t.reshape(lead)),
     ).numpy().reshape(shape)
     got = jax.jit(add_noise)(make_schedule(), jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t, jnp.int32))
-    np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-6)
+    # Our alphas_cumprod come from float64 (as in the original SD code), diffusers' from a float32
+    # cumprod: sqrt(1 - abar) differs by <= 7e-7, times |noise| <= ~4.
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=5e-6)
 
 
 def test_add_noise_rejects_mismatched_timesteps():

@@ -135,7 +135,7 @@ def ddim_sample(
         different timestep values of the same length do not recompile.
       prev_timesteps: int (N,) step targets; default: the next entry of ``timesteps``, then -1 (the
         final alpha), which equals diffusers for SD-1.5's "leading" spacing (see ``ddim_prev_timesteps``).
-      eta: DDIM stochasticity (0 = deterministic). With eta != 0, step i adds
+      eta: DDIM stochasticity, a Python float (0 = deterministic). With eta != 0, step i adds
         ``jax.random.normal(jax.random.split(rng, N)[i], x.shape, x.dtype)`` scaled by sigma_t.
       frozen: bool of shape ``x_T.shape[:-3]``; True entries (e.g. non-target layers) keep their
         ``x_T`` value bit-for-bit and are given timestep ``frozen_timestep`` as model input.

@@ -50,6 +50,7 @@ def guided_model_fn(apply_fn: ApplyFn, cond: Any, uncond: Any, scale: float) -> 
     ``apply_fn(x, t, conditions) -> eps``; ``cond`` / ``uncond`` are pytrees of the same structure whose
     leaves have the batch size of x as their leading axis. Conditional and unconditional branches run
     as ONE model call on the batch ``[x; x]`` (halves split afterwards), as in diffusers' pipelines.
+    Build it inside the jitted sampling function so the conditions are traced, not baked-in constants.
     """
     if jax.tree.structure(cond) != jax.tree.structure(uncond):
         raise ValueError(
@@ -59,13 +60,13 @@ def guided_model_fn(apply_fn: ApplyFn, cond: Any, uncond: Any, scale: float) -> 
     for c, u in zip(jax.tree.leaves(cond), jax.tree.leaves(uncond)):
         if jnp.shape(c) != jnp.shape(u):
             raise ValueError(f"cond leaf shape {jnp.shape(c)} != uncond leaf shape {jnp.shape(u)}")
-    both = jax.tree.map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
 
     def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:
         batch = x.shape[0]
         for leaf in jax.tree.leaves(cond):
             if jnp.shape(leaf)[:1] != (batch,):
                 raise ValueError(f"condition leaf shape {jnp.shape(leaf)} must lead with batch {batch}")
+        both = jax.tree.map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
         eps = apply_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
         return classifier_free_guidance(eps[:batch], eps[batch:], scale)
 

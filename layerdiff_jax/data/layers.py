@@ -1,0 +1,217 @@
+"""The layered sample: background + foreground layers with masks and prompts.
+
+A sample has `K + 1` layers. Layer 0 is the full-frame background `B`; layers `1..K` are foregrounds
+ordered deepest -> shallowest, each an RGB image `F_i` cut from the source image with a 5x5-dilated
+mask, plus the undilated mask `m_i`. The composite is `x = m_b * B + sum_i m_i * F_i` with
+`m_b = 1 - sum_i m_i`; `compose` computes it as back-to-front alpha "over", which is the same thing
+when the masks do not overlap (training data) and stays well defined when they do (generated data).
+
+The exchange format, one folder per sample (sampling writes the same layout):
+
+    composite.png            RGB, for people to look at; derived from the layers when read
+    background.png           RGB
+    layer_01.png ...         RGBA: RGB = F_i, alpha = mask
+    mask_01.png ...          8-bit grayscale mask m_i (255 = inside)
+    sample.json              {"global_prompt", "layer_prompts": [bg, fg1, ...], "num_layers",
+                              "size": [H, W], ...any extra metadata, kept on round-trip}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+
+DILATION_KERNEL = 5
+SAMPLE_JSON = "sample.json"
+REQUIRED_JSON_FIELDS = ("global_prompt", "layer_prompts", "num_layers", "size")
+
+
+class DataError(ValueError):
+    """Bad layered data; the message names the offending file or field."""
+
+
+@dataclasses.dataclass(eq=False)
+class LayeredSample:
+    """One layered image. Arrays are uint8 so that PNG storage round-trips exactly."""
+
+    background: np.ndarray  # (H, W, 3) uint8
+    foregrounds: np.ndarray  # (K, H, W, 3) uint8, deepest first, zero outside the dilated mask
+    masks: np.ndarray  # (K, H, W) uint8, undilated, 255 = inside
+    global_prompt: str
+    layer_prompts: list[str]  # K + 1 prompts, background first
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.background.ndim != 3 or self.background.shape[-1] != 3:
+            raise DataError(f"background must be (H, W, 3), got {self.background.shape}")
+        h, w, _ = self.background.shape
+        k = len(self.layer_prompts) - 1
+        if k < 0:
+            raise DataError("layer_prompts must hold at least the background prompt")
+        if self.foregrounds.shape != (k, h, w, 3):
+            raise DataError(
+                f"foregrounds must be {(k, h, w, 3)} for {k + 1} layer prompts, got {self.foregrounds.shape}"
+            )
+        if self.masks.shape != (k, h, w):
+            raise DataError(f"masks must be {(k, h, w)}, got {self.masks.shape}")
+        for name in ("background", "foregrounds", "masks"):
+            if getattr(self, name).dtype != np.uint8:
+                raise DataError(f"{name} must be uint8, got {getattr(self, name).dtype}")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_prompts)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.background.shape[0], self.background.shape[1]
+
+    def composite(self) -> np.ndarray:
+        """The composed image, (H, W, 3) uint8."""
+        x = compose(
+            self.background.astype(np.float32),
+            self.foregrounds.astype(np.float32),
+            self.masks[..., None].astype(np.float32) / 255.0,
+        )
+        return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+def compose(background, foregrounds, masks):
+    """Composes layers back to front: `x = m_i * F_i + (1 - m_i) * x`, starting from `x = B`.
+
+    background (..., H, W, C), foregrounds (..., K, H, W, C) deepest first, masks (..., K, H, W, 1) in
+    [0, 1]. Uses only arithmetic, so numpy and jax arrays both work.
+    """
+    out = background
+    for i in range(foregrounds.shape[-4]):
+        m = masks[..., i, :, :, :]
+        out = m * foregrounds[..., i, :, :, :] + (1 - m) * out
+    return out
+
+
+def background_mask(masks):
+    """`m_b = 1 - sum_i m_i`, clipped to [0, 1] for overlapping (generated) masks.
+
+    masks (..., K, H, W, 1) in [0, 1] -> (..., H, W, 1).
+    """
+    return np.clip(1.0 - np.sum(masks, axis=-4), 0.0, 1.0)
+
+
+def dilate_mask(mask: np.ndarray, kernel_size: int = DILATION_KERNEL) -> np.ndarray:
+    """Grey dilation (max filter) with a `kernel_size` square over the last two axes (H, W)."""
+    r = kernel_size // 2
+    pad = [(0, 0)] * (mask.ndim - 2) + [(r, r), (r, r)]
+    padded = np.pad(mask, pad)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (kernel_size, kernel_size), axis=(-2, -1))
+    return windows.max(axis=(-2, -1))
+
+
+def cut_foreground(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """F_i: `image` (H, W, 3) kept where the 5x5-dilated `mask` (H, W) is non-zero, black elsewhere."""
+    keep = dilate_mask(mask) > 0
+    return np.where(keep[..., None], image, 0).astype(image.dtype)
+
+
+# ----------------------------------------------------------------------------- exchange folders
+
+
+def layer_file(i: int) -> str:
+    return f"layer_{i:02d}.png"
+
+
+def mask_file(i: int) -> str:
+    return f"mask_{i:02d}.png"
+
+
+def write_sample_folder(sample: LayeredSample, folder: str | os.PathLike) -> Path:
+    """Writes `sample` in the exchange format to `folder` (created if needed)."""
+    folder = Path(folder)
+    clash = sorted(set(sample.metadata) & set(REQUIRED_JSON_FIELDS))
+    if clash:
+        raise DataError(f"metadata keys {clash} clash with the fields of {SAMPLE_JSON}")
+    folder.mkdir(parents=True, exist_ok=True)
+    PIL.Image.fromarray(sample.composite()).save(folder / "composite.png")
+    PIL.Image.fromarray(sample.background).save(folder / "background.png")
+    for i, (fg, mask) in enumerate(zip(sample.foregrounds, sample.masks), start=1):
+        PIL.Image.fromarray(np.concatenate([fg, mask[..., None]], axis=-1)).save(folder / layer_file(i))
+        PIL.Image.fromarray(mask).save(folder / mask_file(i))
+    info = {
+        "global_prompt": sample.global_prompt,
+        "layer_prompts": list(sample.layer_prompts),
+        "num_layers": sample.num_layers,
+        "size": list(sample.size),
+        **sample.metadata,
+    }
+    (folder / SAMPLE_JSON).write_text(json.dumps(info, indent=2) + "\n")
+    return folder
+
+
+def _read_image(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
+    """Reads `path` as a PIL `mode` image, checking that it exists, decodes and is `size` (H, W)."""
+    if not path.is_file():
+        raise DataError(f"{path}: missing")
+    try:
+        with PIL.Image.open(path) as img:
+            img.load()
+            array = np.asarray(img.convert(mode))
+    except (OSError, ValueError, PIL.Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: not a readable image ({e})") from None
+    if array.shape[:2] != tuple(size):
+        raise DataError(f"{path}: size {array.shape[0]}x{array.shape[1]} but {SAMPLE_JSON} says {size[0]}x{size[1]}")
+    return array
+
+
+def _read_sample_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise DataError(f"{path}: missing")
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    missing = [k for k in REQUIRED_JSON_FIELDS if k not in info]
+    if missing:
+        raise DataError(f"{path}: missing field(s) {missing}")
+    prompts, n, size = info["layer_prompts"], info["num_layers"], info["size"]
+    if not isinstance(info["global_prompt"], str):
+        raise DataError(f"{path}: global_prompt must be a string")
+    if not isinstance(n, int) or n < 1:
+        raise DataError(f"{path}: num_layers must be an integer >= 1, got {n!r}")
+    if not (isinstance(prompts, list) and all(isinstance(p, str) for p in prompts)) or len(prompts) != n:
+        raise DataError(f"{path}: layer_prompts must be a list of {n} strings (num_layers), got {prompts!r}")
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
+        raise DataError(f"{path}: size must be [H, W], got {size!r}")
+    return info
+
+
+def read_sample_folder(folder: str | os.PathLike) -> LayeredSample:
+    """Reads one exchange-format folder; any problem raises `DataError` naming the file."""
+    folder = Path(folder)
+    info = _read_sample_json(folder / SAMPLE_JSON)
+    size = tuple(info["size"])
+    k = info["num_layers"] - 1
+    background = _read_image(folder / "background.png", "RGB", size)
+    foregrounds = np.zeros((k, *size, 3), np.uint8)
+    masks = np.zeros((k, *size), np.uint8)
+    for i in range(1, k + 1):
+        foregrounds[i - 1] = _read_image(folder / layer_file(i), "RGB", size)
+        masks[i - 1] = _read_image(folder / mask_file(i), "L", size)
+    if (folder / "composite.png").exists():  # derived, but a broken one is still worth reporting
+        _read_image(folder / "composite.png", "RGB", size)
+    metadata = {k_: v for k_, v in info.items() if k_ not in REQUIRED_JSON_FIELDS}
+    return LayeredSample(background, foregrounds, masks, info["global_prompt"], info["layer_prompts"], metadata)
+
+
+def list_sample_folders(root: str | os.PathLike) -> list[Path]:
+    """The sample folders directly under `root` (every non-hidden subdirectory), sorted by name."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a directory")
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))

@@ -1,0 +1,227 @@
+"""tensorflow-datasets builders for layered data, written as array_record without TensorFlow.
+
+Examples hold PNG bytes (tfds encodes numpy images only through TensorFlow), so decoding from the
+data source gives back exactly the generator's arrays. Two builders:
+
+- `SyntheticLayers`: the procedural dataset (`synthetic.generate_sample`), configured by resolution,
+  seed, split sizes and layer mix.
+- `LayeredFolder`: a folder of exchange-format sample folders. Subfolders `train/`, `test/`,
+  `validation/` become splits; otherwise every sample goes to `train`. With `skip_bad`, unreadable
+  samples are skipped and listed in `builder.skipped` instead of stopping the build.
+
+Read back with `open_data_source(path, split)` and `record_to_sample(record)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import tensorflow_datasets as tfds
+
+from layerdiff_jax.data.layers import DataError, LayeredSample, list_sample_folders, read_sample_folder
+from layerdiff_jax.data.synthetic import DEFAULT_LAYER_MIX, generate_sample
+
+FOLDER_SPLITS = ("train", "validation", "test")
+
+
+def _features() -> tfds.features.FeaturesDict:
+    image = tfds.features.Image(shape=(None, None, 3), encoding_format="png")
+    return tfds.features.FeaturesDict(
+        {
+            "background": image,
+            "foregrounds": tfds.features.Sequence(image),  # deepest first
+            "masks": tfds.features.Sequence(tfds.features.Image(shape=(None, None, 1), encoding_format="png")),
+            "global_prompt": tfds.features.Text(),
+            "layer_prompts": tfds.features.Sequence(tfds.features.Text()),  # background first
+            "metadata": tfds.features.Text(),  # JSON
+        }
+    )
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    PIL.Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def sample_to_example(sample: LayeredSample) -> dict[str, Any]:
+    return {
+        "background": _png(sample.background),
+        "foregrounds": [_png(f) for f in sample.foregrounds],
+        "masks": [_png(m) for m in sample.masks],
+        "global_prompt": sample.global_prompt,
+        "layer_prompts": list(sample.layer_prompts),
+        "metadata": json.dumps(sample.metadata, sort_keys=True),
+    }
+
+
+def record_to_sample(record: dict[str, Any]) -> LayeredSample:
+    """A decoded data-source record -> LayeredSample."""
+    background = record["background"]
+    h, w, _ = background.shape
+    prompts = [_text(p) for p in record["layer_prompts"]]
+    foregrounds = np.stack(record["foregrounds"]) if len(record["foregrounds"]) else np.zeros((0, h, w, 3), np.uint8)
+    masks = np.stack(record["masks"])[..., 0] if len(record["masks"]) else np.zeros((0, h, w), np.uint8)
+    return LayeredSample(
+        background, foregrounds, masks, _text(record["global_prompt"]), prompts, json.loads(_text(record["metadata"]))
+    )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+class _LayeredBuilder(tfds.core.GeneratorBasedBuilder):
+    """Shared by the builders below: features, version, and the description from the config."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    # Builders outside the tfds source tree have no checksums file; leaving `code_path` to tfds makes
+    # it look for one through `importlib_resources`, which is not installed.
+    code_path = None
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(builder=self, description=self.builder_config.description, features=_features())
+
+
+@dataclasses.dataclass(eq=False)
+class SyntheticLayersConfig(tfds.core.BuilderConfig):
+    resolution: int = 64
+    seed: int = 0
+    num_train: int = 1000
+    num_test: int = 100
+    layer_mix: dict[int, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_LAYER_MIX))
+
+
+class SyntheticLayers(_LayeredBuilder):
+    """Procedural shapes on backgrounds; test samples use indices after the train ones."""
+
+    def _split_generators(self, dl_manager):
+        c = self.builder_config
+        splits = {"train": range(c.num_train), "test": range(c.num_train, c.num_train + c.num_test)}
+        return {name: self._generate_examples(indices) for name, indices in splits.items() if len(indices)}
+
+    def _generate_examples(self, indices):
+        c = self.builder_config
+        for index in indices:
+            yield index, sample_to_example(generate_sample(c.seed, index, c.resolution, c.layer_mix))
+
+
+@dataclasses.dataclass(eq=False)
+class LayeredFolderConfig(tfds.core.BuilderConfig):
+    samples_dir: str = ""
+    skip_bad: bool = False
+
+
+class LayeredFolder(_LayeredBuilder):
+    """Exchange-format sample folders (data construction output, generated samples)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.skipped: list[tuple[str, str]] = []  # (sample folder, reason)
+
+    def _split_generators(self, dl_manager):
+        root = Path(self.builder_config.samples_dir)
+        split_dirs = {s: root / s for s in FOLDER_SPLITS if (root / s).is_dir()}
+        if not split_dirs:
+            split_dirs = {"train": root}
+        return {name: self._generate_examples(folder) for name, folder in split_dirs.items()}
+
+    def _generate_examples(self, split_dir: Path):
+        for folder in list_sample_folders(split_dir):
+            try:
+                sample = read_sample_folder(folder)
+            except DataError as e:
+                if not self.builder_config.skip_bad:
+                    raise
+                self.skipped.append((str(folder), str(e)))
+                continue
+            yield folder.name, sample_to_example(sample)
+
+
+def _config_name(text: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_]+", "_", text).strip("_") or "samples"
+
+
+def _prepare(builder: tfds.core.GeneratorBasedBuilder) -> Path:
+    """Writes the dataset, replacing an earlier build of the same name (tfds would silently keep it)."""
+    config = tfds.download.DownloadConfig(download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS)
+    with tempfile.TemporaryDirectory() as downloads:  # tfds wants one; nothing is downloaded
+        builder.download_and_prepare(download_dir=downloads, download_config=config)
+    return Path(builder.data_dir)
+
+
+def build_synthetic(
+    out_dir: str | os.PathLike,
+    *,
+    num_train: int,
+    num_test: int,
+    resolution: int = 64,
+    seed: int = 0,
+    layer_mix: dict[int, float] | None = None,
+) -> Path:
+    """Builds the synthetic dataset under `out_dir`; returns the dataset folder (`.../1.0.0`)."""
+    mix = dict(DEFAULT_LAYER_MIX if layer_mix is None else layer_mix)
+    config = SyntheticLayersConfig(
+        name=f"r{resolution}_s{seed}",
+        resolution=resolution,
+        seed=seed,
+        num_train=num_train,
+        num_test=num_test,
+        layer_mix=mix,
+        description=f"Synthetic layered shapes, {resolution}x{resolution}, seed {seed}, layer mix {mix}",
+    )
+    return _prepare(SyntheticLayers(config=config, data_dir=os.fspath(out_dir), file_format="array_record"))
+
+
+def build_from_folders(
+    samples_dir: str | os.PathLike, out_dir: str | os.PathLike, *, skip_bad: bool = False, name: str | None = None
+) -> tuple[Path, list[tuple[str, str]]]:
+    """Builds a dataset from exchange-format sample folders; returns (dataset folder, skipped samples).
+
+    Without `skip_bad` the first bad sample raises `DataError` naming its file.
+    """
+    samples_dir = Path(samples_dir)
+    if not samples_dir.is_dir():
+        raise DataError(f"{samples_dir}: not a directory")
+    config = LayeredFolderConfig(
+        name=_config_name(name or samples_dir.resolve().name), samples_dir=os.fspath(samples_dir),
+        skip_bad=skip_bad,
+        description=f"Layered samples from {samples_dir}",
+    )
+    builder = LayeredFolder(config=config, data_dir=os.fspath(out_dir), file_format="array_record")
+    return _prepare(builder), builder.skipped
+
+
+def find_dataset_dir(path: str | os.PathLike) -> Path:
+    """The one folder at or below `path` holding a built dataset (`dataset_info.json`)."""
+    path = Path(path)
+    if (path / "dataset_info.json").is_file():
+        return path
+    found = sorted(p.parent for p in path.rglob("dataset_info.json"))
+    if len(found) != 1:
+        what = "no built dataset" if not found else f"{len(found)} datasets ({', '.join(map(str, found))})"
+        raise FileNotFoundError(f"{path}: expected one built dataset (dataset_info.json), found {what}")
+    return found[0]
+
+
+def split_sizes(path: str | os.PathLike) -> dict[str, int]:
+    """{split: number of examples} of a built dataset."""
+    builder = tfds.builder_from_directory(os.fspath(find_dataset_dir(path)))
+    return {name: split.num_examples for name, split in builder.info.splits.items()}
+
+
+def open_data_source(path: str | os.PathLike, split: str = "train"):
+    """Random-access source of decoded records (`len`, `[i]`) for one split of a built dataset."""
+    builder = tfds.builder_from_directory(os.fspath(find_dataset_dir(path)))
+    if split not in builder.info.splits:
+        raise KeyError(f"split {split!r} not in {find_dataset_dir(path)} (has {list(builder.info.splits)})")
+    return builder.as_data_source(split=split)
