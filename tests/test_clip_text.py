@@ -29,7 +29,7 @@ def _torch_clip(folder, hidden_act="quick_gelu", seed=0):
     torch.manual_seed(seed)
     model = transformers.CLIPTextModel(transformers.CLIPTextConfig(**TINY, hidden_act=hidden_act)).eval()
     with torch.no_grad():  # perturb layer-norm scales/biases, which start at exactly 1 and 0
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.add_(0.1 * torch.randn(p.shape))
     model.save_pretrained(folder)

@@ -56,12 +56,12 @@ def test_long_prompt_is_truncated_with_a_warning(toy, caplog):
 def _write_tiny_clip_tokenizer(folder):
     """A CLIP BPE vocabulary for a few words, written by hand (no download)."""
     folder.mkdir(parents=True)
-    chars = list("abcdeghiklnoprstuwy")
-    words = ["a</w>", "red</w>", "circle</w>", "on</w>", "the</w>", "background</w>"]
-    vocab = chars + [c + "</w>" for c in chars] + words + ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     merges = ["r e", "re d</w>", "c i", "ci r", "cir c", "circ l", "circl e</w>", "o n</w>", "t h", "th e</w>",
               "b a", "ba c", "bac k", "back g", "backg r", "backgr o", "backgro u", "backgrou n", "backgroun d</w>"]  # fmt: skip
+    chars = list("abcdeghiklnoprstuwy")
+    merged = [m.replace(" ", "") for m in merges]
+    vocab = chars + [c + "</w>" for c in chars] + merged + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 

@@ -4,7 +4,8 @@ An SD-1.x `.ckpt` / `.safetensors` holds three models under three prefixes:
 
   model.diffusion_model.           UNet, numbered input_blocks.N.M / middle_block.M / output_blocks.N.M
   first_stage_model.               VAE, numbered encoder.down.N.block.M / decoder.up.N.block.M / mid.block_1
-  cond_stage_model.transformer.    CLIP text encoder, already under transformers' names (text_model.*)
+  cond_stage_model.transformer.    CLIP text encoder, already under transformers' names: text_model.*
+                                   (or without `text_model.`, as some older SD-1.x files store it)
 
 `split_ldm_checkpoint` renames each to the keys of the diffusers/transformers torch model, through one
 table per model from LDM module prefixes to diffusers module prefixes. The tables are built from the
@@ -49,10 +50,11 @@ COMPONENTS = ("unet", "vae", "text_encoder")
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-TEXT_PREFIX = "cond_stage_model.transformer.text_model."
+TEXT_PREFIX = "cond_stage_model.transformer."
+_TEXT_MODEL = "text_model."  # transformers 4's wrapper module; present in most SD-1.x files, not in all
 
 _IGNORED_PREFIXES = ("model_ema.", "first_stage_model.loss.")
-_IGNORED_KEYS = frozenset({TEXT_PREFIX + "embeddings.position_ids"})
+_IGNORED_KEYS = frozenset(TEXT_PREFIX + wrapper + "embeddings.position_ids" for wrapper in ("", _TEXT_MODEL))
 _SCHEDULE_BUFFERS = frozenset(
     {
         "betas",
@@ -212,6 +214,20 @@ def _split_by_table(
     return out
 
 
+def _split_text_encoder(state_dict: Mapping[str, np.ndarray], leftovers: list[str], missing: list[str]) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for key, value in state_dict.items():
+        if key.startswith(TEXT_PREFIX) and not is_ignored_key(key):
+            new_key = key[len(TEXT_PREFIX) :].removeprefix(_TEXT_MODEL)
+            if new_key in out:  # the same weight stored with and without `text_model.`
+                leftovers.append(key)
+            else:
+                out[new_key] = value
+    if not out:
+        missing.append(f"{TEXT_PREFIX}* (the CLIP text encoder)")
+    return out
+
+
 def split_ldm_checkpoint(
     state_dict: Mapping[str, np.ndarray],
     *,
@@ -232,14 +248,8 @@ def split_ldm_checkpoint(
     parts = {
         "unet": _split_by_table(state_dict, UNET_PREFIX, unet_key_table(unet_config), leftovers, missing),
         "vae": _split_by_table(state_dict, VAE_PREFIX, vae_key_table(vae_config), leftovers, missing),
-        "text_encoder": {
-            key[len(TEXT_PREFIX) :]: value
-            for key, value in state_dict.items()
-            if key.startswith(TEXT_PREFIX) and not is_ignored_key(key)
-        },
+        "text_encoder": _split_text_encoder(state_dict, leftovers, missing),
     }
-    if not parts["text_encoder"]:
-        missing.append(f"{TEXT_PREFIX}* (the CLIP text encoder)")
     leftovers += [
         key
         for key in state_dict
@@ -247,7 +257,11 @@ def split_ldm_checkpoint(
     ]
     if leftovers or missing:
         families = {name for p, name in _OTHER_FAMILIES.items() if any(k.startswith(p) for k in leftovers)}
-        hint = f" (it looks like a {' / '.join(sorted(families))} checkpoint; only SD-1.x is supported)" if families else ""
+        hint = ""
+        if families:
+            hint = f" (it looks like a {' / '.join(sorted(families))} checkpoint; only SD-1.x is supported)"
+        elif missing:
+            hint = " (does it have the architecture the configs describe? They default to SD 1.5's)"
         core._check(f"{source}{hint}", missing=missing, unexpected=leftovers)
     return parts
 

@@ -62,6 +62,14 @@ class ToLayerArrays(grain.MapTransform):
         }
 
 
+def stack_batch(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Stacks per-sample dicts; samples of different sizes are an error that says so."""
+    sizes = sorted({e["images"].shape[1:3] for e in examples})
+    if len(sizes) > 1:
+        raise ValueError(f"samples of different image sizes {sizes} in one batch; build the data at one size")
+    return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+
+
 def make_dataloader(
     data: str | os.PathLike | grain.RandomAccessDataSource,
     *,
@@ -79,8 +87,9 @@ def make_dataloader(
     """A grain DataLoader over a built dataset (a path, see `open_data_source`) or a data source.
 
     `batch_size` is per host. Each host reads the disjoint shard `shard_index` of `shard_count`
-    (default: `jax.process_index()` of `jax.process_count()`); a last partial batch is dropped. `num_epochs=None` repeats forever, reshuffling every epoch.
-    `worker_count > 0` decodes in that many worker processes.
+    (default: `jax.process_index()` of `jax.process_count()`); a last partial batch is dropped.
+    `num_epochs=None` repeats forever, reshuffling every epoch. `worker_count > 0` decodes in that many
+    worker processes. All samples must share one image size.
     """
     source = open_data_source(data, split) if isinstance(data, (str, os.PathLike)) else data
     shard_index = jax.process_index() if shard_index is None else shard_index
@@ -99,7 +108,10 @@ def make_dataloader(
     return grain.DataLoader(
         data_source=source,
         sampler=sampler,
-        operations=[ToLayerArrays(tokenizer, max_layers), grain.Batch(batch_size, drop_remainder=True)],
+        operations=[
+            ToLayerArrays(tokenizer, max_layers),
+            grain.Batch(batch_size, drop_remainder=True, batch_fn=stack_batch),
+        ],
         worker_count=worker_count,
         shard_options=grain.ShardOptions(shard_index=shard_index, shard_count=shard_count, drop_remainder=True),
     )

@@ -193,7 +193,8 @@ def build_from_folders(
     if not samples_dir.is_dir():
         raise DataError(f"{samples_dir}: not a directory")
     config = LayeredFolderConfig(
-        name=_config_name(name or samples_dir.resolve().name), samples_dir=os.fspath(samples_dir),
+        name=_config_name(name or samples_dir.resolve().name),
+        samples_dir=os.fspath(samples_dir),
         skip_bad=skip_bad,
         description=f"Layered samples from {samples_dir}",
     )
@@ -221,7 +222,8 @@ def split_sizes(path: str | os.PathLike) -> dict[str, int]:
 
 def open_data_source(path: str | os.PathLike, split: str = "train"):
     """Random-access source of decoded records (`len`, `[i]`) for one split of a built dataset."""
-    builder = tfds.builder_from_directory(os.fspath(find_dataset_dir(path)))
+    folder = find_dataset_dir(path)
+    builder = tfds.builder_from_directory(os.fspath(folder))
     if split not in builder.info.splits:
-        raise KeyError(f"split {split!r} not in {find_dataset_dir(path)} (has {list(builder.info.splits)})")
+        raise KeyError(f"split {split!r} not in {folder} (has {list(builder.info.splits)})")
     return builder.as_data_source(split=split)

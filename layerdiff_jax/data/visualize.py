@@ -17,7 +17,7 @@ _BACKDROP = (255, 255, 255)
 
 def _checkerboard(size: int, square: int = 8) -> np.ndarray:
     y, x = np.mgrid[0:size, 0:size] // square
-    return np.where(((y + x) % 2 == 0)[..., None], 200, 155).astype(np.uint8).repeat(3, axis=-1)
+    return np.where(((y + x) % 2 == 0)[..., None], 175, 135).astype(np.uint8).repeat(3, axis=-1)
 
 
 def _cell(rgb: np.ndarray, cell: int, alpha: np.ndarray | None = None) -> PIL.Image.Image:

@@ -216,6 +216,14 @@ class BlockLayout:
     resample: bool
 
 
+def broadcast_timesteps(timesteps, batch: int) -> jax.Array:
+    """A scalar, (1,) or (batch,) int/float timestep input -> shape (batch,)."""
+    timesteps = jnp.asarray(timesteps)
+    if timesteps.ndim > 1 or timesteps.size not in (1, batch):
+        raise ValueError(f"timesteps must be a scalar or of shape ({batch},), got {timesteps.shape}")
+    return jnp.broadcast_to(timesteps.reshape(-1), (batch,))
+
+
 def _constrain(h: jax.Array) -> jax.Array:
     return nn.with_logical_constraint(h, ("batch", "height", "width", "embed"))
 
@@ -368,9 +376,6 @@ class UNet2DConditionModel(nn.Module):
         batch = latents.shape[0]
         if context.ndim != 3 or context.shape[0] != batch or context.shape[-1] != c.cross_attention_dim:
             raise ValueError(f"context must be (B={batch}, T, {c.cross_attention_dim}), got {context.shape}")
-        timesteps = jnp.asarray(timesteps)
-        if timesteps.ndim > 1 or timesteps.size not in (1, batch):
-            raise ValueError(f"timesteps must be a scalar or of shape ({batch},), got {timesteps.shape}")
-        emb = self.time_embed(jnp.broadcast_to(timesteps.reshape(-1), (batch,)))
+        emb = self.time_embed(broadcast_timesteps(timesteps, batch))
         h = self.body(self.conv_in(latents), emb, context, layer_inputs=layer_inputs)
         return self.conv_out(self.head(h))

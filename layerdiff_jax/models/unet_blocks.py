@@ -86,12 +86,14 @@ class FeedForward(nn.Module):
     """diffusers' FeedForward with GEGLU: net_0 (GEGLU to 4x width), net_2 (back to the input width)."""
 
     mult: int = 4
+    zero_init_out: bool = False  # LayerDiff's new blocks start as the identity
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         h = GEGLU(self.mult * x.shape[-1], dtype=self.dtype, name="net_0")(x)
-        return layers.dense(x.shape[-1], axes=("mlp", "embed"), dtype=self.dtype, name="net_2")(h)
+        out_init = nn.initializers.zeros_init() if self.zero_init_out else nn.initializers.lecun_normal()
+        return layers.dense(x.shape[-1], axes=("mlp", "embed"), kernel_init=out_init, dtype=self.dtype, name="net_2")(h)
 
 
 class BasicTransformerBlock(nn.Module):

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from layerdiff_jax.models import layers
 from layerdiff_jax.models.attention import Attention
+from layerdiff_jax.models.unet_blocks import Upsample2D
 
 DOWN_BLOCK = "DownEncoderBlock2D"
 UP_BLOCK = "UpDecoderBlock2D"
@@ -53,7 +54,7 @@ class VAEConfig:
     layers_per_block: int = 1
     latent_channels: int = 4
     norm_num_groups: int = 32
-    sample_size: int = 32
+    sample_size: int | tuple[int, int] = 32
     scaling_factor: float = 0.18215
 
     @classmethod
@@ -86,11 +87,9 @@ class VAEConfig:
                         "(one per block_out_channels entry)"
                     )
             elif key in fields:
-                kwargs[key] = tuple(value) if key == "block_out_channels" else value
+                kwargs[key] = tuple(value) if isinstance(value, list) else value  # JSON lists -> hashable tuples
             else:
                 raise ValueError(f"VAE config: unknown field {key!r}")
-        if isinstance(kwargs.get("sample_size"), (list, tuple)):
-            kwargs["sample_size"] = tuple(kwargs["sample_size"])
         return cls(**kwargs)
 
     def to_diffusers_config(self) -> dict[str, Any]:
@@ -175,24 +174,13 @@ class MidBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Stride-2 3x3 conv; diffusers' VAE pads only bottom/right by one (padding=0 plus an explicit pad)."""
+    """Stride-2 3x3 conv padded only bottom/right by one, as diffusers' VAE (the UNet's pads both sides)."""
 
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         return layers.conv(x.shape[-1], 3, strides=2, padding=((0, 1), (0, 1)), dtype=self.dtype, name="conv")(x)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
-
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return layers.conv(x.shape[-1], 3, dtype=self.dtype, name="conv")(x)
 
 
 class DownEncoderBlock(nn.Module):
@@ -223,7 +211,7 @@ class UpDecoderBlock(nn.Module):
         for i in range(self.num_layers):
             x = ResnetBlock(self.out_channels, self.groups, dtype=self.dtype, name=f"resnets_{i}")(x)
         if self.add_upsample:
-            x = Upsample(dtype=self.dtype, name="upsamplers_0")(x)
+            x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x)
         return x
 
 
@@ -270,6 +258,11 @@ class Decoder(nn.Module):
         return layers.conv(cfg.out_channels, 3, dtype=self.dtype, name="conv_out")(x)
 
 
+def _check_nhwc(x: jax.Array, channels: int, what: str) -> None:
+    if x.ndim != 4 or x.shape[-1] != channels:
+        raise ValueError(f"AutoencoderKL expects NHWC {what} with {channels} channels, got shape {x.shape}")
+
+
 class AutoencoderKL(nn.Module):
     """SD's VAE. NHWC images in [-1, 1]; every output is float32 whatever the compute `dtype`.
 
@@ -287,13 +280,9 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = layers.conv(2 * cfg.latent_channels, 1, dtype=self.dtype, name="quant_conv")
         self.post_quant_conv = layers.conv(cfg.latent_channels, 1, dtype=self.dtype, name="post_quant_conv")
 
-    def _check_channels(self, x: jax.Array, channels: int, what: str) -> None:
-        if x.ndim != 4 or x.shape[-1] != channels:
-            raise ValueError(f"AutoencoderKL expects NHWC {what} with {channels} channels, got shape {x.shape}")
-
     def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(B, H, W, 3) images -> posterior (mean, logvar), each (B, H/8, W/8, 4) for SD, unscaled."""
-        self._check_channels(images, self.config.in_channels, "images")
+        _check_nhwc(images, self.config.in_channels, "images")
         moments = self.quant_conv(self.encoder(images)).astype(jnp.float32)
         mean, logvar = jnp.split(moments, 2, axis=-1)
         return mean, jnp.clip(logvar, *LOGVAR_RANGE)
@@ -303,7 +292,7 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, latents: jax.Array) -> jax.Array:
         """Unscaled latents (B, h, w, 4) -> images (B, h*8, w*8, 3), roughly in [-1, 1]."""
-        self._check_channels(latents, self.config.latent_channels, "latents")
+        _check_nhwc(latents, self.config.latent_channels, "latents")
         return self.decoder(self.post_quant_conv(latents)).astype(jnp.float32)
 
     def encode_latents(self, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:

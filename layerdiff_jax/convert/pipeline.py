@@ -1,0 +1,175 @@
+"""A whole Stable Diffusion 1.x model: loading its three components, and writing them as a converted folder.
+
+A converted folder (what `scripts/convert_weights.py` writes) mirrors a diffusers SD folder:
+
+  unet/, vae/, text_encoder/    config.json (diffusers/transformers style) + flax_params.safetensors
+  tokenizer/                    copied from the source, when it has one
+  layerdiff_conversion.json     source, date and parameter counts; written last, so its presence marks
+                                a finished conversion
+
+`load_unet` / `load_vae` / `load_text_encoder` read each component folder directly, and `load_sd` reads
+all three from a converted folder, a diffusers folder or an original single-file checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from layerdiff_jax.convert import core
+from layerdiff_jax.convert.clip_text import load_text_encoder
+from layerdiff_jax.convert.single_file import COMPONENTS, count_params, load_single_file
+from layerdiff_jax.convert.unet import load_unet
+from layerdiff_jax.convert.vae import load_vae
+from layerdiff_jax.models.clip_text import CLIPTextConfig
+from layerdiff_jax.models.unet import UNetConfig
+from layerdiff_jax.models.vae import VAEConfig
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_DIR = "tokenizer"
+CONVERSION_RECORD = "layerdiff_conversion.json"
+# Any one of these marks a folder as a saved Hugging Face tokenizer.
+_TOKENIZER_FILES = ("vocab.json", "tokenizer.json", "tokenizer_config.json")
+
+_FOLDER_LOADERS = {"unet": load_unet, "vae": load_vae, "text_encoder": load_text_encoder}
+_CONFIG_CLASSES = {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig}
+
+Components = dict[str, tuple[nn.Module, dict]]
+
+
+def read_component_configs(folder: str | Path) -> dict[str, Any]:
+    """{"unet", "vae", "text_encoder"} -> config, read from a diffusers-style folder's `<component>/config.json`."""
+    return {name: _CONFIG_CLASSES[name].from_diffusers_config(core.read_config(Path(folder) / name)) for name in COMPONENTS}
+
+
+def load_sd(
+    path: str | Path,
+    *,
+    config_dir: str | Path | None = None,
+    dtype: Any = jnp.float32,
+    attention_impl: str = "xla",
+) -> Components:
+    """{"unet", "vae", "text_encoder"} -> (module, params) from any of the three SD layouts.
+
+    `path` is a diffusers-format SD folder, a folder written by `save_converted`, or an original (LDM)
+    single-file SD-1.x checkpoint. For a single file the architectures are SD 1.5's unless `config_dir`
+    names a diffusers-style folder whose `unet/`, `vae/`, `text_encoder/` config.json describe it.
+    """
+    path = Path(path)
+    if path.is_file():
+        configs = read_component_configs(config_dir) if config_dir is not None else {}
+        return load_single_file(
+            path,
+            unet_config=configs.get("unet"),
+            vae_config=configs.get("vae"),
+            text_config=configs.get("text_encoder"),
+            dtype=dtype,
+            attention_impl=attention_impl,
+        )
+    if not path.is_dir():
+        raise FileNotFoundError(f"no Stable Diffusion model at {path}: expected a folder or a single checkpoint file")
+    if config_dir is not None:
+        raise ValueError(f"config_dir is only for single-file checkpoints; {path} is a folder with its own configs")
+    absent = [name for name in COMPONENTS if not (path / name).is_dir()]
+    if absent:
+        raise FileNotFoundError(f"{path} is not a Stable Diffusion folder: it has no {', '.join(f'{a}/' for a in absent)}")
+    loaded = {}
+    for name in COMPONENTS:
+        start = time.perf_counter()
+        loaded[name] = _FOLDER_LOADERS[name](path / name, dtype=dtype, attention_impl=attention_impl)
+        logger.info("%s: %s parameters (%.1f s)", name, f"{count_params(loaded[name][1]):,}", time.perf_counter() - start)
+    return loaded
+
+
+def check_tokenizer_dir(folder: str | Path) -> Path:
+    """`folder` if it holds a saved tokenizer; a clear error otherwise."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"tokenizer folder {folder} does not exist")
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise FileNotFoundError(f"{folder} holds no tokenizer (none of {', '.join(_TOKENIZER_FILES)})")
+    return folder
+
+
+def save_converted(
+    output_dir: str | Path,
+    components: Mapping[str, tuple[nn.Module, Mapping]],
+    *,
+    source: str | Path,
+    config_dir: str | Path | None = None,
+    tokenizer_dir: str | Path | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Writes a converted folder (see the module docstring) and returns its conversion record.
+
+    Each component's config.json is copied from `config_dir/<component>/` when that file exists (keeping
+    fields our configs don't model, such as token ids), else written from the module's config. An existing
+    non-empty `output_dir` is refused unless `overwrite`; then only the entries written here are replaced.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"output {output_dir} exists and is not a folder")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"output folder {output_dir} exists and is not empty (pass overwrite to replace it)")
+    if tokenizer_dir is not None:
+        tokenizer_dir = check_tokenizer_dir(tokenizer_dir)
+    ours = [*COMPONENTS, TOKENIZER_DIR, CONVERSION_RECORD]
+    _refuse_replacing_inputs(output_dir, ours, [Path(p) for p in (source, config_dir, tokenizer_dir) if p is not None])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name in ours:
+        target = output_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+    counts = {}
+    for name in COMPONENTS:
+        module, params = components[name]
+        folder = output_dir / name
+        folder.mkdir()
+        source_config = Path(config_dir) / name / core.CONFIG_FILE if config_dir is not None else None
+        if source_config is not None and source_config.is_file():
+            shutil.copyfile(source_config, folder / core.CONFIG_FILE)
+        else:
+            (folder / core.CONFIG_FILE).write_text(json.dumps(module.config.to_diffusers_config(), indent=2) + "\n")
+        core.save_flax_params(params, folder / core.FLAX_PARAMS_FILE)
+        counts[name] = count_params(params)
+        logger.info("wrote %s", folder)
+
+    if tokenizer_dir is not None:
+        shutil.copytree(tokenizer_dir, output_dir / TOKENIZER_DIR)
+        logger.info("copied the tokenizer from %s", tokenizer_dir)
+    else:
+        logger.warning(
+            "no tokenizer copied: sampling needs one; put an SD-1.5 tokenizer/ folder (vocab.json, merges.txt) in %s",
+            output_dir,
+        )
+    record = {
+        "source": str(Path(source).resolve()),
+        "source_format": "single_file" if Path(source).is_file() else "diffusers_folder",
+        "converted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "parameters": {**counts, "total": sum(counts.values())},
+        "tokenizer": str(Path(tokenizer_dir).resolve()) if tokenizer_dir is not None else None,
+    }
+    (output_dir / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _refuse_replacing_inputs(output_dir: Path, entries: list[str], inputs: list[Path]) -> None:
+    """Stops a conversion whose output would delete or overwrite its own inputs (e.g. --output = --source)."""
+    out = output_dir.resolve()
+    replaced = [out / name for name in entries]
+    for path in inputs:
+        path = path.resolve()
+        if path == out or any(path == r or r in path.parents for r in replaced):
+            raise ValueError(f"output folder {output_dir} would overwrite the input {path}; choose another output")
