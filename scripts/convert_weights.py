@@ -33,7 +33,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--source", required=True, type=Path, help="diffusers-format SD folder or single .safetensors/.ckpt file")
+    parser.add_argument(
+        "--source", required=True, type=Path, help="diffusers-format SD folder, or a single .safetensors/.ckpt file"
+    )
     parser.add_argument("--output", required=True, type=Path, help="folder to write the converted model to")
     parser.add_argument(
         "--tokenizer",
@@ -47,7 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="single-file sources only: a diffusers-style folder whose unet/, vae/, text_encoder/ config.json "
         "describe the checkpoint (default: SD 1.5's architecture)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace the converted entries of an existing output folder")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the converted entries of an existing output folder"
+    )
     args = parser.parse_args(argv)
 
     if not args.source.exists():
@@ -56,8 +60,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--config is only for single-file sources; a diffusers folder carries its own configs")
     if args.config is not None and not args.config.is_dir():
         parser.error(f"--config {args.config} is not a folder")
-    if args.output.exists() and not args.overwrite and (not args.output.is_dir() or any(args.output.iterdir())):
-        parser.error(f"--output {args.output} exists; pass --overwrite to replace its converted entries")
     return args
 
 
@@ -80,20 +82,27 @@ def main(argv: list[str] | None = None) -> int:
 
     # Imported after argument checks so that usage errors come back at once, without loading JAX.
     from layerdiff_jax.convert.core import ConversionError
-    from layerdiff_jax.convert.pipeline import check_tokenizer_dir, load_sd, save_converted
+    from layerdiff_jax.convert.pipeline import check_output_dir, check_tokenizer_dir, load_sd, save_converted
 
     kind = "diffusers folder" if args.source.is_dir() else "single-file checkpoint"
+    config_dir = args.source if args.source.is_dir() else args.config
     start = time.perf_counter()
     try:
         tokenizer = default_tokenizer(args)
         if tokenizer is not None:
             check_tokenizer_dir(tokenizer)
+        # Checked before the (long) conversion, and again by save_converted.
+        check_output_dir(args.output, inputs=[args.source, config_dir, tokenizer], overwrite=args.overwrite)
         print(f"converting {args.source} ({kind})")
         components = load_sd(args.source, config_dir=args.config)
         print(f"writing {args.output}")
-        config_dir = args.source if args.source.is_dir() else args.config
         record = save_converted(
-            args.output, components, source=args.source, config_dir=config_dir, tokenizer_dir=tokenizer, overwrite=args.overwrite
+            args.output,
+            components,
+            source=args.source,
+            config_dir=config_dir,
+            tokenizer_dir=tokenizer,
+            overwrite=args.overwrite,
         )
     except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"convert_weights.py: error: {e}", file=sys.stderr)

@@ -70,14 +70,17 @@ def test_converts_a_diffusers_folder(tiny, tmp_path, capsys):
     assert json.loads((tmp_path / "out/text_encoder/config.json").read_text()) == json.loads(
         (folder / "text_encoder/config.json").read_text()
     )
-    assert sorted(p.name for p in (tmp_path / "out/tokenizer").iterdir()) == sorted(p.name for p in (folder / "tokenizer").iterdir())
+    copied = sorted(p.name for p in (tmp_path / "out/tokenizer").iterdir())
+    assert copied == sorted(p.name for p in (folder / "tokenizer").iterdir())
 
 
 def test_converts_a_single_file(tiny, tmp_path, capsys):
     folder, single, reference, _ = tiny
     output = tmp_path / "out"
-    argv = ["--source", str(single), "--config", str(folder), "--tokenizer", str(folder / "tokenizer"), "--output", str(output)]
-    assert convert_weights.main(argv) == 0
+    tokenizer = folder / "tokenizer"
+    assert convert_weights.main(
+        ["--source", str(single), "--config", str(folder), "--tokenizer", str(tokenizer), "--output", str(output)]
+    ) == 0
     record = _check_output(output, reference, tokenizer=True)
     assert record["source_format"] == "single_file"
 
@@ -88,7 +91,8 @@ def test_converts_a_single_file(tiny, tmp_path, capsys):
         (configs_only / name).mkdir(parents=True)
         (configs_only / name / "config.json").write_bytes((folder / name / "config.json").read_bytes())
     capsys.readouterr()
-    assert convert_weights.main(["--source", str(single), "--config", str(configs_only), "--output", str(output), "--overwrite"]) == 0
+    argv = ["--source", str(single), "--config", str(configs_only), "--output", str(output), "--overwrite"]
+    assert convert_weights.main(argv) == 0
     assert "no tokenizer copied" in capsys.readouterr().out
     _check_output(output, reference, tokenizer=False)
 
@@ -103,9 +107,8 @@ def test_errors(tiny, tmp_path, capsys):
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
-    with pytest.raises(SystemExit):
-        convert_weights.main(["--source", str(folder), "--output", str(existing)])
-    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert convert_weights.main(["--source", str(folder), "--output", str(existing)]) == 1
+    assert "exists and is not empty" in capsys.readouterr().err
     assert (existing / "keep.txt").read_text() == "mine" and not (existing / "unet").exists()
 
     with pytest.raises(SystemExit):

@@ -41,7 +41,7 @@ TEXT_LENGTH = 16
 # The tiny reference SD folder
 
 
-def build_tiny_sd(folder: Path, *, unet_layers: int = 2, vae_layers: int = 1, seed: int = 0) -> dict[str, torch.nn.Module]:
+def build_tiny_sd(folder: Path, *, unet_layers=2, vae_layers=1, seed=0) -> dict[str, torch.nn.Module]:
     """Tiny SD-1.5-shaped torch models with random weights, saved as a diffusers SD folder at `folder`."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -319,7 +319,9 @@ def test_single_file_models_match_torch(tiny_sd):
         context = rng.standard_normal((2, 5, 32)).astype(np.float32)
         unet, params = loaded["unet"]
         ours = jax.jit(unet.apply)({"params": params}, latents, timesteps, context)
-        ref = models["unet"](torch.from_numpy(latents).permute(0, 3, 1, 2), torch.from_numpy(timesteps), torch.from_numpy(context)).sample
+        ref = models["unet"](
+            torch.from_numpy(latents).permute(0, 3, 1, 2), torch.from_numpy(timesteps), torch.from_numpy(context)
+        ).sample
         np.testing.assert_allclose(np.asarray(ours), ref.permute(0, 2, 3, 1).numpy(), atol=1e-4, rtol=0)
 
         vae, params = loaded["vae"]
@@ -416,8 +418,10 @@ def test_text_encoder_with_or_without_text_model_wrapper(tiny_sd):
     got = split(unwrapped)["text_encoder"]
     assert got.keys() == expected.keys() == models["text_encoder"].state_dict().keys()
     assert all(np.array_equal(got[k], expected[k]) for k in expected)
-    both = {**state, "cond_stage_model.transformer.final_layer_norm.bias": state["cond_stage_model.transformer.text_model.final_layer_norm.bias"]}
-    with pytest.raises(ConversionError, match=r"unexpected 1 key\(s\): cond_stage_model\.transformer\.(text_model\.)?final_layer_norm\.bias"):
+    wrapped_bias = state["cond_stage_model.transformer.text_model.final_layer_norm.bias"]
+    both = {**state, "cond_stage_model.transformer.final_layer_norm.bias": wrapped_bias}
+    duplicate = r"unexpected 1 key\(s\): cond_stage_model\.transformer\.(text_model\.)?final_layer_norm\.bias"
+    with pytest.raises(ConversionError, match=duplicate):
         split(both)
 
 
@@ -434,6 +438,9 @@ def test_bad_file_names_are_clear(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ValueError, match="notes.txt"):
         single_file.load_single_file(tmp_path / "notes.txt")
+    save_file({"conv_in.weight": torch.zeros(1)}, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(ConversionError, match="is not an original .LDM. SD-1.x checkpoint"):
+        single_file.load_single_file(tmp_path / "diffusion_pytorch_model.safetensors")
     (tmp_path / "truncated.safetensors").write_bytes(b"\x10\x00")
     with pytest.raises(ConversionError, match="truncated.safetensors"):
         single_file.load_single_file(tmp_path / "truncated.safetensors")

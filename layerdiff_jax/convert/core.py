@@ -171,7 +171,7 @@ def save_flax_params(params: Mapping, path: str | Path) -> None:
     from safetensors.numpy import save_file
 
     flat = flax.traverse_util.flatten_dict(dict(nn.meta.unbox(params)), sep="/")
-    save_file({k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in flat.items()}, str(path))
+    save_file({k: np.array(v, dtype=np.float32, order="C") for k, v in flat.items()}, str(path))
 
 
 def load_flax_params(path: str | Path, target: Mapping) -> dict:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from layerdiff_jax.convert import core
 from layerdiff_jax.convert.clip_text import load_text_encoder
-from layerdiff_jax.convert.single_file import COMPONENTS, count_params, load_single_file
+from layerdiff_jax.convert.single_file import COMPONENTS, count_params, load_single_file, log_loaded
 from layerdiff_jax.convert.unet import load_unet
 from layerdiff_jax.convert.vae import load_vae
 from layerdiff_jax.models.clip_text import CLIPTextConfig
@@ -40,6 +40,7 @@ CONVERSION_RECORD = "layerdiff_conversion.json"
 # Any one of these marks a folder as a saved Hugging Face tokenizer.
 _TOKENIZER_FILES = ("vocab.json", "tokenizer.json", "tokenizer_config.json")
 
+_WRITTEN = (*COMPONENTS, TOKENIZER_DIR, CONVERSION_RECORD)  # what save_converted writes (and replaces)
 _FOLDER_LOADERS = {"unet": load_unet, "vae": load_vae, "text_encoder": load_text_encoder}
 _CONFIG_CLASSES = {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig}
 
@@ -48,7 +49,8 @@ Components = dict[str, tuple[nn.Module, dict]]
 
 def read_component_configs(folder: str | Path) -> dict[str, Any]:
     """{"unet", "vae", "text_encoder"} -> config, read from a diffusers-style folder's `<component>/config.json`."""
-    return {name: _CONFIG_CLASSES[name].from_diffusers_config(core.read_config(Path(folder) / name)) for name in COMPONENTS}
+    folder = Path(folder)
+    return {name: _CONFIG_CLASSES[name].from_diffusers_config(core.read_config(folder / name)) for name in COMPONENTS}
 
 
 def load_sd(
@@ -81,12 +83,12 @@ def load_sd(
         raise ValueError(f"config_dir is only for single-file checkpoints; {path} is a folder with its own configs")
     absent = [name for name in COMPONENTS if not (path / name).is_dir()]
     if absent:
-        raise FileNotFoundError(f"{path} is not a Stable Diffusion folder: it has no {', '.join(f'{a}/' for a in absent)}")
+        raise FileNotFoundError(f"{path} is not a Stable Diffusion folder: it has no {'/, '.join(absent)}/")
     loaded = {}
     for name in COMPONENTS:
         start = time.perf_counter()
         loaded[name] = _FOLDER_LOADERS[name](path / name, dtype=dtype, attention_impl=attention_impl)
-        logger.info("%s: %s parameters (%.1f s)", name, f"{count_params(loaded[name][1]):,}", time.perf_counter() - start)
+        log_loaded(name, loaded[name][1], start)
     return loaded
 
 
@@ -116,16 +118,11 @@ def save_converted(
     non-empty `output_dir` is refused unless `overwrite`; then only the entries written here are replaced.
     """
     output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(f"output {output_dir} exists and is not a folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {output_dir} exists and is not empty (pass overwrite to replace it)")
     if tokenizer_dir is not None:
         tokenizer_dir = check_tokenizer_dir(tokenizer_dir)
-    ours = [*COMPONENTS, TOKENIZER_DIR, CONVERSION_RECORD]
-    _refuse_replacing_inputs(output_dir, ours, [Path(p) for p in (source, config_dir, tokenizer_dir) if p is not None])
+    check_output_dir(output_dir, inputs=[source, config_dir, tokenizer_dir], overwrite=overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
-    for name in ours:
+    for name in _WRITTEN:
         target = output_dir / name
         if target.is_dir():
             shutil.rmtree(target)
@@ -165,11 +162,19 @@ def save_converted(
     return record
 
 
-def _refuse_replacing_inputs(output_dir: Path, entries: list[str], inputs: list[Path]) -> None:
-    """Stops a conversion whose output would delete or overwrite its own inputs (e.g. --output = --source)."""
+def check_output_dir(output_dir: str | Path, *, inputs: list[str | Path | None], overwrite: bool) -> None:
+    """Raises unless `save_converted` may write to `output_dir`: it must be absent or empty unless `overwrite`,
+    and writing must not replace any of `inputs` (e.g. the output folder being the source folder)."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"output {output_dir} exists and is not a folder")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"output folder {output_dir} exists and is not empty "
+            "(overwrite, or the script's --overwrite, replaces the converted entries in it)"
+        )
     out = output_dir.resolve()
-    replaced = [out / name for name in entries]
-    for path in inputs:
-        path = path.resolve()
+    replaced = [out / name for name in _WRITTEN]
+    for path in [Path(p).resolve() for p in inputs if p is not None]:
         if path == out or any(path == r or r in path.parents for r in replaced):
-            raise ValueError(f"output folder {output_dir} would overwrite the input {path}; choose another output")
+            raise ValueError(f"writing to {output_dir} would overwrite the input {path}; choose another output folder")

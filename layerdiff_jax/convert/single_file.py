@@ -138,7 +138,8 @@ def unet_key_table(config: UNetConfig) -> dict[str, _Entry]:
                 table[f"output_blocks.{i}.1"] = _Entry(f"up_blocks.{b}.attentions.{j}")
             i += 1
         if block.resample:
-            table[f"output_blocks.{i - 1}.{2 if block.num_heads else 1}.conv"] = _Entry(f"up_blocks.{b}.upsamplers.0.conv")
+            slot = 2 if block.num_heads else 1
+            table[f"output_blocks.{i - 1}.{slot}.conv"] = _Entry(f"up_blocks.{b}.upsamplers.0.conv")
     return table
 
 
@@ -191,7 +192,11 @@ def _rename_by_table(key: str, table: Mapping[str, _Entry]) -> tuple[str, str, _
 
 
 def _split_by_table(
-    state_dict: Mapping[str, np.ndarray], prefix: str, table: Mapping[str, _Entry], leftovers: list[str], missing: list[str]
+    state_dict: Mapping[str, np.ndarray],
+    prefix: str,
+    table: Mapping[str, _Entry],
+    leftovers: list[str],
+    missing: list[str],
 ) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     used: set[str] = set()
@@ -203,9 +208,6 @@ def _split_by_table(
             leftovers.append(key)
             continue
         matched, new_key, entry = renamed
-        if new_key in out:  # two LDM keys for one diffusers parameter: both are wrong
-            leftovers.append(key)
-            continue
         if entry.squeeze_1x1 and np.ndim(value) == 4 and np.shape(value)[2:] == (1, 1):
             value = np.asarray(value)[:, :, 0, 0]
         out[new_key] = value
@@ -214,7 +216,9 @@ def _split_by_table(
     return out
 
 
-def _split_text_encoder(state_dict: Mapping[str, np.ndarray], leftovers: list[str], missing: list[str]) -> dict[str, np.ndarray]:
+def _split_text_encoder(
+    state_dict: Mapping[str, np.ndarray], leftovers: list[str], missing: list[str]
+) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for key, value in state_dict.items():
         if key.startswith(TEXT_PREFIX) and not is_ignored_key(key):
@@ -241,6 +245,12 @@ def split_ldm_checkpoint(
     `final_layer_norm.*`). Raises `ConversionError` naming every key no rule accepts and every LDM module
     the configs expect but the checkpoint lacks. Configs default to SD 1.5's.
     """
+    prefixes = (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX)
+    if not any(key.startswith(prefixes) for key in state_dict):
+        raise core.ConversionError(
+            f"{source} is not an original (LDM) SD-1.x checkpoint: none of its {len(state_dict)} keys starts with "
+            f"{', '.join(prefixes)} (a diffusers-format model is a folder: pass the folder)"
+        )
     unet_config = unet_config or UNetConfig.sd15()
     vae_config = vae_config or VAEConfig.sd15()
     leftovers: list[str] = []
@@ -250,11 +260,11 @@ def split_ldm_checkpoint(
         "vae": _split_by_table(state_dict, VAE_PREFIX, vae_key_table(vae_config), leftovers, missing),
         "text_encoder": _split_text_encoder(state_dict, leftovers, missing),
     }
-    leftovers += [
-        key
-        for key in state_dict
-        if not key.startswith((UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX)) and not is_ignored_key(key)
-    ]
+    leftovers += [key for key in state_dict if not key.startswith(prefixes) and not is_ignored_key(key)]
+    ignored = [key for key in state_dict if is_ignored_key(key)]
+    if ignored:
+        ema = sum(key.startswith("model_ema.") for key in ignored)
+        logger.info("left out %d non-weight keys (%d of them model_ema.*, the UNet's EMA copy)", len(ignored), ema)
     if leftovers or missing:
         families = {name for p, name in _OTHER_FAMILIES.items() if any(k.startswith(p) for k in leftovers)}
         hint = ""
@@ -301,7 +311,7 @@ def read_single_file(path: str | Path) -> dict[str, np.ndarray]:
     """The flat state dict of an LDM checkpoint file (`.safetensors` without torch; pickles weights-only)."""
     path = Path(path)
     if path.suffix not in SINGLE_FILE_SUFFIXES:
-        raise ValueError(f"{path}: expected a single-file checkpoint ending in one of {', '.join(SINGLE_FILE_SUFFIXES)}")
+        raise ValueError(f"{path}: a single-file checkpoint's name ends in one of {', '.join(SINGLE_FILE_SUFFIXES)}")
     return core.load_torch_file(path)
 
 
@@ -336,8 +346,13 @@ def load_single_file(
         loaded[name] = convert_component(
             name, parts.pop(name), configs[name], dtype=dtype, attention_impl=attention_impl, source=source
         )
-        logger.info("%s: %s parameters (%.1f s)", name, f"{count_params(loaded[name][1]):,}", time.perf_counter() - start)
+        log_loaded(name, loaded[name][1], start)
     return loaded
+
+
+def log_loaded(name: str, params: Mapping, start: float) -> None:
+    """A progress line: the component, its parameter count, and the seconds since `start`."""
+    logger.info("%s: %s parameters (%.1f s)", name, f"{count_params(params):,}", time.perf_counter() - start)
 
 
 def count_params(params: Mapping) -> int:

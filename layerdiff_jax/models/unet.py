@@ -124,6 +124,8 @@ class UNetConfig:
                 raise ValueError(f"UNetConfig.{name}: unsupported block type(s) {bad}; SD-1.x blocks are {allowed}")
         for name in ("layers_per_block", "num_attention_heads", "transformer_layers_per_block"):
             set_(name, _per_block(name, getattr(self, name), n))
+        if not isinstance(self.norm_num_groups, int):
+            raise ValueError(f"UNetConfig.norm_num_groups must be an int (SD-1.x has GroupNorms), got {self.norm_num_groups!r}")
         if isinstance(self.sample_size, list):
             set_("sample_size", tuple(self.sample_size))
         for channels in self.block_out_channels:
@@ -224,6 +226,10 @@ def broadcast_timesteps(timesteps, batch: int) -> jax.Array:
     return jnp.broadcast_to(timesteps.reshape(-1), (batch,))
 
 
+_RematResnetBlock2D = nn.remat(ResnetBlock2D)
+_RematTransformer2DModel = nn.remat(Transformer2DModel)
+
+
 def _constrain(h: jax.Array) -> jax.Array:
     return nn.with_logical_constraint(h, ("batch", "height", "width", "embed"))
 
@@ -241,12 +247,12 @@ class _Block(nn.Module):
     dtype: Dtype = jnp.float32
 
     def resnet(self, i: int, h, emb):
-        cls = nn.remat(ResnetBlock2D) if self.remat else ResnetBlock2D
+        cls = _RematResnetBlock2D if self.remat else ResnetBlock2D
         block = cls(self.layout.out_channels, self.norm_num_groups, self.norm_eps, dtype=self.dtype, name=f"resnets_{i}")
         return _constrain(block(h, emb))
 
     def attention(self, i: int, h, context, layer_inputs):
-        cls = nn.remat(Transformer2DModel) if self.remat else Transformer2DModel
+        cls = _RematTransformer2DModel if self.remat else Transformer2DModel
         h = cls(
             self.layout.num_heads,
             self.norm_num_groups,

@@ -1,0 +1,56 @@
+"""Saving and loading a trained LayerDiff UNet as a component folder.
+
+A LayerDiff model folder is an SD folder (`vae/`, `text_encoder/`, `tokenizer/`, as written by
+`convert/pipeline.save_converted`) plus `layerdiff/`: `config.json` ({"unet": diffusers-style UNet config,
+"layerdiff": LayerDiffConfig fields}) and `flax_params.safetensors`. Training exports this; sampling reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+from layerdiff_jax.convert import core
+from layerdiff_jax.models.layerdiff import LayerDiffConfig, LayerDiffUNet
+from layerdiff_jax.models.unet import UNetConfig
+
+LAYERDIFF_DIR = "layerdiff"
+
+
+def layerdiff_config_dict(model: LayerDiffUNet) -> dict[str, Any]:
+    return {"unet": model.unet_config.to_diffusers_config(), "layerdiff": dataclasses.asdict(model.config)}
+
+
+def save_layerdiff(folder: str | Path, model: LayerDiffUNet, params: Mapping) -> Path:
+    """Writes `folder/layerdiff/` (config + params); returns that component folder."""
+    out = Path(folder) / LAYERDIFF_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    core.save_flax_params(params, out / core.FLAX_PARAMS_FILE)
+    (out / core.CONFIG_FILE).write_text(json.dumps(layerdiff_config_dict(model), indent=2) + "\n")
+    return out
+
+
+def build_layerdiff(config: Mapping[str, Any], **module_kwargs) -> LayerDiffUNet:
+    """The module described by a `layerdiff/config.json` dict; unknown LayerDiff fields are an error."""
+    fields = {f.name for f in dataclasses.fields(LayerDiffConfig)}
+    unknown = sorted(set(config.get("layerdiff", {})) - fields)
+    if unknown:
+        raise ValueError(f"unknown LayerDiff config field(s): {', '.join(unknown)}")
+    return LayerDiffUNet(
+        UNetConfig.from_diffusers_config(config["unet"]), LayerDiffConfig(**config.get("layerdiff", {})), **module_kwargs
+    )
+
+
+def load_layerdiff(
+    folder: str | Path, *, dtype=jnp.float32, attention_impl: str = "xla", remat: bool = False
+) -> tuple[LayerDiffUNet, dict]:
+    """(module, float32 numpy params) from a LayerDiff model folder (or its `layerdiff/` subfolder)."""
+    folder = Path(folder)
+    component = folder / LAYERDIFF_DIR if (folder / LAYERDIFF_DIR).is_dir() else folder
+    model = build_layerdiff(core.read_config(component), dtype=dtype, attention_impl=attention_impl, remat=remat)
+    target = core.abstract_params(model, *model.example_inputs())
+    return model, core.load_flax_params(component / core.FLAX_PARAMS_FILE, target)

@@ -1,0 +1,78 @@
+"""The toy Stable Diffusion used on CPU: the same three components as SD 1.5, a few MB in all.
+
+The demo, the CPU config and the tests run every stage of the SD-1.5 path (VAE, CLIP text encoder, UNet)
+at this size. `make_toy_sd` writes a converted SD folder (the layout `convert_weights.py` produces), so
+everything downstream loads the toy exactly as it loads real SD-1.5 weights.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from layerdiff_jax.convert.pipeline import save_converted
+from layerdiff_jax.data.tokenizer import build_toy_tokenizer
+from layerdiff_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer
+from layerdiff_jax.models.unet import UNet2DConditionModel, UNetConfig
+from layerdiff_jax.models.vae import AutoencoderKL, VAEConfig
+
+TEXT_WIDTH = 64
+
+
+def toy_configs(vocab_size: int) -> dict[str, object]:
+    """SD-1.x architectures at toy size: a 4x VAE (64x64 images -> 16x16 latents), a 2-layer CLIP, a 2-level UNet."""
+    return {
+        "unet": UNetConfig(
+            block_out_channels=(64, 128),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            layers_per_block=1,
+            num_attention_heads=4,
+            cross_attention_dim=TEXT_WIDTH,
+            norm_num_groups=16,
+        ),
+        "vae": VAEConfig(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16, latent_channels=4),
+        "text_encoder": CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=TEXT_WIDTH,
+            intermediate_size=4 * TEXT_WIDTH,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+        ),
+    }
+
+
+def _init(module: nn.Module, rng: jax.Array, *example) -> dict:
+    return jax.device_get(nn.meta.unbox(jax.jit(module.init)(rng, *example)["params"]))
+
+
+def make_toy_sd(output_dir: str | Path, *, seed: int = 0, params: Mapping[str, Mapping] | None = None, overwrite: bool = False) -> Path:
+    """Writes a toy SD folder with the toy tokenizer; components are random unless `params` gives them
+    (e.g. {"vae": fitted_vae_params})."""
+    output_dir = Path(output_dir)
+    tokenizer = build_toy_tokenizer()
+    configs = toy_configs(tokenizer.vocab_size)
+    unet = UNet2DConditionModel(configs["unet"])
+    vae = AutoencoderKL(configs["vae"])
+    text = CLIPTextTransformer(configs["text_encoder"])
+    keys = jax.random.split(jax.random.key(seed), 3)
+    params = dict(params or {})
+    examples = {
+        "unet": (unet, (jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 1, TEXT_WIDTH)))),
+        "vae": (vae, (jnp.zeros((1, 16, 16, 3)),)),
+        "text_encoder": (text, (jnp.zeros((1, 77), jnp.int32),)),
+    }
+    components = {
+        name: (module, params[name] if name in params else _init(module, key, *example))
+        for key, (name, (module, example)) in zip(keys, examples.items())
+    }
+    with tempfile.TemporaryDirectory() as staging:  # save_converted copies a tokenizer folder
+        tokenizer.save(staging)
+        save_converted(output_dir, components, source="toy", tokenizer_dir=staging, overwrite=overwrite)
+    return output_dir
