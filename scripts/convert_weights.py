@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-DESCRIPTION = __doc__.split("\n\n")[0]
 EPILOG = """\
 sources:
   a diffusers-format folder    unet/, vae/, text_encoder/ (config.json + *.safetensors or *.bin) and
@@ -29,7 +28,7 @@ sources:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="convert_weights.py",
-        description=DESCRIPTION,
+        description=__doc__,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -63,13 +62,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def default_tokenizer(args: argparse.Namespace) -> Path | None:
-    if args.tokenizer is not None:
-        return args.tokenizer
-    folder = args.source if args.source.is_dir() else args.config
-    if folder is not None and (folder / "tokenizer").is_dir():
-        return folder / "tokenizer"
-    return None
+def default_tokenizer(tokenizer: Path | None, config_dir: Path | None) -> Path | None:
+    """--tokenizer if given, else the config folder's (the source folder's) tokenizer/ when it has one."""
+    if tokenizer is None and config_dir is not None and (config_dir / "tokenizer").is_dir():
+        return config_dir / "tokenizer"
+    return tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("  %(message)s"))
     package_logger = logging.getLogger("layerdiff_jax")
+    level = package_logger.level
     package_logger.addHandler(handler)
     package_logger.setLevel(logging.INFO)
 
@@ -85,10 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     from layerdiff_jax.convert.pipeline import check_output_dir, check_tokenizer_dir, load_sd, save_converted
 
     kind = "diffusers folder" if args.source.is_dir() else "single-file checkpoint"
-    config_dir = args.source if args.source.is_dir() else args.config
+    config_dir = args.source if args.source.is_dir() else args.config  # where config.json files are copied from
     start = time.perf_counter()
     try:
-        tokenizer = default_tokenizer(args)
+        tokenizer = default_tokenizer(args.tokenizer, config_dir)
         if tokenizer is not None:
             check_tokenizer_dir(tokenizer)
         # Checked before the (long) conversion, and again by save_converted.
@@ -109,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         package_logger.removeHandler(handler)
+        package_logger.setLevel(level)
 
     print(f"done in {time.perf_counter() - start:.1f} s: {args.output}")
     for name, count in record["parameters"].items():

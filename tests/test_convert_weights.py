@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from layerdiff_jax.convert.clip_text import load_text_encoder
+from layerdiff_jax.convert.pipeline import load_sd, save_converted
 from layerdiff_jax.convert.unet import load_unet
 from layerdiff_jax.convert.vae import load_vae
 from test_single_file import assert_same_params, build_tiny_sd, ldm_state_dict, non_weight_entries, write_ldm_file
@@ -84,8 +85,8 @@ def test_converts_a_single_file(tiny, tmp_path, capsys):
     record = _check_output(output, reference, tokenizer=True)
     assert record["source_format"] == "single_file"
 
-    # Without a tokenizer (--config given as a copy without tokenizer/): converted, with a warning, and
-    # config.json written from our configs; --overwrite replaces the earlier output.
+    # Without a tokenizer (--config given as a copy without tokenizer/): converted, with a warning;
+    # --overwrite replaces the earlier output, tokenizer included.
     configs_only = tmp_path / "configs"
     for name in LOADERS:
         (configs_only / name).mkdir(parents=True)
@@ -95,6 +96,20 @@ def test_converts_a_single_file(tiny, tmp_path, capsys):
     assert convert_weights.main(argv) == 0
     assert "no tokenizer copied" in capsys.readouterr().out
     _check_output(output, reference, tokenizer=False)
+
+
+def test_configs_written_from_our_dataclasses_round_trip(tiny, tmp_path):
+    """With no source config.json to copy (a single file in SD 1.5's default shape), config.json comes from
+    the config dataclass's `to_diffusers_config()`, and the loaders rebuild the same modules from it."""
+    folder, single, reference, _ = tiny
+    components = load_sd(single, config_dir=folder)
+    record = save_converted(tmp_path / "out", components, source=single)
+    assert record["tokenizer"] is None
+    _check_output(tmp_path / "out", reference, tokenizer=False)
+    for name, load in LOADERS.items():
+        module, _ = load(tmp_path / "out" / name)
+        assert module.config == components[name][0].config
+        assert json.loads((tmp_path / "out" / name / "config.json").read_text()) == module.config.to_diffusers_config()
 
 
 def test_errors(tiny, tmp_path, capsys):

@@ -199,3 +199,14 @@ def test_sd15_size_parameter_count():
     assert count(sd_keys) == 859_520_964
     print(f"\nLayerDiff at SD-1.5 size: SD {count(sd_keys):,} + new {count(new_keys):,} = {count(flat):,}")
     assert count(new_keys) > 0
+
+
+def test_model_folder_round_trip(trained, tmp_path):
+    from layerdiff_jax.convert.layerdiff import load_layerdiff, save_layerdiff
+
+    model, params = trained
+    save_layerdiff(tmp_path, model, params)
+    loaded, loaded_params = load_layerdiff(tmp_path)
+    assert loaded.config == model.config and loaded.unet_config == model.unet_config
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded_params)):
+        np.testing.assert_array_equal(a, b)

@@ -10,6 +10,7 @@ by a plain rename. The model is built in `setup()` and exposed in pieces (`conv_
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -109,7 +110,7 @@ class UNetConfig:
     sample_size: int | tuple[int, int] | None = None  # bookkeeping only (the training resolution / 8)
 
     def __post_init__(self):
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
+        set_ = functools.partial(object.__setattr__, self)  # the dataclass is frozen
         for name in ("block_out_channels", "down_block_types", "up_block_types"):
             set_(name, tuple(getattr(self, name)))
         n = len(self.block_out_channels)
@@ -138,7 +139,6 @@ class UNetConfig:
     def block_layouts(self) -> list["BlockLayout"]:
         """Down blocks, the mid block, then up blocks, as diffusers lays them out (up blocks mirror the down blocks)."""
         n = len(self.block_out_channels)
-        rev = lambda t: tuple(reversed(t))  # noqa: E731
         down = [
             BlockLayout("down", self.block_out_channels[i], self.layers_per_block[i],
                         self.num_attention_heads[i] if kind == CROSS_ATTN_DOWN else None,
@@ -147,12 +147,13 @@ class UNetConfig:
         ]
         mid = BlockLayout("mid", self.block_out_channels[-1], 1, self.num_attention_heads[-1],
                           self.transformer_layers_per_block[-1], resample=False)
-        channels, layers_, heads, depth = (rev(t) for t in (self.block_out_channels, self.layers_per_block,
-                                                            self.num_attention_heads, self.transformer_layers_per_block))
+        # Up block i mirrors down block n-1-i, with one more resnet (for the skip from its downsampler).
         up = [
-            BlockLayout("up", channels[i], layers_[i] + 1, heads[i] if kind == CROSS_ATTN_UP else None, depth[i],
-                        resample=i < n - 1)
+            BlockLayout("up", self.block_out_channels[j], self.layers_per_block[j] + 1,
+                        self.num_attention_heads[j] if kind == CROSS_ATTN_UP else None,
+                        self.transformer_layers_per_block[j], resample=i < n - 1)
             for i, kind in enumerate(self.up_block_types)
+            for j in [n - 1 - i]
         ]
         return down + [mid] + up
 
