@@ -41,7 +41,8 @@ def _list(names: Iterable[str], limit: int = 20) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def _check(source: str, *, missing=(), unexpected=(), mismatched=(), duplicates=()) -> None:
+def raise_on_mismatch(source: str, *, missing=(), unexpected=(), mismatched=(), duplicates=()) -> None:
+    """A ConversionError listing every missing, unexpected, mis-shaped or duplicated name, if there is any."""
     problems = []
     if missing:
         problems.append(f"missing {len(missing)} parameter(s): {_list(missing)}")
@@ -163,7 +164,7 @@ def convert_state_dict(
             continue
         filled[full] = array.astype(np.float32)
     missing = ["/".join(p) for p in flat_target if p not in filled]
-    _check(source, missing=missing, unexpected=unexpected, mismatched=mismatched, duplicates=duplicates)
+    raise_on_mismatch(source, missing=missing, unexpected=unexpected, mismatched=mismatched, duplicates=duplicates)
     return flax.traverse_util.unflatten_dict(filled)
 
 
@@ -185,7 +186,7 @@ def load_flax_params(path: str | Path, target: Mapping) -> dict:
         for k in sorted(set(flat) & set(flat_target))
         if tuple(flat[k].shape) != tuple(flat_target[k].shape)
     ]
-    _check(str(path), missing=missing, unexpected=unexpected, mismatched=mismatched)
+    raise_on_mismatch(str(path), missing=missing, unexpected=unexpected, mismatched=mismatched)
     return flax.traverse_util.unflatten_dict({k: np.asarray(v, np.float32) for k, v in flat.items()}, sep="/")
 
 

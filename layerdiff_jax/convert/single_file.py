@@ -272,7 +272,7 @@ def split_ldm_checkpoint(
             hint = f" (it looks like a {' / '.join(sorted(families))} checkpoint; only SD-1.x is supported)"
         elif missing:
             hint = " (does it have the architecture the configs describe? They default to SD 1.5's)"
-        core._check(f"{source}{hint}", missing=missing, unexpected=leftovers)
+        core.raise_on_mismatch(f"{source}{hint}", missing=missing, unexpected=leftovers)
     return parts
 
 

@@ -50,7 +50,7 @@ class TimestepEmbedding(nn.Module):
 
 
 class ResnetBlock2D(nn.Module):
-    """GroupNorm-SiLU-conv twice, with the projected time embedding added in between; residual."""
+    """GroupNorm-SiLU-conv twice, with the projected time embedding (if any: the VAE has none) added in between; residual."""
 
     out_channels: int
     norm_num_groups: int
@@ -58,11 +58,12 @@ class ResnetBlock2D(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, emb):
+    def __call__(self, x, emb=None):
         h = layers.group_norm(self.norm_num_groups, self.norm_eps, dtype=self.dtype, name="norm1")(x)
         h = layers.conv(self.out_channels, 3, dtype=self.dtype, name="conv1")(nn.silu(h))
-        t = layers.dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(emb))
-        h = h + t[:, None, None, :]
+        if emb is not None:
+            t = layers.dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(emb))
+            h = h + t[:, None, None, :]
         h = layers.group_norm(self.norm_num_groups, self.norm_eps, dtype=self.dtype, name="norm2")(h)
         h = layers.conv(self.out_channels, 3, dtype=self.dtype, name="conv2")(nn.silu(h))
         if x.shape[-1] != self.out_channels:
@@ -149,14 +150,16 @@ class Transformer2DModel(nn.Module):
 
 
 class Downsample2D(nn.Module):
-    """3x3 convolution, stride 2, padding 1 on each side (torch's padding=1, not XLA's SAME): H -> ceil(H/2)."""
+    """3x3 convolution, stride 2. The UNet pads 1 on each side (torch's padding=1, not XLA's SAME): H -> ceil(H/2);
+    the VAE pads only bottom/right by one, as diffusers' VAE does."""
 
     out_channels: int
+    padding: tuple = ((1, 1), (1, 1))
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        return layers.conv(self.out_channels, 3, strides=2, padding=((1, 1), (1, 1)), dtype=self.dtype, name="conv")(x)
+        return layers.conv(self.out_channels, 3, strides=2, padding=self.padding, dtype=self.dtype, name="conv")(x)
 
 
 def _nearest_indices(in_size: int, out_size: int) -> np.ndarray:

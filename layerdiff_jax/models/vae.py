@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from layerdiff_jax.models import layers
 from layerdiff_jax.models.attention import Attention
-from layerdiff_jax.models.unet_blocks import Upsample2D
+from layerdiff_jax.models.unet_blocks import Downsample2D, ResnetBlock2D, Upsample2D
 
 DOWN_BLOCK = "DownEncoderBlock2D"
 UP_BLOCK = "UpDecoderBlock2D"
@@ -115,24 +115,6 @@ def sample_posterior(mean: jax.Array, logvar: jax.Array, rng: jax.Array) -> jax.
     return mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
 
 
-class ResnetBlock(nn.Module):
-    """diffusers' ResnetBlock2D without a time embedding (the VAE has none)."""
-
-    out_channels: int
-    groups: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        h = nn.silu(layers.group_norm(self.groups, _NORM_EPS, dtype=self.dtype, name="norm1")(x))
-        h = layers.conv(self.out_channels, 3, dtype=self.dtype, name="conv1")(h)
-        h = nn.silu(layers.group_norm(self.groups, _NORM_EPS, dtype=self.dtype, name="norm2")(h))
-        h = layers.conv(self.out_channels, 3, dtype=self.dtype, name="conv2")(h)
-        if x.shape[-1] != self.out_channels:
-            x = layers.conv(self.out_channels, 1, dtype=self.dtype, name="conv_shortcut")(x)
-        return x + h
-
-
 class SpatialSelfAttention(nn.Module):
     """The mid-block attention: GroupNorm, single-head self-attention over all pixels, residual.
 
@@ -168,19 +150,9 @@ class MidBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         channels = x.shape[-1]
-        x = ResnetBlock(channels, self.groups, dtype=self.dtype, name="resnets_0")(x)
+        x = ResnetBlock2D(channels, self.groups, _NORM_EPS, dtype=self.dtype, name="resnets_0")(x)
         x = SpatialSelfAttention(channels, self.groups, attention_impl=self.attention_impl, dtype=self.dtype, name="attentions_0")(x)
-        return ResnetBlock(channels, self.groups, dtype=self.dtype, name="resnets_1")(x)
-
-
-class Downsample(nn.Module):
-    """Stride-2 3x3 conv padded only bottom/right by one, as diffusers' VAE (the UNet's pads both sides)."""
-
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        return layers.conv(x.shape[-1], 3, strides=2, padding=((0, 1), (0, 1)), dtype=self.dtype, name="conv")(x)
+        return ResnetBlock2D(channels, self.groups, _NORM_EPS, dtype=self.dtype, name="resnets_1")(x)
 
 
 class DownEncoderBlock(nn.Module):
@@ -193,9 +165,9 @@ class DownEncoderBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         for i in range(self.num_layers):
-            x = ResnetBlock(self.out_channels, self.groups, dtype=self.dtype, name=f"resnets_{i}")(x)
+            x = ResnetBlock2D(self.out_channels, self.groups, _NORM_EPS, dtype=self.dtype, name=f"resnets_{i}")(x)
         if self.add_downsample:
-            x = Downsample(dtype=self.dtype, name="downsamplers_0")(x)
+            x = Downsample2D(x.shape[-1], padding=((0, 1), (0, 1)), dtype=self.dtype, name="downsamplers_0")(x)
         return x
 
 
@@ -209,7 +181,7 @@ class UpDecoderBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         for i in range(self.num_layers):
-            x = ResnetBlock(self.out_channels, self.groups, dtype=self.dtype, name=f"resnets_{i}")(x)
+            x = ResnetBlock2D(self.out_channels, self.groups, _NORM_EPS, dtype=self.dtype, name=f"resnets_{i}")(x)
         if self.add_upsample:
             x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x)
         return x
