@@ -36,7 +36,7 @@ def toy_configs(vocab_size: int) -> dict[str, object]:
             cross_attention_dim=TEXT_WIDTH,
             norm_num_groups=16,
         ),
-        "vae": VAEConfig(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16, latent_channels=4),
+        "vae": VAEConfig(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4),
         "text_encoder": CLIPTextConfig(
             vocab_size=vocab_size,
             hidden_size=TEXT_WIDTH,

@@ -71,7 +71,8 @@ class BasicConv2d(nn.Module):
     @nn.compact
     def __call__(self, x):
         ph, pw = self.padding
-        x = nn.Conv(self.features, self.kernel, self.stride, padding=((ph, ph), (pw, pw)), use_bias=False, name="conv")(x)
+        conv = nn.Conv(self.features, self.kernel, self.stride, ((ph, ph), (pw, pw)), use_bias=False, name="conv")
+        x = conv(x)
         return nn.relu(FrozenBatchNorm(name="bn")(x))
 
 
@@ -213,14 +214,16 @@ def load_inception(path: str | Path) -> dict:
     return convert_state_dict(load_torch_file(path), target, _rename, source=str(path))
 
 
+_forward = jax.jit(InceptionV3FID().apply)  # shared, so compilations are reused across extractors
+
+
 class InceptionFeatures:
-    """Extracts FID features with one jitted forward per batch shape; batches are padded to
-    `batch_size` so that a set of same-size images compiles once."""
+    """Extracts FID features with a jitted forward; images are grouped by size and each group's
+    batches padded to one length, so that a set of same-size images compiles once."""
 
     def __init__(self, params: dict, batch_size: int = 32):
         self.params = params
         self.batch_size = batch_size
-        self._forward = jax.jit(InceptionV3FID().apply)
 
     def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """images: (H, W, 3) uint8 arrays (sizes may differ) -> (N, 2048) float32."""
@@ -231,9 +234,10 @@ class InceptionFeatures:
                 raise ValueError(f"image {i}: expected (H, W, 3), got shape {image.shape}")
             by_shape.setdefault(image.shape, []).append(i)
         for indices in by_shape.values():
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start : start + self.batch_size]
-                batch = np.zeros((self.batch_size, *images[chunk[0]].shape), np.float32)
+            length = min(self.batch_size, len(indices))
+            for start in range(0, len(indices), length):
+                chunk = indices[start : start + length]
+                batch = np.zeros((length, *images[chunk[0]].shape), np.float32)
                 batch[: len(chunk)] = np.stack([images[i] for i in chunk])
-                out[chunk] = np.asarray(self._forward({"params": self.params}, batch))[: len(chunk)]
+                out[chunk] = np.asarray(_forward({"params": self.params}, batch))[: len(chunk)]
         return out

@@ -1,32 +1,31 @@
-"""Which synthetic shape (circle, square, triangle) a mask shows, from simple geometry.
+"""Which synthetic shape (circle, square, triangle) a mask shows, by matching ideal templates.
 
 Built to survive generated masks: the mask is binarised at 0.5, only its largest connected component
-is kept (stray specks are dropped) and holes are filled. Two rotation-invariant ratios then decide:
+is kept (stray specks are dropped) and its holes are filled. Each candidate shape is then drawn with
+the component's area and centroid (a triangle's centroid sits a third of its height above its base)
+at every rotation in `ANGLE_STEP` degree steps, and the shape whose best template overlaps the
+component most (IoU) wins. Matching whole areas, not extents or corners, keeps ragged edges, rounded
+corners and rotation from flipping the answer. A component that no template overlaps by
+`MIN_IOU` (an elongated blob, an L shape) is "irregular", a wrong shape for every prompt.
 
-- fill ratio = component area / area of its minimum-area enclosing rectangle: a square fills it
-  (1.0), a circle fills pi/4 (0.785), any triangle fills 1/2;
-- solidity = component area / area of its convex hull: near 1 for all three shapes, low for
-  irregular blobs, which are reported as "irregular" (a wrong shape for every prompt).
-
-Areas count whole pixels and hulls are taken over pixel corners, so a perfect pixel square has fill
-ratio exactly 1. On ground-truth synthetic masks of 10..28 px (the 64 px dataset's size range) the
-fill ratios measure circle 0.78..0.81, square 1.0, triangle 0.50..0.56 and solidity >= 0.86.
+Measured at 64 px over the dataset's sizes (10..28 px): ground-truth masks all classify correctly
+with IoU >= 0.98; the same shapes anti-aliased, rotated up to 30 degrees, blurred (sigma <= 0.8 px)
+and noised (sigma 0.1) before binarising classify >= 98% correctly (small blurred squares lose their
+corners and read as circles) with IoU >= 0.85.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import scipy.ndimage as ndi
-from scipy.spatial import ConvexHull
 
 BINARY_THRESHOLD = 0.5
-# Fill-ratio boundaries: halfway between triangle (0.5) and circle (pi/4), and circle and square (1).
-TRIANGLE_CIRCLE_SPLIT = (0.5 + np.pi / 4) / 2
-CIRCLE_SQUARE_SPLIT = (np.pi / 4 + 1.0) / 2
-MIN_SOLIDITY = 0.8
+ANGLE_STEP = 3  # degrees
+MIN_IOU = 0.7
+MAX_WINDOW = 96  # larger components are matched on a strided pixel grid; IoU is an area ratio
 IRREGULAR = "irregular"
+# Rotations that give distinct templates: a square repeats every 90 degrees, the triangle only at 360.
+_PERIODS = {"circle": ANGLE_STEP, "square": 90, "triangle": 360}
 
 
 def binarise(mask: np.ndarray) -> np.ndarray:
@@ -47,47 +46,48 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return ndi.binary_fill_holes(labels == 1 + int(np.argmax(sizes)))
 
 
-@dataclasses.dataclass(frozen=True)
-class ShapeFeatures:
-    area: int  # pixels in the largest component
-    fill_ratio: float  # area / minimum-area enclosing rectangle
-    solidity: float  # area / convex hull area
+def _inside(shape: str, u: np.ndarray, v: np.ndarray, area: float) -> np.ndarray:
+    """Whether points (u right, v down; origin at the centroid) lie in `shape` of the given area."""
+    if shape == "circle":
+        return u**2 + v**2 <= area / np.pi
+    if shape == "square":
+        half = np.sqrt(area) / 2
+        return (np.abs(u) <= half) & (np.abs(v) <= half)
+    side = np.sqrt(2 * area)  # base = height = side, apex up, as the dataset draws it
+    return (v >= -2 * side / 3) & (v <= side / 3) & (np.abs(u) <= (v + 2 * side / 3) / 2)
 
 
-def _pixel_corners(component: np.ndarray) -> np.ndarray:
-    ys, xs = np.nonzero(component)
-    return np.concatenate([np.stack([xs + dx, ys + dy], axis=1) for dx in (0, 1) for dy in (0, 1)]).astype(float)
-
-
-def _min_rectangle_area(hull: np.ndarray) -> float:
-    """Minimum-area enclosing rectangle of a convex polygon: one of its sides lies on a hull edge."""
-    edges = np.roll(hull, -1, axis=0) - hull
-    edges /= np.linalg.norm(edges, axis=1, keepdims=True)
-    normals = np.stack([-edges[:, 1], edges[:, 0]], axis=1)
-    u, v = edges @ hull.T, normals @ hull.T  # (edges, vertices): the hull in each edge's frame
-    return float(np.min(np.ptp(u, axis=1) * np.ptp(v, axis=1)))
-
-
-def shape_features(mask: np.ndarray) -> ShapeFeatures | None:
-    """Geometry of the mask's largest component, or None for an empty mask."""
+def template_ious(mask: np.ndarray) -> dict[str, float] | None:
+    """Best IoU of the mask's largest component with each shape's templates; None for an empty mask."""
     component = largest_component(mask)
-    area = int(component.sum())
-    if area == 0:
+    ys, xs = np.nonzero(component)
+    if len(ys) == 0:
         return None
-    hull = ConvexHull(_pixel_corners(component))  # corners of even one pixel span a proper square
-    polygon = hull.points[hull.vertices]
-    return ShapeFeatures(area=area, fill_ratio=area / _min_rectangle_area(polygon), solidity=area / hull.volume)
+    area = float(len(ys))
+    cy, cx = ys.mean(), xs.mean()
+    reach = int(np.ceil(np.sqrt(2 * area))) + 2  # beyond any template of this area around the centroid
+    y0, x0 = max(0, int(cy) - reach), max(0, int(cx) - reach)
+    y1, x1 = min(component.shape[0], int(cy) + reach + 1), min(component.shape[1], int(cx) + reach + 1)
+    stride = max(1, -(-max(y1 - y0, x1 - x0) // MAX_WINDOW))
+    window = component[y0:y1:stride, x0:x1:stride]
+    dy, dx = np.mgrid[y0:y1:stride, x0:x1:stride].astype(float)
+    dy, dx = dy - cy, dx - cx
+    outside = area / stride**2 - window.sum()  # component pixels the window misses, on the same grid
+    ious = {}
+    for shape, period in _PERIODS.items():
+        angles = np.deg2rad(np.arange(0, period, ANGLE_STEP))[:, None, None]
+        cos, sin = np.cos(angles), np.sin(angles)
+        template = _inside(shape, cos * dx + sin * dy, cos * dy - sin * dx, area)
+        inter = (template & window).sum(axis=(1, 2))
+        union = (template | window).sum(axis=(1, 2)) + outside
+        ious[shape] = float((inter / union).max())
+    return ious
 
 
 def classify_shape(mask: np.ndarray) -> str | None:
     """'circle', 'square', 'triangle', 'irregular', or None for an empty mask. mask: (H, W) in [0, 1]."""
-    features = shape_features(mask)
-    if features is None:
+    ious = template_ious(mask)
+    if ious is None:
         return None
-    if features.solidity < MIN_SOLIDITY:
-        return IRREGULAR
-    if features.fill_ratio < TRIANGLE_CIRCLE_SPLIT:
-        return "triangle"
-    if features.fill_ratio < CIRCLE_SQUARE_SPLIT:
-        return "circle"
-    return "square"
+    best = max(ious, key=ious.get)
+    return best if ious[best] >= MIN_IOU else IRREGULAR

@@ -1,0 +1,119 @@
+"""Writing layered results: exchange-format folders, layered files for design tools, contact sheets.
+
+Each sample folder is the data exchange format (`data/layers.py`: composite.png, background.png,
+layer_NN.png as RGBA with the mask as alpha, mask_NN.png, sample.json), so samples re-import for editing,
+plus the same layers as a file that image editors open:
+
+- OpenRaster (`layers.ora`; GIMP, Krita, MyPaint): a zip of PNGs and stack.xml, written here with
+  `zipfile`. The format is a few lines of spec, and the one PyPI writer (pyora) has had no release since 2021.
+- Photoshop (`layers.psd`; Photoshop, GIMP, Photopea, Affinity): written with psd-tools. Foregrounds keep
+  their alpha in the layer's own transparency channel (real transparency, not a layer mask).
+
+Layer order in both: background at the bottom, then the foregrounds deepest to shallowest.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from xml.etree import ElementTree
+
+import numpy as np
+import PIL.Image
+from psd_tools import PSDImage
+
+from layerdiff_jax.data.layers import LayeredSample, layer_file, write_sample_folder
+from layerdiff_jax.data.visualize import sample_grid
+
+ORA_FILE = "layers.ora"
+PSD_FILE = "layers.psd"
+CONTACT_SHEET = "contact_sheet.png"
+LAYERED_FORMATS = ("ora", "psd")
+ORA_MIMETYPE = b"image/openraster"
+ORA_THUMBNAIL_MAX = 256  # the OpenRaster spec's thumbnail bound
+MAX_LAYER_NAME = 120  # keeps names within every editor's (and PSD's 255-byte legacy) limits
+
+
+def layer_names(sample: LayeredSample) -> list[str]:
+    """Names bottom to top: "background: <prompt>", "layer 01: <prompt>", ..."""
+    names = [f"background: {sample.layer_prompts[0]}"]
+    names += [f"layer {i:02d}: {p}" for i, p in enumerate(sample.layer_prompts[1:], start=1)]
+    return [n if len(n) <= MAX_LAYER_NAME else n[: MAX_LAYER_NAME - 3] + "..." for n in names]
+
+
+def layer_pixels(sample: LayeredSample) -> list[np.ndarray]:
+    """RGBA uint8 (H, W, 4) per layer, bottom to top: the opaque background, then each foreground
+    with its mask as alpha."""
+    h, w = sample.size
+    layers = [np.concatenate([sample.background, np.full((h, w, 1), 255, np.uint8)], axis=-1)]
+    layers += [np.concatenate([fg, m[..., None]], axis=-1) for fg, m in zip(sample.foregrounds, sample.masks)]
+    return layers
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    PIL.Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_ora(sample: LayeredSample, path: str | os.PathLike) -> Path:
+    """An OpenRaster file: `mimetype` first and stored uncompressed, `stack.xml` listing the layers top
+    first, `data/<layer>.png` RGBA, `mergedimage.png` (the composite) and `Thumbnails/thumbnail.png`."""
+    path = Path(path)
+    h, w = sample.size
+    names, pixels = layer_names(sample), layer_pixels(sample)
+    sources = ["data/background.png"] + [f"data/{layer_file(i)}" for i in range(1, sample.num_layers)]
+    image = ElementTree.Element("image", {"version": "0.0.6", "w": str(w), "h": str(h), "xres": "72", "yres": "72"})
+    stack = ElementTree.SubElement(image, "stack")
+    for name, src in reversed(list(zip(names, sources))):  # stack.xml lists the topmost layer first
+        attrs = {"name": name, "src": src, "x": "0", "y": "0", "opacity": "1.0", "visibility": "visible", "composite-op": "svg:src-over"}
+        ElementTree.SubElement(stack, "layer", attrs)
+    composite = PIL.Image.fromarray(sample.composite())
+    thumbnail = composite.copy()
+    thumbnail.thumbnail((ORA_THUMBNAIL_MAX, ORA_THUMBNAIL_MAX))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(zipfile.ZipInfo("mimetype"), ORA_MIMETYPE, compress_type=zipfile.ZIP_STORED)
+        zf.writestr("stack.xml", ElementTree.tostring(image, encoding="utf-8", xml_declaration=True))
+        for src, array in zip(sources, pixels):
+            zf.writestr(src, _png(array))
+        zf.writestr("mergedimage.png", _png(np.asarray(composite)))
+        zf.writestr("Thumbnails/thumbnail.png", _png(np.asarray(thumbnail)))
+    return path
+
+
+def write_psd(sample: LayeredSample, path: str | os.PathLike) -> Path:
+    """A layered RGB Photoshop file (psd-tools): opaque background, foregrounds with alpha; psd-tools
+    renders the merged preview from the layers."""
+    path = Path(path)
+    h, w = sample.size
+    psd = PSDImage.new("RGB", (w, h))
+    for name, array in zip(layer_names(sample), layer_pixels(sample)):
+        psd.create_pixel_layer_from_array(array, name=name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    psd.save(path)
+    return path
+
+
+def write_sample(sample: LayeredSample, folder: str | os.PathLike, formats: Sequence[str] = LAYERED_FORMATS) -> Path:
+    """The exchange-format folder plus `layers.ora` / `layers.psd` for each of `formats`."""
+    unknown = sorted(set(formats) - set(LAYERED_FORMATS))
+    if unknown:
+        raise ValueError(f"unknown layered format(s) {unknown}; choose from {LAYERED_FORMATS}")
+    folder = write_sample_folder(sample, folder)
+    if "ora" in formats:
+        write_ora(sample, folder / ORA_FILE)
+    if "psd" in formats:
+        write_psd(sample, folder / PSD_FILE)
+    return folder
+
+
+def write_contact_sheet(samples: Sequence[LayeredSample], path: str | os.PathLike, cell: int = 128) -> Path:
+    """One PNG with a row per sample (composite, background, foregrounds over a checkerboard)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sample_grid(samples, cell=cell).save(path)
+    return path

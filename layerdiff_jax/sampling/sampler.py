@@ -1,0 +1,514 @@
+"""Text -> layers: LayerDiff's jitted DDIM sampler with layer-aware guidance, batched and mesh-sharded.
+
+`LayerDiffPipeline` holds the LayerDiff UNet, the VAE, the CLIP text encoder (modules + params) and the
+tokenizer. Its jitted functions take prompts as token ids, so new prompts reuse the compiled program:
+one compilation per (batch, layers, latent size, steps, eta). With a `jax.sharding.Mesh` the batch axis
+of every input and output is sharded over the mesh's "data"/"fsdp" axes and the params are replicated,
+so a pod samples a long prompt list in data parallel (`jax.jit` with shardings; no pmap).
+
+Requests in one batch may have different layer counts: each is padded to the batch's L with invalid
+layers (empty prompt, `layer_valid=False`), which the model never attends to and the sampler keeps
+frozen, so a request's layers do not depend on the padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from layerdiff_jax.convert.clip_text import load_text_encoder
+from layerdiff_jax.convert.core import ConversionError
+from layerdiff_jax.convert.layerdiff import load_layerdiff
+from layerdiff_jax.convert.vae import load_vae
+from layerdiff_jax.data.layers import LayeredSample
+from layerdiff_jax.data.tokenizer import PromptTokenizer, load_tokenizer
+from layerdiff_jax.diffusion.ddim import ddim_sample, ddim_timesteps
+from layerdiff_jax.diffusion.guidance import BACKGROUND_NEGATIVE, guided_model_fn, layer_aware_negatives
+from layerdiff_jax.diffusion.schedules import NoiseSchedule, make_schedule
+from layerdiff_jax.models.clip_text import CLIPTextTransformer
+from layerdiff_jax.models.layerdiff import LayerDiffUNet
+from layerdiff_jax.models.vae import AutoencoderKL
+from layerdiff_jax.sharding import LOGICAL_AXIS_RULES, MESH_AXES
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STEPS = 100
+DEFAULT_GUIDANCE = 3.0
+DEFAULT_BACKGROUND_PROMPT = BACKGROUND_NEGATIVE  # SPEC: p_0 = "the background" unless described
+DEFAULT_IMAGE_SIZE = 256  # the paper's training resolution, when the checkpoint does not record one
+MAX_SEED = 2**32 - 1
+_COMPONENTS = ("vae", "text_encoder", "tokenizer", "layerdiff")
+
+
+class CheckpointError(ValueError):
+    """A LayerDiff model folder that cannot be loaded; the message names the folder and the problem."""
+
+
+class RequestError(ValueError):
+    """A sampling or editing request that cannot be served; the message says which and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRequest:
+    """One prompt set. `layer_prompts` are the FOREGROUND layers, deepest first; the background (layer 0)
+    is described by `background_prompt`. The sample has `1 + len(layer_prompts)` layers."""
+
+    prompt: str
+    layer_prompts: tuple[str, ...]
+    background_prompt: str = DEFAULT_BACKGROUND_PROMPT
+    num_samples: int = 1
+    seed: int | None = None  # sample i uses seed + i; None: the run's seed sequence
+
+    def __post_init__(self):
+        object.__setattr__(self, "layer_prompts", tuple(self.layer_prompts))
+        for name in ("prompt", "background_prompt"):
+            if not isinstance(getattr(self, name), str):
+                raise RequestError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if not self.layer_prompts:
+            raise RequestError(f"request {self.prompt!r} has no layer prompt: give at least one foreground layer prompt")
+        if not all(isinstance(p, str) for p in self.layer_prompts):
+            raise RequestError(f"layer prompts must be strings, got {list(self.layer_prompts)!r}")
+        if not isinstance(self.num_samples, int) or self.num_samples < 1:
+            raise RequestError(f"num_samples must be an integer >= 1, got {self.num_samples!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED):
+            raise RequestError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
+
+    @property
+    def all_layer_prompts(self) -> list[str]:
+        """[background, foreground 1, ...]: the order of the exchange format's `layer_prompts`."""
+        return [self.background_prompt, *self.layer_prompts]
+
+    @property
+    def num_layers(self) -> int:
+        return 1 + len(self.layer_prompts)
+
+    @classmethod
+    def from_dict(cls, entry: Any, where: str = "request") -> "LayerRequest":
+        """From a `--spec` JSON entry with the field names above (only `prompt` and `layer_prompts` required)."""
+        if not isinstance(entry, Mapping):
+            raise RequestError(f"{where}: expected an object with 'prompt' and 'layer_prompts', got {entry!r}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(entry) - fields)
+        if unknown:
+            raise RequestError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(fields)}")
+        missing = [k for k in ("prompt", "layer_prompts") if k not in entry]
+        if missing:
+            raise RequestError(f"{where}: missing field(s) {missing}")
+        if not isinstance(entry["layer_prompts"], list):
+            raise RequestError(f"{where}: layer_prompts must be a list of strings, got {entry['layer_prompts']!r}")
+        try:
+            return cls(**entry)
+        except RequestError as e:
+            raise RequestError(f"{where}: {e}") from None
+
+
+def read_request_file(path: str | Path) -> list[LayerRequest]:
+    """A `--spec` file: a JSON list of request objects (or {"requests": [...]})."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RequestError(f"{path}: no such request file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(f"{path}: not valid JSON ({e})") from None
+    entries = data.get("requests") if isinstance(data, dict) else data
+    if not isinstance(entries, list) or not entries:
+        raise RequestError(f"{path}: expected a non-empty JSON list of requests (or {{\"requests\": [...]}})")
+    return [LayerRequest.from_dict(e, f"{path} request {i}") for i, e in enumerate(entries)]
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleJob:
+    """One sample to draw: the index of its request and the seed of this draw."""
+
+    request_index: int
+    seed: int
+
+
+def expand_requests(requests: Sequence[LayerRequest], seed: int = 0) -> list[SampleJob]:
+    """One job per sample. A request's own seed numbers its samples seed, seed+1, ...; the others take
+    consecutive seeds from the run's `seed`, so a run is reproducible from its seed."""
+    jobs, next_seed = [], seed
+    for index, r in enumerate(requests):
+        for i in range(r.num_samples):
+            if r.seed is None:
+                jobs.append(SampleJob(index, next_seed % (MAX_SEED + 1)))
+                next_seed += 1
+            else:
+                jobs.append(SampleJob(index, (r.seed + i) % (MAX_SEED + 1)))
+    return jobs
+
+
+def data_parallel_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh | None:
+    """A ("data", "fsdp", "tensor") mesh with every device on "data"; None for a single device."""
+    devices = jax.devices() if devices is None else list(devices)
+    if len(devices) == 1:
+        return None
+    return Mesh(np.asarray(devices).reshape(len(devices), 1, 1), MESH_AXES)
+
+
+def to_unit(images: jax.Array) -> jax.Array:
+    """VAE output in [-1, 1] -> [0, 1], clipped."""
+    return jnp.clip((images + 1.0) / 2.0, 0.0, 1.0)
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(np.asarray(x) * 255.0), 0, 255).astype(np.uint8)
+
+
+# Jitted programs, keyed by what they are built from (Flax modules compare by configuration) and the
+# mesh: pipelines with the same architecture share compiled code, so re-loading a checkpoint (e.g. to
+# evaluate several training steps) does not recompile.
+_PROGRAMS: dict[tuple, Any] = {}
+
+
+def _noise_program(latent_shape: tuple[int, ...]):
+    def run(seeds):
+        return jax.vmap(lambda s: jax.random.normal(jax.random.key(s), latent_shape))(seeds)
+
+    return run
+
+
+def _encode_prompts(text_encoder: CLIPTextTransformer, text_params, ids: jax.Array) -> tuple[dict, dict]:
+    """ids (B, 2+2L, T) -> (cond, uncond) contexts {"global": (B, T, D), "layers": (B, L, T, D)}, one
+    text-encoder call for all of them."""
+    batch, rows, length = ids.shape
+    num_layers = (rows - 2) // 2
+    hidden = text_encoder.apply({"params": text_params}, ids.reshape(batch * rows, length)).reshape(batch, rows, length, -1)
+    cond = {"global": hidden[:, 0], "layers": hidden[:, 1 : 1 + num_layers]}
+    uncond = {"global": hidden[:, 1 + num_layers], "layers": hidden[:, 2 + num_layers :]}
+    return cond, uncond
+
+
+def _denoise_program(unet: LayerDiffUNet, text_encoder: CLIPTextTransformer, eta: float):
+    def run(params, schedule, x_start, frozen, layer_valid, ids, seeds, timesteps, scale):
+        cond, uncond = _encode_prompts(text_encoder, params["text"], ids)
+        cond["valid"] = uncond["valid"] = layer_valid
+
+        def apply_fn(x, t, c):
+            return unet.apply({"params": params["unet"]}, x, t, c["global"], c["layers"], c["valid"])
+
+        rng = jax.random.fold_in(jax.random.key(seeds[0]), 1) if eta != 0 else None
+        model_fn = guided_model_fn(apply_fn, cond, uncond, scale)
+        return ddim_sample(model_fn, x_start, timesteps, schedule, eta=eta, rng=rng, frozen=frozen)
+
+    return run
+
+
+def _decode_program(vae: AutoencoderKL):
+    def run(params, latents):
+        batch, num_layers, h, w, c = latents.shape
+        image_lat, mask_lat = jnp.split(latents.reshape(batch * num_layers, h, w, c), 2, axis=-1)
+        decoded = vae.apply({"params": params["vae"]}, jnp.concatenate([image_lat, mask_lat]), method=AutoencoderKL.decode_latents)
+        images, masks = jnp.split(to_unit(decoded), 2)
+        size = images.shape[1:3]
+        return images.reshape(batch, num_layers, *size, 3), masks.mean(-1).reshape(batch, num_layers, *size)
+
+    return run
+
+
+def _encode_program(vae: AutoencoderKL):
+    def run(params, images, masks):
+        batch, num_layers, h, w, _ = images.shape
+        pixels = jnp.concatenate([images.reshape(-1, h, w, 3), jnp.repeat(masks.reshape(-1, h, w, 1), 3, axis=-1)])
+        latents = vae.apply({"params": params["vae"]}, pixels * 2.0 - 1.0, method=AutoencoderKL.encode_latents)
+        image_lat, mask_lat = jnp.split(latents, 2)
+        return jnp.concatenate([image_lat, mask_lat], axis=-1).reshape(batch, num_layers, *latents.shape[1:3], -1)
+
+    return run
+
+
+class LayerDiffPipeline:
+    """LayerDiff UNet + VAE + CLIP text encoder + tokenizer, with jitted sample / decode / encode.
+
+    Latents are (B, L, h, w, 8): image latent ++ mask latent, in diffusion units (VAE scaling applied).
+    """
+
+    def __init__(
+        self,
+        unet: LayerDiffUNet,
+        unet_params: Any,
+        vae: AutoencoderKL,
+        vae_params: Any,
+        text_encoder: CLIPTextTransformer,
+        text_params: Any,
+        tokenizer: PromptTokenizer,
+        *,
+        schedule: NoiseSchedule | None = None,
+        checkpoint: str = "",
+        mesh: Mesh | None = None,
+    ):
+        if tokenizer.max_length > text_encoder.config.max_position_embeddings:
+            raise CheckpointError(
+                f"{checkpoint or 'pipeline'}: tokenizer max_length {tokenizer.max_length} exceeds the text encoder's "
+                f"{text_encoder.config.max_position_embeddings} positions"
+            )
+        if text_encoder.config.hidden_size != unet.unet_config.cross_attention_dim:
+            raise CheckpointError(
+                f"{checkpoint or 'pipeline'}: text encoder width {text_encoder.config.hidden_size} != the UNet's "
+                f"cross_attention_dim {unet.unet_config.cross_attention_dim}"
+            )
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.schedule = make_schedule() if schedule is None else schedule
+        self.checkpoint = checkpoint
+        self.mesh = mesh
+        if mesh is None:
+            self._replicated = self._batch_sharded = None
+            self.batch_shards = 1
+        else:
+            axes = dict(LOGICAL_AXIS_RULES)["batch"]
+            batch_axes = tuple(a for a in axes if a in mesh.axis_names)
+            if not batch_axes:
+                raise ValueError(f"mesh axes {mesh.axis_names} include none of the batch axes {axes}")
+            self._replicated = NamedSharding(mesh, PartitionSpec())
+            self._batch_sharded = NamedSharding(mesh, PartitionSpec(batch_axes))
+            self.batch_shards = int(np.prod([mesh.shape[a] for a in batch_axes]))
+        params = {"unet": unet_params, "vae": vae_params, "text": text_params}
+        self.params = jax.device_put(params, self._replicated) if mesh is not None else jax.device_put(params)
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(
+        cls, folder: str | Path, *, mesh: Mesh | None = None, dtype: Any = jnp.float32, attention_impl: str = "xla"
+    ) -> "LayerDiffPipeline":
+        """From a LayerDiff model folder (`vae/`, `text_encoder/`, `tokenizer/`, `layerdiff/`).
+        Any problem raises `CheckpointError` naming the folder."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise CheckpointError(f"checkpoint {folder}: not a folder")
+        missing = [c for c in _COMPONENTS if not (folder / c).is_dir()]
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {folder}: missing {', '.join(f'{c}/' for c in missing)} (a LayerDiff model folder has "
+                f"{', '.join(f'{c}/' for c in _COMPONENTS)})"
+            )
+        try:
+            unet, unet_params = load_layerdiff(folder, dtype=dtype, attention_impl=attention_impl)
+            vae, vae_params = load_vae(folder / "vae", dtype=dtype, attention_impl=attention_impl)
+            text, text_params = load_text_encoder(folder / "text_encoder", dtype=dtype, attention_impl=attention_impl)
+            tokenizer = load_tokenizer(folder / "tokenizer", max_length=text.config.max_position_embeddings)
+        except (ConversionError, FileNotFoundError, OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {folder}: cannot be loaded: {type(e).__name__}: {e}") from None
+        return cls(unet, unet_params, vae, vae_params, text, text_params, tokenizer, checkpoint=str(folder), mesh=mesh)
+
+    # ------------------------------------------------------------------ geometry
+
+    @property
+    def max_layers(self) -> int:
+        return self.unet.config.max_layers
+
+    @property
+    def vae_factor(self) -> int:
+        return self.vae.config.downsample_factor
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's factor times the UNet's downsampling."""
+        return self.vae_factor * 2 ** (len(self.unet.unet_config.block_out_channels) - 1)
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """(H, W): the checkpoint's recorded training size (UNet `sample_size` x VAE factor), else 256."""
+        s = self.unet.unet_config.sample_size
+        if s is None:
+            return DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE
+        h, w = (s, s) if isinstance(s, int) else s
+        return h * self.vae_factor, w * self.vae_factor
+
+    def check_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        h, w = size
+        m = self.size_multiple
+        if h < m or w < m or h % m or w % m:
+            raise RequestError(f"image size {h}x{w}: both sides must be positive multiples of {m} for this checkpoint")
+        return h, w
+
+    def latent_shape(self, num_layers: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
+        h, w = self.check_size(size)
+        return num_layers, h // self.vae_factor, w // self.vae_factor, 2 * self.vae.config.latent_channels
+
+    def check_requests(self, requests: Sequence[LayerRequest]) -> None:
+        if not requests:
+            raise RequestError("no request: give a prompt with --layer-prompt, or a --spec file")
+        for r in requests:
+            if r.num_layers > self.max_layers:
+                raise RequestError(
+                    f"request {r.prompt!r} asks for {r.num_layers} layers (background + {r.num_layers - 1}); "
+                    f"checkpoint {self.checkpoint or '(in memory)'} supports at most max_layers={self.max_layers}"
+                )
+
+    # ------------------------------------------------------------------ device placement
+
+    def batch_to_device(self, x: Any) -> Any:
+        """Host arrays (batch-leading) -> device arrays, sharded over the mesh's batch axes when there is one."""
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, x)
+        return jax.tree.map(lambda a: jax.device_put(a, self._batch_sharded), x)
+
+    def on_batch_shards(self, x: jax.Array) -> jax.Array:
+        """A device array laid out as the jitted functions expect (a no-op without a mesh)."""
+        return x if self.mesh is None else jax.device_put(x, self._batch_sharded)
+
+    def to_host(self, x: Any) -> Any:
+        """Device arrays -> numpy on every process (all-gathers batch shards held by other hosts)."""
+        if self.mesh is None:
+            return jax.tree.map(np.asarray, x)
+        return multihost_utils.process_allgather(x, tiled=True)
+
+    def pad_batch(self, size: int) -> int:
+        """The batch size to run for `size` items: a multiple of the number of batch shards."""
+        return -(-size // self.batch_shards) * self.batch_shards
+
+    def _program(self, build, *static, args: str, num_outputs: int = 1):
+        """The jitted `build(*static)`, shared by every pipeline with the same `static` and mesh. `args`
+        has one letter per argument: "b" sharded over the batch axes, "r" replicated (params, schedule,
+        timesteps...); every output is batch-sharded."""
+        key = (build.__name__, *static, self.mesh)
+        if key not in _PROGRAMS:
+            if self.mesh is None:
+                _PROGRAMS[key] = jax.jit(build(*static))
+            else:
+                shardings = {"b": self._batch_sharded, "r": self._replicated}
+                outs = self._batch_sharded if num_outputs == 1 else (self._batch_sharded,) * num_outputs
+                _PROGRAMS[key] = jax.jit(build(*static), in_shardings=tuple(shardings[a] for a in args), out_shardings=outs)
+        return _PROGRAMS[key]
+
+    # ------------------------------------------------------------------ prompts
+
+    def prompt_ids(self, prompts: Sequence[str], layer_prompts: Sequence[Sequence[str]], num_layers: int) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids of the conditional and layer-aware negative prompts, and the layer validity.
+
+        Returns `ids` int32 (B, 2 + 2L, T) = [global, L layer prompts, negative global, L negative layer
+        prompts] (padding layers get the empty prompt) and `layer_valid` bool (B, L). Prompts longer than
+        the tokenizer's limit are truncated with a logged warning.
+        """
+        texts, valid = [], np.zeros((len(prompts), num_layers), bool)
+        for b, (prompt, layers) in enumerate(zip(prompts, layer_prompts, strict=True)):
+            if len(layers) > num_layers:
+                raise RequestError(f"{len(layers)} layer prompts do not fit in {num_layers} layers")
+            pad = [""] * (num_layers - len(layers))
+            neg_global, neg_layers = layer_aware_negatives(list(layers))
+            texts += [prompt, *layers, *pad, neg_global, *neg_layers, *pad]
+            valid[b, : len(layers)] = True
+        ids = self.tokenizer(texts).reshape(len(prompts), 2 + 2 * num_layers, -1)
+        return ids, valid
+
+    # ------------------------------------------------------------------ jitted building blocks
+
+    def initial_noise(self, seeds: np.ndarray, latent_shape: tuple[int, ...]) -> jax.Array:
+        """Standard normal latents (B, *latent_shape), sample b drawn from `jax.random.key(seeds[b])` alone,
+        so a sample does not depend on its batch neighbours or on the mesh."""
+        fn = self._program(_noise_program, tuple(latent_shape), args="b")
+        return fn(self.batch_to_device(np.asarray(seeds, np.uint32)))
+
+    def denoise(
+        self,
+        x_start: jax.Array,
+        frozen: np.ndarray,
+        layer_valid: np.ndarray,
+        ids: np.ndarray,
+        timesteps: np.ndarray,
+        seeds: np.ndarray,
+        *,
+        guidance: float = DEFAULT_GUIDANCE,
+        eta: float = 0.0,
+    ) -> jax.Array:
+        """Guided DDIM from `x_start` (B, L, h, w, 8) over `timesteps`, as one jitted `lax.scan`.
+
+        `frozen` (B, L) layers keep their `x_start` latent and see timestep 1 (padding, and the
+        non-target layers of an edit). `ids`/`layer_valid` come from `prompt_ids`. With eta > 0 the
+        per-step noise comes from the first sample's seed (so it depends on the batch).
+        Timestep values, prompts and the guidance scale are traced: changing them does not recompile.
+        """
+        fn = self._program(_denoise_program, self.unet, self.text_encoder, float(eta), args="rrbbbbbrr")
+        batch = self.batch_to_device(
+            (np.asarray(frozen, bool), np.asarray(layer_valid, bool), np.asarray(ids, np.int32), np.asarray(seeds, np.uint32))
+        )
+        return fn(
+            self.params, self.schedule, self.on_batch_shards(x_start), *batch, np.asarray(timesteps, np.int32), np.float32(guidance)
+        )
+
+    def decode(self, latents: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Latents (B, L, h, w, 8) -> images (B, L, H, W, 3) and masks (B, L, H, W), both in [0, 1].
+
+        mask = mean of the 3 decoded mask channels, mapped from [-1, 1] to [0, 1] (SPEC "Sampling").
+        """
+        fn = self._program(_decode_program, self.vae, args="rb", num_outputs=2)
+        return fn(self.params, self.on_batch_shards(latents))
+
+    def encode(self, images: np.ndarray, masks: np.ndarray) -> jax.Array:
+        """images (B, L, H, W, 3) and masks (B, L, H, W), both in [0, 1] -> latents (B, L, h, w, 8).
+
+        Posterior means; each mask is repeated to 3 channels and mapped to [-1, 1], as in training.
+        """
+        fn = self._program(_encode_program, self.vae, args="rbb")
+        return fn(self.params, *self.batch_to_device((np.asarray(images, np.float32), np.asarray(masks, np.float32))))
+
+    # ------------------------------------------------------------------ text -> layers
+
+    def generate(
+        self,
+        requests: Sequence[LayerRequest],
+        *,
+        steps: int = DEFAULT_STEPS,
+        guidance: float = DEFAULT_GUIDANCE,
+        eta: float = 0.0,
+        seed: int = 0,
+        batch_size: int | None = None,
+        size: tuple[int, int] | None = None,
+        progress: bool = True,
+    ) -> list[LayeredSample]:
+        """Draws every sample of every request (in request order) as `LayeredSample`s.
+
+        Batches of `batch_size` (default: one per batch shard; rounded up to a multiple of the shards)
+        share one compiled program: all run at the largest layer count in `requests`, and the last batch
+        is filled with repeats that are then dropped. `metadata` records the sampling settings.
+        """
+        self.check_requests(requests)
+        size = self.check_size(size or self.default_size)
+        timesteps = ddim_timesteps(steps, self.schedule.num_train_timesteps)
+        jobs = expand_requests(requests, seed)
+        batch = self.pad_batch(batch_size or 1)
+        num_layers = max(r.num_layers for r in requests)
+        latent_shape = self.latent_shape(num_layers, size)
+        # Tokenized once per request (a truncated prompt warns once), then gathered per batch.
+        ids, valid = self.prompt_ids([r.prompt for r in requests], [r.all_layer_prompts for r in requests], num_layers)
+        settings = {"steps": steps, "guidance": guidance, "eta": eta, "checkpoint": self.checkpoint}
+        samples: list[LayeredSample] = []
+        for start in tqdm.tqdm(range(0, len(jobs), batch), desc="sampling", unit="batch", disable=not progress):
+            chunk = jobs[start : start + batch]
+            filled = chunk + [chunk[-1]] * (batch - len(chunk))
+            rows = np.array([j.request_index for j in filled])
+            seeds = np.array([j.seed for j in filled], np.uint32)
+            x_T = self.initial_noise(seeds, latent_shape)
+            latents = self.denoise(x_T, ~valid[rows], valid[rows], ids[rows], timesteps, seeds, guidance=guidance, eta=eta)
+            images, masks = self.to_host(self.decode(latents))
+            for b, job in enumerate(chunk):
+                r = requests[job.request_index]
+                samples.append(layered_sample(images[b], masks[b], r.prompt, r.all_layer_prompts, {"seed": job.seed, **settings}))
+        return samples
+
+
+def layered_sample(images: np.ndarray, masks: np.ndarray, prompt: str, layer_prompts: Sequence[str], metadata: dict) -> LayeredSample:
+    """Decoded layers (L, H, W, 3) / masks (L, H, W) in [0, 1] -> a LayeredSample of `len(layer_prompts)`
+    layers. The background's decoded mask is dropped: the background is the full frame under the others."""
+    n = len(layer_prompts)
+    return LayeredSample(
+        background=to_uint8(images[0]),
+        foregrounds=to_uint8(images[1:n]),
+        masks=to_uint8(masks[1:n]),
+        global_prompt=prompt,
+        layer_prompts=list(layer_prompts),
+        metadata=dict(metadata),
+    )

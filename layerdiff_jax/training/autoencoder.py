@@ -1,0 +1,86 @@
+"""Fitting a (toy) VAE to layered data, and choosing its latent scaling factor.
+
+SD-1.5's VAE comes pre-trained; the toy SD of the CPU demo does not, so the demo fits one first on the
+images LayerDiff will encode: backgrounds, foreground layers (black outside their masks) and the masks
+themselves as 3-channel images, all in [-1, 1]. The loss is L1 reconstruction (sharp mask edges) plus a
+small KL term, as in LDM's autoencoders. The scaling factor is then set, like SD's 0.18215, so that
+scaled latents have unit standard deviation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from layerdiff_jax.data.layers import LayeredSample, background_mask
+from layerdiff_jax.models.vae import AutoencoderKL, sample_posterior
+
+
+def layer_images(sample: LayeredSample) -> np.ndarray:
+    """Every image of a sample the VAE will see, uint8 (N, H, W, 3): layers, then masks (background's first)."""
+    masks = sample.masks.astype(np.float32) / 255.0
+    all_masks = np.concatenate([background_mask(masks[..., None])[None], masks[..., None]], axis=0)
+    mask_images = np.repeat(np.round(all_masks * 255.0).astype(np.uint8), 3, axis=-1)
+    return np.concatenate([sample.background[None], sample.foregrounds, mask_images], axis=0)
+
+
+def to_model_range(images: np.ndarray) -> np.ndarray:
+    return images.astype(np.float32) / 127.5 - 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEFitConfig:
+    steps: int = 1500
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    kl_weight: float = 1e-6
+    seed: int = 0
+
+
+def fit_vae(vae: AutoencoderKL, params, images: np.ndarray, config: VAEFitConfig, *, progress: bool = True):
+    """Trains `params` on uint8 `images` (N, H, W, 3); returns (params, per-step L1 losses)."""
+    schedule = optax.cosine_decay_schedule(config.learning_rate, config.steps, alpha=0.05)
+    tx = optax.adam(schedule)
+    opt_state = tx.init(params)
+
+    def loss_fn(p, batch, rng):
+        mean, logvar = vae.apply({"params": p}, batch, method=vae.encode)
+        recon = vae.apply({"params": p}, sample_posterior(mean, logvar, rng), method=vae.decode)
+        l1 = jnp.mean(jnp.abs(recon - batch))
+        kl = 0.5 * jnp.mean(jnp.sum(mean**2 + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3)))
+        return l1 + config.kl_weight * kl, l1
+
+    @jax.jit
+    def step(p, opt_state, batch, rng):
+        (_, l1), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch, rng)
+        updates, opt_state = tx.update(grads, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state, l1
+
+    rng = np.random.default_rng(config.seed)
+    key = jax.random.key(config.seed)
+    losses = []
+    bar = tqdm(range(config.steps), desc="fit VAE", disable=not progress)
+    for i in bar:
+        batch = to_model_range(images[rng.integers(0, len(images), config.batch_size)])
+        params, opt_state, l1 = step(params, opt_state, batch, jax.random.fold_in(key, i))
+        if i % 25 == 0 or i == config.steps - 1:
+            losses.append((i, float(l1)))
+            bar.set_postfix(l1=f"{losses[-1][1]:.4f}")
+    return params, losses
+
+
+def latent_scaling_factor(vae: AutoencoderKL, params, images: np.ndarray, batch_size: int = 64) -> float:
+    """1 / std of the posterior means over `images`: the factor that makes scaled latents unit-variance."""
+    encode = jax.jit(lambda x: vae.apply({"params": params}, x, method=vae.encode_mean))
+    means = np.concatenate([np.asarray(encode(to_model_range(images[i : i + batch_size]))) for i in range(0, len(images), batch_size)])
+    return float(1.0 / means.std())
+
+
+def collect_images(samples: Iterable[LayeredSample]) -> np.ndarray:
+    return np.concatenate([layer_images(s) for s in samples], axis=0)

@@ -1,0 +1,128 @@
+"""Checkpoints with orbax: the train state, the data iterator's position, and stopping on SIGTERM.
+
+A checkpoint `<workdir>/checkpoints/<step>/` holds three items:
+
+  state   the TrainState (params, optimizer state, EMA, step, RNG), sharded arrays written by every process
+  data    the grain iterator state, one small JSON file per process
+  meta    {"step", "process_count"}
+
+Saves are asynchronous (the arrays are copied off the devices before `save` returns, then written in the
+background) and atomic: a run killed mid-save leaves only complete checkpoints behind. Restoring takes the
+target shardings from the caller, so a run may resume on a different mesh shape. The data position is
+restored when the process count is unchanged; otherwise each host's shard of the data differs and the
+stream starts afresh (logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import grain.checkpoint as grain_checkpoint
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    """The run's orbax CheckpointManager with the items above."""
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int, async_save: bool):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_iterator: Any) -> bool:
+        """Saves `step` unless it is already saved; returns whether it did. The caller decides when."""
+        if step in self.manager.all_steps():
+            return False
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain_checkpoint.CheckpointSave(data_iterator),
+            meta=ocp.args.JsonSave({"step": step, "process_count": jax.process_count()}),
+        )
+        return self.manager.save(step, args=args, force=True)
+
+    def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None) -> Any:
+        """The state at `step`, placed as `abstract_state`'s ShapeDtypeStructs say; moves `data_iterator`
+        to the saved position when the process count matches the saving run's."""
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            if meta["process_count"] == jax.process_count():
+                items["data"] = grain_checkpoint.CheckpointRestore(data_iterator)
+            else:
+                log.warning(
+                    "checkpoint %d was written by %d processes, this run has %d: the data stream starts afresh",
+                    step, meta["process_count"], jax.process_count(),
+                )
+        return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+    def reached_preemption(self, step: int) -> bool:
+        """True at the same step on every process once any of them got a preemption notice (multi-process)."""
+        return self.manager.reached_preemption(step)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def restore_state(directory: str | os.PathLike, abstract_state: Any, step: int | None = None) -> tuple[int, Any]:
+    """(step, state) from a checkpoint folder, latest step by default; `abstract_state` gives the structure
+    and placement (ShapeDtypeStructs with shardings, e.g. on a single device)."""
+    checkpointer = Checkpointer(directory, max_to_keep=1, async_save=False)
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {directory}")
+        return step, checkpointer.restore(step, abstract_state)
+    finally:
+        checkpointer.close()
+
+
+class StopRequest:
+    """Notices a request to stop (SIGTERM, as schedulers send before preempting a job).
+
+    One process: a SIGTERM handler sets a flag while this is entered. Several processes: JAX's preemption
+    service (started by `jax.distributed.initialize`) owns SIGTERM and agrees on a step at which every
+    process stops, so the check asks the checkpoint manager instead.
+    """
+
+    def __init__(self, checkpointer: Checkpointer):
+        self.checkpointer = checkpointer
+        self.signalled = threading.Event()
+        self._previous = None
+
+    def __enter__(self) -> "StopRequest":
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def _on_sigterm(self, signum, frame) -> None:
+        log.warning("SIGTERM: stopping after this step with a checkpoint")
+        self.signalled.set()
+
+    def __call__(self, step: int) -> bool:
+        """Whether to stop after `step` (call it at every step, on every process)."""
+        if jax.process_count() > 1:
+            return self.checkpointer.reached_preemption(step)
+        return self.signalled.is_set()

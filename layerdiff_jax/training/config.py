@@ -1,0 +1,223 @@
+"""The training config: its schema, the paper's values, and validation that names the bad field.
+
+`base_config()` lists every field the trainer reads, set to the paper's training settings (SPEC
+"Training"); `configs/*.py` start from it and change what differs. `validate_config` runs before anything
+is loaded or compiled: an unknown or missing field, a value of the wrong type or out of range raises
+`ConfigError` naming the field (`config.train.learning_rate must be > 0, got -1.0`).
+
+Units: a *step* is one optimizer update. Each step consumes `train.grad_accum_steps` micro-batches of
+`train.per_host_batch_size` samples on every host, so the batch per update is
+per_host_batch_size x processes x grad_accum_steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import ml_collections
+
+from layerdiff_jax.data.synthetic import parse_layer_mix
+from layerdiff_jax.diffusion.schedules import BETA_SCHEDULES
+from layerdiff_jax.models.attention import ATTENTION_IMPLS
+from layerdiff_jax.models.layerdiff import PROMPT_ENHANCER_VARIANTS, LayerDiffConfig
+from layerdiff_jax.sharding import MESH_AXES
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+TOY_SD = "toy"  # model.sd_path: write and train on the toy SD (layerdiff_jax.toy)
+SYNTHETIC_DATA = "synthetic"  # data.path: build the synthetic dataset in the workdir
+
+
+class ConfigError(ValueError):
+    """A config field is unknown, missing, of the wrong type or out of range."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field the trainer reads, at the paper's settings. `model.sd_path` and `data.path` must be set."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # parameters of new modules, data order, noise, dropout
+
+    c.model = ml_collections.ConfigDict()
+    c.model.sd_path = ""  # an SD-1.x folder (converted or diffusers) or "toy"
+    c.model.layerdiff = ml_collections.ConfigDict(dataclasses.asdict(LayerDiffConfig()))
+    c.model.compute_dtype = "float32"  # parameters and optimizer state stay float32
+    c.model.attention_impl = "xla"
+    c.model.remat = False  # rematerialise UNet resnets/transformers in the backward pass
+
+    c.data = ml_collections.ConfigDict()
+    c.data.path = ""  # a built tfds dataset folder (scripts/build_dataset.py) or "synthetic"
+    c.data.split = "train"
+    c.data.resolution = 256  # the images' side in pixels; checked against the data
+    c.data.worker_count = 0  # grain decoding processes per host (0: in the training process)
+    c.data.synthetic = ml_collections.ConfigDict()  # used when data.path == "synthetic"
+    c.data.synthetic.num_train = 1000
+    c.data.synthetic.seed = 0
+    c.data.synthetic.layer_mix = "2:0.34,3:0.33,4:0.33"  # total layers (background included): weight
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.num_train_timesteps = 1000
+    c.diffusion.beta_start = 0.00085
+    c.diffusion.beta_end = 0.012
+    c.diffusion.beta_schedule = "scaled_linear"
+    c.diffusion.p_shared_timestep = 0.5  # else every layer draws its own t
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 100_000  # optimizer updates
+    # SPEC: "batch 32 with 8 steps of gradient accumulation", read as 32 samples per update.
+    c.train.per_host_batch_size = 4  # samples per micro-batch on each host
+    c.train.grad_accum_steps = 8
+    c.train.learning_rate = 1e-5
+    c.train.warmup_steps = 500  # linear from 0, then constant
+    c.train.weight_decay = 1e-4
+    c.train.adam_b1 = 0.9
+    c.train.adam_b2 = 0.999
+    c.train.adam_eps = 1e-8
+    c.train.grad_clip_norm = 1.0  # global norm; 0 turns clipping off
+    c.train.global_prompt_dropout = 0.1  # per sample: the global prompt becomes ""
+    c.train.layer_prompt_dropout = 0.1  # per sample: every layer prompt becomes ""
+    c.train.sample_posterior = True  # VAE latents drawn from the posterior (as SD trains), else its mean
+    c.train.ema = False
+    c.train.ema_decay = 0.9999
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 takes the remaining devices
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 1000
+    c.checkpoint.max_to_keep = 3
+    c.checkpoint.async_save = True
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every_steps = 50  # progress bar, TensorBoard and metrics.jsonl
+    c.log.sample_every_steps = 0  # sample grids from the current model; 0: off
+    return c
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    check: Callable[[Any], bool]
+    requirement: str
+
+
+def _positive(v):
+    return v > 0
+
+
+def _non_negative(v):
+    return v >= 0
+
+
+def _probability(v):
+    return 0.0 <= v <= 1.0
+
+
+def _one_of(options):
+    return _Rule(lambda v: v in options, f"must be one of {tuple(options)}")
+
+
+def _mesh_shape(shape):
+    return len(shape) == len(MESH_AXES) and all(isinstance(n, int) and (n > 0 or n == -1) for n in shape) and list(shape).count(-1) <= 1
+
+
+def _layer_mix(text):
+    try:
+        parse_layer_mix(text)
+    except ValueError:
+        return False
+    return True
+
+
+_POSITIVE = _Rule(_positive, "must be > 0")
+_NON_NEGATIVE = _Rule(_non_negative, "must be >= 0")
+_PROBABILITY = _Rule(_probability, "must be in [0, 1]")
+
+RULES: dict[str, _Rule] = {
+    "model.sd_path": _Rule(bool, 'must be set: an SD-1.x folder (converted or diffusers) or "toy"'),
+    "model.layerdiff.max_layers": _POSITIVE,
+    "model.layerdiff.prompt_enhancer": _one_of(PROMPT_ENHANCER_VARIANTS),
+    "model.layerdiff.enhancer_heads": _POSITIVE,
+    "model.compute_dtype": _one_of(COMPUTE_DTYPES),
+    "model.attention_impl": _one_of(ATTENTION_IMPLS),
+    "data.path": _Rule(bool, 'must be set: a built dataset folder or "synthetic"'),
+    "data.split": _Rule(bool, "must be a split name"),
+    "data.resolution": _POSITIVE,
+    "data.worker_count": _NON_NEGATIVE,
+    "data.synthetic.num_train": _POSITIVE,
+    "data.synthetic.layer_mix": _Rule(_layer_mix, "must be 'layers:weight,...' with 1 to 4 layers, e.g. '2:0.5,3:0.5'"),
+    "diffusion.num_train_timesteps": _POSITIVE,
+    "diffusion.beta_start": _POSITIVE,
+    "diffusion.beta_end": _POSITIVE,
+    "diffusion.beta_schedule": _one_of(BETA_SCHEDULES),
+    "diffusion.p_shared_timestep": _PROBABILITY,
+    "train.num_steps": _POSITIVE,
+    "train.per_host_batch_size": _POSITIVE,
+    "train.grad_accum_steps": _POSITIVE,
+    "train.learning_rate": _POSITIVE,
+    "train.warmup_steps": _NON_NEGATIVE,
+    "train.weight_decay": _NON_NEGATIVE,
+    "train.adam_b1": _Rule(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    "train.adam_b2": _Rule(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    "train.adam_eps": _POSITIVE,
+    "train.grad_clip_norm": _NON_NEGATIVE,
+    "train.global_prompt_dropout": _PROBABILITY,
+    "train.layer_prompt_dropout": _PROBABILITY,
+    "train.ema_decay": _Rule(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    "mesh.shape": _Rule(_mesh_shape, f"must be {len(MESH_AXES)} positive ints {MESH_AXES}, at most one of them -1"),
+    "checkpoint.every_steps": _POSITIVE,
+    "checkpoint.max_to_keep": _POSITIVE,
+    "log.every_steps": _POSITIVE,
+    "log.sample_every_steps": _NON_NEGATIVE,
+}
+
+
+def _same_type(value, reference) -> bool:
+    if isinstance(reference, bool):
+        return isinstance(value, bool)
+    if isinstance(reference, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(reference, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(reference, (tuple, list)):
+        return isinstance(value, (tuple, list))
+    return isinstance(value, type(reference))
+
+
+def _check_fields(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, prefix: str) -> None:
+    unknown = sorted(set(config.keys()) - set(reference.keys()))
+    if unknown:
+        raise ConfigError(f"unknown config field(s): {', '.join(prefix + k for k in unknown)}")
+    missing = sorted(set(reference.keys()) - set(config.keys()))
+    if missing:
+        raise ConfigError(f"missing config field(s): {', '.join(prefix + k for k in missing)}")
+    for key in reference.keys():
+        value, ref = config[key], reference[key]
+        if isinstance(ref, ml_collections.ConfigDict):
+            if not isinstance(value, ml_collections.ConfigDict):
+                raise ConfigError(f"config.{prefix}{key} must be a group of fields, got {value!r}")
+            _check_fields(value, ref, f"{prefix}{key}.")
+        elif not _same_type(value, ref):
+            raise ConfigError(f"config.{prefix}{key} must be a {type(ref).__name__}, got {value!r}")
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Returns `config` unchanged if every field is known, present, typed and in range; else ConfigError."""
+    _check_fields(config, base_config(), "")
+    for name, rule in RULES.items():
+        value = _get(config, name)
+        if not rule.check(value):
+            raise ConfigError(f"config.{name} {rule.requirement}, got {value!r}")
+    if config.diffusion.beta_end <= config.diffusion.beta_start:
+        raise ConfigError(
+            f"config.diffusion.beta_end ({config.diffusion.beta_end}) must exceed beta_start ({config.diffusion.beta_start})"
+        )
+    try:
+        LayerDiffConfig(**config.model.layerdiff)
+    except ValueError as e:
+        raise ConfigError(f"config.model.layerdiff: {e}") from None
+    return config

@@ -1,0 +1,143 @@
+"""The device mesh, and where every array lives on it.
+
+Parameter placement comes from the logical axis names each parameter carries (`models/layers.py`) and
+the one table in `layerdiff_jax.sharding`; a mesh axis that does not divide a dimension (4-channel convs
+on an 8-way fsdp axis) is dropped for that dimension, which then stays whole. Batches are split over
+data x fsdp on their sample axis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from layerdiff_jax.sharding import LOGICAL_AXIS_RULES, MESH_AXES
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """(data, fsdp, tensor) with a -1 replaced by what fills `num_devices`; the product must equal it."""
+    shape = tuple(int(n) for n in shape)
+    known = math.prod(n for n in shape if n != -1)
+    if -1 in shape:
+        if num_devices % known:
+            raise ValueError(f"mesh shape {shape}: {num_devices} devices are not divisible by {known}")
+        shape = tuple(num_devices // known if n == -1 else n for n in shape)
+    if math.prod(shape) != num_devices:
+        raise ValueError(f"mesh shape {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, there are {num_devices}")
+    return shape
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes)."""
+    devices = jax.devices() if devices is None else list(devices)
+    shape = resolve_mesh_shape(shape, len(devices))
+    try:  # physical topology when the platform describes one (TPU slices, GPU nodes)
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):
+        grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+
+
+@contextlib.contextmanager
+def mesh_rules(mesh: Mesh):
+    """Makes the models' `with_logical_constraint` calls constrain activations on `mesh`."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        yield
+
+
+def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh_shape: Mapping[str, int]) -> PartitionSpec:
+    """Drops, per dimension, the trailing mesh axes that do not divide it."""
+    fitted = []
+    for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        while axes and dim % math.prod(mesh_shape[a] for a in axes):
+            axes = axes[:-1]
+        fitted.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*fitted)
+
+
+def logical_shardings(boxed_tree: Any, mesh: Mesh | jax.sharding.AbstractMesh) -> Any:
+    """NamedShardings for a tree whose leaves carry logical axis names (`nn.Partitioned` boxes of
+    arrays or ShapeDtypeStructs, e.g. from `jax.eval_shape(model.init, ...)`); unboxed leaves are replicated.
+    The result has the structure of `nn.meta.unbox(boxed_tree)`."""
+    specs = nn.logical_to_mesh(nn.get_partition_spec(boxed_tree), LOGICAL_AXIS_RULES)
+    shapes = nn.meta.unbox(boxed_tree)
+    mesh_shape = dict(mesh.shape)
+    return jax.tree.map(
+        lambda spec, leaf: NamedSharding(mesh, _fit(spec, tuple(np.shape(leaf)), mesh_shape)),
+        specs,
+        shapes,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+
+
+def batch_sharding(mesh: Mesh, ndim: int, sample_axis: int = 0) -> NamedSharding:
+    """Splits axis `sample_axis` of an `ndim`-D batch array over data x fsdp."""
+    spec = [None] * ndim
+    spec[sample_axis] = BATCH_AXES
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def batch_size_divisor(mesh: Mesh) -> int:
+    """A global micro-batch must be a multiple of this: the devices it is split over."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, sample_axis: int = 0) -> dict[str, jax.Array]:
+    """Per-host numpy arrays -> global arrays whose `sample_axis` concatenates every host's samples."""
+    out = {}
+    for key, value in local.items():
+        value = np.asarray(value)
+        sharding = batch_sharding(mesh, value.ndim, sample_axis)
+        shape = list(value.shape)
+        shape[sample_axis] *= jax.process_count()
+        out[key] = jax.make_array_from_process_local_data(sharding, value, tuple(shape))
+    return out
+
+
+def put_global(tree: Any, shardings: Any) -> Any:
+    """Host numpy values, equal on every process, -> global arrays placed with `shardings`."""
+
+    def put(value, sharding):
+        value = np.asarray(value)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> bool:
+    """Starts `jax.distributed` when this run has several processes; returns whether it did.
+
+    Explicit values (flags) win, then JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID; with none
+    of those, a multi-host Cloud TPU slice (TPU_WORKER_HOSTNAMES lists several hosts) or a SLURM job of
+    several tasks is detected and JAX finds the values itself. Otherwise the run is single-process.
+    """
+    env = os.environ
+    coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+    if num_processes is None and env.get("JAX_NUM_PROCESSES"):
+        num_processes = int(env["JAX_NUM_PROCESSES"])
+    if process_id is None and env.get("JAX_PROCESS_ID"):
+        process_id = int(env["JAX_PROCESS_ID"])
+    if num_processes is not None:
+        if num_processes == 1:
+            return False
+        missing = [n for n, v in (("coordinator_address", coordinator_address), ("process_id", process_id)) if v is None]
+        if missing:
+            raise ValueError(f"{num_processes} processes need {' and '.join(missing)} (flags or JAX_* environment variables)")
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        return True
+    tpu_hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+    if len(tpu_hosts) > 1 or int(env.get("SLURM_NTASKS", "1")) > 1:
+        jax.distributed.initialize(coordinator_address)
+        return True
+    return False

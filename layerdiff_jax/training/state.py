@@ -1,0 +1,86 @@
+"""The train state (one pytree: checkpointed, sharded and donated whole) and the optimizer.
+
+Parameters, optimizer moments and EMA are float32 (the master weights); the compute dtype only changes the
+activations. Gradient accumulation happens inside the train step (`step.py`), so the optimizer sees one
+averaged gradient per update and its schedule counts updates.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from layerdiff_jax.models.layerdiff import LayerDiffUNet
+from layerdiff_jax.training.mesh import logical_shardings
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer updates done
+    params: Any
+    opt_state: Any
+    ema_params: Any  # None when EMA is off
+    rng: jax.Array  # uint32 (2,) raw key: this step's randomness is split from it
+
+
+def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warm-up from 0 over `warmup_steps` updates, then constant `learning_rate`."""
+    if train.warmup_steps == 0:
+        return optax.constant_schedule(train.learning_rate)
+    warmup = optax.linear_schedule(0.0, train.learning_rate, train.warmup_steps)
+    return optax.join_schedules([warmup, optax.constant_schedule(train.learning_rate)], [train.warmup_steps])
+
+
+def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with the warm-up schedule."""
+    adamw = optax.adamw(
+        learning_rate_schedule(train),
+        b1=train.adam_b1,
+        b2=train.adam_b2,
+        eps=train.adam_eps,
+        weight_decay=train.weight_decay,
+    )
+    if train.grad_clip_norm == 0:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(train.grad_clip_norm), adamw)
+
+
+def create_train_state(params: Any, rng: jax.Array, *, tx: optax.GradientTransformation, ema: bool) -> TrainState:
+    """Step 0, with `rng` the raw key data (`jax.random.key_data`) of the training randomness. Pure, so it
+    runs under `jax.eval_shape` (with boxed params) and `jax.jit` (with shardings)."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        ema_params=jax.tree.map(jnp.copy, params) if ema else None,
+        rng=rng,
+    )
+
+
+def abstract_boxed_state(model: LayerDiffUNet, tx: optax.GradientTransformation, *, ema: bool) -> TrainState:
+    """The train state as ShapeDtypeStructs still boxed with logical axis names; nothing is allocated."""
+    boxed_params = jax.eval_shape(model.init, jax.random.key(0), *model.example_inputs())["params"]
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    return jax.eval_shape(lambda p, r: create_train_state(p, r, tx=tx, ema=ema), boxed_params, rng)
+
+
+def abstract_state(boxed_state: TrainState, mesh) -> tuple[TrainState, TrainState]:
+    """(ShapeDtypeStructs carrying their shardings, the shardings) for a boxed abstract state on `mesh`."""
+    shardings = logical_shardings(boxed_state, mesh)
+    shapes = nn.meta.unbox(boxed_state)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    return abstract, shardings
+
+
+def bytes_per_device(abstract: Any) -> int:
+    """Bytes one device holds for a tree of ShapeDtypeStructs with shardings (the largest shard of each leaf)."""
+    return sum(
+        jnp.dtype(x.dtype).itemsize * math.prod(x.sharding.shard_shape(x.shape)) for x in jax.tree.leaves(abstract)
+    )

@@ -1,0 +1,181 @@
+"""The training loss and the jitted, sharded train step (SPEC "Training").
+
+The frozen VAE and text encoder run inside the step on the batch as the data pipeline delivers it (pixels
+and token ids), not from a cache of latents and embeddings: a cache would save their forward passes (the
+VAE encoder is a small part of a LayerDiff step) but would tie a dataset to one VAE and one resolution and
+fix each latent to one posterior sample. Per micro-batch:
+
+1. latents: the VAE encodes every layer's image and its mask (repeated to 3 channels, mapped to [-1, 1]);
+   image latent ++ mask latent gives the model's 8 channels;
+2. prompts: the text encoder embeds the global and layer prompts; 10%/10% of samples (config) have
+   their global / all their layer prompts replaced by the empty prompt's embedding;
+3. timesteps: one t for all layers of a sample with probability p_shared, else one per layer;
+4. loss: MSE between the predicted and true noise of the image and mask latents, over valid layers.
+
+Gradients of `grad_accum_steps` micro-batches are averaged in a `lax.scan`, then clipped and applied
+once by the optimizer, and the EMA (if on) follows the new parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from layerdiff_jax.diffusion.schedules import NoiseSchedule, add_noise, make_schedule, sample_timesteps
+from layerdiff_jax.models.clip_text import CLIPTextTransformer
+from layerdiff_jax.models.layerdiff import LayerDiffUNet
+from layerdiff_jax.models.vae import AutoencoderKL
+from layerdiff_jax.training.mesh import BATCH_AXES, mesh_rules
+from layerdiff_jax.training.state import TrainState, learning_rate_schedule
+
+Batch = Mapping[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenEncoders:
+    """The frozen SD components; their parameters are passed to the step as {"vae": ..., "text_encoder": ...}."""
+
+    vae: AutoencoderKL
+    text_encoder: CLIPTextTransformer
+
+
+def schedule_from_config(diffusion: ml_collections.ConfigDict) -> NoiseSchedule:
+    return make_schedule(diffusion.num_train_timesteps, diffusion.beta_start, diffusion.beta_end, diffusion.beta_schedule)
+
+
+def encode_latents(encoders: FrozenEncoders, vae_params, images, masks, rng: jax.Array | None) -> jax.Array:
+    """images (B,L,H,W,3) in [-1,1], masks (B,L,H,W,1) in [0,1] -> latents (B,L,h,w,2C): image ++ mask."""
+    batch, num_layers, height, width, _ = images.shape
+    pixels = jnp.stack([images, jnp.repeat(masks, 3, axis=-1) * 2.0 - 1.0], axis=2)  # samples stay outermost
+    pixels = pixels.reshape(batch * num_layers * 2, height, width, 3)
+    z = encoders.vae.apply({"params": vae_params}, pixels, rng, method=AutoencoderKL.encode_latents)
+    z = z.reshape(batch, num_layers, 2, *z.shape[1:])
+    return jnp.concatenate([z[:, :, 0], z[:, :, 1]], axis=-1)
+
+
+def encode_prompts(encoders: FrozenEncoders, text_params, global_ids, layer_ids) -> tuple[jax.Array, jax.Array]:
+    """global_ids (B,T), layer_ids (B,L,T) -> global context (B,T,D), layer context (B,L,T,D), in one pass."""
+    batch, num_layers, length = layer_ids.shape
+    ids = jnp.concatenate([global_ids[:, None], layer_ids], axis=1).reshape(batch * (num_layers + 1), length)
+    context = encoders.text_encoder.apply({"params": text_params}, ids).reshape(batch, num_layers + 1, length, -1)
+    return context[:, 0], context[:, 1:]
+
+
+def drop_prompts(rng, global_context, layer_context, empty_context, p_global: float, p_layer: float):
+    """Classifier-free guidance dropout: per sample, the global prompt (prob p_global) and, independently,
+    all layer prompts (prob p_layer) become the empty prompt's embedding `empty_context` (T, D)."""
+    k_global, k_layer = jax.random.split(rng)
+    batch = global_context.shape[0]
+    drop_global = jax.random.bernoulli(k_global, p_global, (batch, 1, 1))
+    drop_layer = jax.random.bernoulli(k_layer, p_layer, (batch, 1, 1, 1))
+    return jnp.where(drop_global, empty_context, global_context), jnp.where(drop_layer, empty_context, layer_context)
+
+
+def diffusion_loss(
+    model: LayerDiffUNet,
+    params,
+    latents,
+    global_context,
+    layer_context,
+    layer_valid,
+    rng,
+    schedule: NoiseSchedule,
+    p_shared: float,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Epsilon-prediction MSE over the image and mask latents of valid layers; (loss, {loss_image, loss_mask})."""
+    batch, num_layers = latents.shape[:2]
+    k_t, k_noise = jax.random.split(rng)
+    timesteps = sample_timesteps(k_t, batch, num_layers, schedule.num_train_timesteps, p_shared)
+    noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
+    noisy = add_noise(schedule, latents, noise, timesteps)
+    pred = model.apply({"params": params}, noisy, timesteps, global_context, layer_context, layer_valid)
+    err = jnp.square(pred.astype(jnp.float32) - noise)
+    weight = layer_valid.astype(jnp.float32)
+    count = jnp.maximum(weight.sum(), 1.0)
+    channels = latents.shape[-1] // 2
+
+    def over_valid_layers(e):
+        return (e.mean(axis=(2, 3, 4)) * weight).sum() / count
+
+    loss_image, loss_mask = over_valid_layers(err[..., :channels]), over_valid_layers(err[..., channels:])
+    return (loss_image + loss_mask) / 2, {"loss_image": loss_image, "loss_mask": loss_mask}
+
+
+def make_train_step(
+    model: LayerDiffUNet,
+    encoders: FrozenEncoders,
+    tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    state_shardings: TrainState,
+    frozen_shardings: Any,
+) -> Callable[[TrainState, Batch, Any, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+    """`step(state, batch, frozen_params, empty_context) -> (state, metrics)`, jitted with the state donated.
+
+    `batch` arrays are (grad_accum_steps, global micro-batch, ...) split over data x fsdp on axis 1;
+    `empty_context` is the empty prompt's embedding (T, D); metrics are replicated float32 scalars.
+    """
+    train, schedule = config.train, schedule_from_config(config.diffusion)
+    lr_schedule = learning_rate_schedule(train)
+
+    def micro_step(params, micro_batch, rng, frozen, empty_context):
+        k_latent, k_drop, k_loss = jax.random.split(rng, 3)
+        latents = encode_latents(
+            encoders, frozen["vae"], micro_batch["images"], micro_batch["masks"], k_latent if train.sample_posterior else None
+        )
+        global_context, layer_context = encode_prompts(encoders, frozen["text_encoder"], micro_batch["global_ids"], micro_batch["layer_ids"])
+        global_context, layer_context = drop_prompts(
+            k_drop, global_context, layer_context, empty_context, train.global_prompt_dropout, train.layer_prompt_dropout
+        )
+        loss_fn = lambda p: diffusion_loss(  # noqa: E731
+            model, p, latents, global_context, layer_context, micro_batch["layer_valid"], k_loss, schedule,
+            config.diffusion.p_shared_timestep,
+        )
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return grads, {"loss": loss, **metrics}
+
+    def train_step(state: TrainState, batch: Batch, frozen, empty_context):
+        rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+        accum = batch["images"].shape[0]
+
+        def accumulate(grad_sum, inputs):
+            micro_batch, micro_rng = inputs
+            grads, metrics = micro_step(state.params, micro_batch, micro_rng, frozen, empty_context)
+            return jax.tree.map(jnp.add, grad_sum, grads), metrics
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grad_sum, metrics = jax.lax.scan(accumulate, zeros, (batch, jax.random.split(step_rng, accum)))
+        grads = jax.tree.map(lambda g: g / accum, grad_sum)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema_params = state.ema_params
+        if ema_params is not None:
+            decay = train.ema_decay
+            ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+        metrics = {key: value.mean() for key, value in metrics.items()}
+        metrics.update(grad_norm=optax.global_norm(grads), learning_rate=jnp.asarray(lr_schedule(state.step), jnp.float32))
+        new_state = TrainState(
+            step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params, rng=jax.random.key_data(rng)
+        )
+        return new_state, metrics
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sharding = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
+    jitted = jax.jit(
+        train_step,
+        in_shardings=(state_shardings, batch_sharding, frozen_shardings, replicated),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+    )
+
+    def step(state, batch, frozen_params, empty_context):
+        with mesh_rules(mesh):
+            return jitted(state, batch, frozen_params, empty_context)
+
+    return step

@@ -1,0 +1,279 @@
+"""`train(config, workdir)`: the LayerDiff training loop, in the order it runs.
+
+1. mesh        devices -> (data, fsdp, tensor) mesh; batch sizes checked against it
+2. model       SD folder (or the toy SD) -> frozen VAE + text encoder, LayerDiff module, tokenizer
+3. data        grain loader over the built (or synthetic) dataset; one loader batch = one step's micro-batches
+4. state       abstract state -> shardings; restored from the latest checkpoint, or initialised from SD
+5. step        the jitted train step (`step.py`)
+6. loop        steps, metrics, checkpoints, SIGTERM, non-finite loss
+7. finish      last checkpoint, model folder export (`workdir/model/`)
+
+Everything the run writes lives in `workdir`: checkpoints/, model/, metrics.jsonl, tensorboard/, config.json,
+and toy_sd/ or data/ when the config asks for the toy SD or the synthetic dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from layerdiff_jax.convert.clip_text import load_text_encoder
+from layerdiff_jax.convert.core import read_config
+from layerdiff_jax.convert.pipeline import CONVERSION_RECORD
+from layerdiff_jax.convert.unet import load_unet
+from layerdiff_jax.convert.vae import load_vae
+from layerdiff_jax.data.pipeline import make_dataloader
+from layerdiff_jax.data.synthetic import parse_layer_mix
+from layerdiff_jax.data.tfds_builders import build_synthetic, find_dataset_dir, split_sizes
+from layerdiff_jax.data.tokenizer import load_tokenizer
+from layerdiff_jax.models.layerdiff import LayerDiffConfig, LayerDiffUNet, init_from_sd
+from layerdiff_jax.models.unet import UNetConfig
+from layerdiff_jax.toy import make_toy_sd
+from layerdiff_jax.training.checkpoint import Checkpointer, StopRequest
+from layerdiff_jax.training.config import SYNTHETIC_DATA, TOY_SD, ConfigError, validate_config
+from layerdiff_jax.training.export import export_model, gather_to_host
+from layerdiff_jax.training.mesh import batch_size_divisor, global_batch, logical_shardings, make_mesh, put_global
+from layerdiff_jax.training.metric_writer import MetricWriter
+from layerdiff_jax.training.state import abstract_boxed_state, abstract_state, create_train_state, make_optimizer
+from layerdiff_jax.training.step import FrozenEncoders, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the run stopped without saving that state."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    step: int  # optimizer updates done
+    stopped_early: bool  # by SIGTERM / preemption, after saving a checkpoint
+    model_dir: Path | None  # the exported LayerDiff model folder (None on processes other than the main one)
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def prepare_sd(sd_path: str, workdir: Path) -> Path:
+    """The SD folder to train from; "toy" writes (once) a toy SD folder in the workdir."""
+    if sd_path == TOY_SD:
+        folder = workdir / "toy_sd"
+        if jax.process_index() == 0 and not (folder / CONVERSION_RECORD).is_file():
+            make_toy_sd(folder, overwrite=True)
+        _sync("toy_sd")
+        return folder
+    folder = Path(sd_path)
+    if not folder.is_dir():
+        raise ConfigError(
+            f"config.model.sd_path={sd_path!r} is not a folder: give a converted or diffusers SD-1.x folder "
+            "(convert a single-file checkpoint with scripts/convert_weights.py first) or 'toy'"
+        )
+    return folder
+
+
+def prepare_data(data: ml_collections.ConfigDict, workdir: Path) -> Path:
+    """The built dataset folder; "synthetic" builds (once) the synthetic dataset in the workdir."""
+    if data.path != SYNTHETIC_DATA:
+        return find_dataset_dir(data.path)
+    s = data.synthetic
+    root = workdir / "data" / f"synthetic_r{data.resolution}_n{s.num_train}_s{s.seed}_{s.layer_mix.replace(':', '-').replace(',', '_')}"
+    if jax.process_index() == 0 and not list(root.rglob("dataset_info.json")):
+        build_synthetic(root, num_train=s.num_train, num_test=0, resolution=data.resolution, seed=s.seed, layer_mix=parse_layer_mix(s.layer_mix))
+    _sync("synthetic_data")
+    return find_dataset_dir(root)
+
+
+def _boxed_params(module: nn.Module, *example) -> Any:
+    return jax.eval_shape(module.init, jax.random.key(0), *example)["params"]
+
+
+def _check_sizes(config: ml_collections.ConfigDict, mesh, unet_config: UNetConfig, vae_factor: int) -> None:
+    """Batch and image sizes the mesh and the model can take; raised before anything is compiled."""
+    global_micro_batch = config.train.per_host_batch_size * jax.process_count()
+    divisor = batch_size_divisor(mesh)
+    if global_micro_batch % divisor:
+        raise ConfigError(
+            f"config.train.per_host_batch_size={config.train.per_host_batch_size} x {jax.process_count()} process(es) "
+            f"= {global_micro_batch} samples per micro-batch, not divisible by the {divisor} devices of the mesh's "
+            f"data x fsdp axes (config.mesh.shape={tuple(config.mesh.shape)})"
+        )
+    multiple = vae_factor * 2 ** (len(unet_config.block_out_channels) - 1)
+    if config.data.resolution % multiple:
+        raise ConfigError(f"config.data.resolution={config.data.resolution} must be a multiple of {multiple} for this VAE and UNet")
+    if config.model.layerdiff.enhancer_heads and unet_config.cross_attention_dim % config.model.layerdiff.enhancer_heads:
+        raise ConfigError(
+            f"config.model.layerdiff.enhancer_heads={config.model.layerdiff.enhancer_heads} does not divide the text width "
+            f"{unet_config.cross_attention_dim}"
+        )
+
+
+def _micro_batches(batch: dict[str, np.ndarray], accum: int, resolution: int) -> dict[str, np.ndarray]:
+    """A loader batch of accum x per-host samples -> arrays (accum, per-host batch, ...)."""
+    size = batch["images"].shape[2:4]
+    if size != (resolution, resolution):
+        raise ConfigError(f"the data's images are {size[0]}x{size[1]}, config.data.resolution is {resolution}")
+    return {key: value.reshape(accum, -1, *value.shape[1:]) for key, value in batch.items()}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: bool = True) -> TrainResult:
+    config = validate_config(config)
+    workdir = Path(workdir).absolute()
+    is_main = jax.process_index() == 0
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    train_cfg = config.train
+
+    # 1. Mesh.
+    mesh = make_mesh(config.mesh.shape)
+    log.info("mesh %s over %d device(s) in %d process(es)", dict(mesh.shape), mesh.size, jax.process_count())
+
+    # 2. Model: frozen VAE and text encoder, the LayerDiff module, the tokenizer.
+    sd_path = prepare_sd(config.model.sd_path, workdir)
+    dtype = jnp.dtype(config.model.compute_dtype)
+    impl = config.model.attention_impl
+    vae, vae_params = load_vae(sd_path / "vae", dtype=dtype, attention_impl=impl)
+    text_encoder, text_params = load_text_encoder(sd_path / "text_encoder", dtype=dtype, attention_impl=impl)
+    encoders = FrozenEncoders(vae, text_encoder)
+    unet_config = UNetConfig.from_diffusers_config(read_config(sd_path / "unet"))
+    model = LayerDiffUNet(unet_config, LayerDiffConfig(**config.model.layerdiff), dtype=dtype, attention_impl=impl, remat=config.model.remat)
+    tokenizer = load_tokenizer(sd_path)
+    _check_sizes(config, mesh, unet_config, vae.config.downsample_factor)
+
+    # 3. Data: each loader batch holds one step's micro-batches for this host.
+    data_path = prepare_data(config.data, workdir)
+    loader = make_dataloader(
+        data_path,
+        batch_size=train_cfg.per_host_batch_size * train_cfg.grad_accum_steps,
+        max_layers=config.model.layerdiff.max_layers,
+        tokenizer=tokenizer,
+        seed=config.seed,
+        split=config.data.split,
+        worker_count=config.data.worker_count,
+    )
+    data_iterator = iter(loader)
+
+    # 4. State: shardings from logical axes; restored, or initialised from SD.
+    tx = make_optimizer(train_cfg)
+    init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+    abstract, state_shardings = abstract_state(abstract_boxed_state(model, tx, ema=train_cfg.ema), mesh)
+    frozen_boxed = {
+        "vae": _boxed_params(vae, jnp.zeros((1, vae.config.downsample_factor, vae.config.downsample_factor, 3))),
+        "text_encoder": _boxed_params(text_encoder, jnp.zeros((1, tokenizer.max_length), jnp.int32)),
+    }
+    frozen_shardings = logical_shardings(frozen_boxed, mesh)
+    frozen = put_global({"vae": vae_params, "text_encoder": text_params}, frozen_shardings)
+    empty_context = jax.jit(text_encoder.apply)({"params": text_params}, tokenizer([""]))[0]
+    empty_context = put_global(np.asarray(empty_context), NamedSharding(mesh, PartitionSpec()))
+
+    checkpointer = Checkpointer(
+        workdir / "checkpoints", max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save
+    )
+    start = checkpointer.latest_step()
+    if start is not None and not resume:
+        raise FileExistsError(f"{checkpointer.directory} holds checkpoints (latest step {start}); resume, or use another workdir")
+    if start is not None:
+        log.info("resuming from step %d (%s)", start, checkpointer.directory)
+        state = checkpointer.restore(start, abstract, data_iterator)
+    else:
+        start = 0
+        unet, unet_params = load_unet(sd_path / "unet", dtype=dtype, attention_impl=impl, remat=config.model.remat)
+        _, params = init_from_sd(unet, unet_params, model.config, init_rng)
+        del unet_params
+        rng_data = np.asarray(jax.random.key_data(train_rng))  # a constant of the jitted initialiser
+        create = functools.partial(create_train_state, rng=rng_data, tx=tx, ema=train_cfg.ema)
+        state = jax.jit(create, out_shardings=state_shardings)(put_global(params, state_shardings.params))
+        del params
+
+    # 5. Step.
+    train_step = make_train_step(model, encoders, tx, config, mesh, state_shardings, frozen_shardings)
+    if config.log.sample_every_steps:
+        log.warning("config.log.sample_every_steps is set but no sampler is hooked in yet: no sample grids are written")
+
+    # 6. Loop. The loss of step n is read after step n+1 is dispatched, so the host never stalls the
+    # devices, except before a checkpoint, which is only written from a state whose loss was finite.
+    writer = MetricWriter(workdir, enabled=is_main)
+    progress = tqdm(total=train_cfg.num_steps, initial=start, disable=not is_main, desc="train", unit="step", dynamic_ncols=True)
+    interval_losses: list[float] = []
+    interval_start = time.perf_counter()
+    unchecked: tuple[int, dict] | None = None  # (step, device metrics) whose loss is not read yet
+
+    def check_and_log(step: int, metrics: dict) -> None:
+        nonlocal interval_start
+        loss = float(metrics["loss"])
+        if not math.isfinite(loss):
+            checkpointer.wait()
+            last = checkpointer.latest_step()
+            where = f"the last good checkpoint is step {last} in {checkpointer.directory}" if last is not None else "no checkpoint was written"
+            raise NonFiniteLossError(
+                f"loss is {loss} at step {step}: stopping without saving this state; {where}. "
+                "Lower config.train.learning_rate or check the data, then rerun to resume from that checkpoint."
+            )
+        interval_losses.append(loss)
+        if step % config.log.every_steps == 0 or step == train_cfg.num_steps:
+            elapsed = time.perf_counter() - interval_start
+            values = {key: float(value) for key, value in jax.device_get(metrics).items()}
+            values.update(loss=float(np.mean(interval_losses)), steps_per_sec=len(interval_losses) / max(elapsed, 1e-9))
+            writer.write(step, values)
+            progress.set_postfix(loss=f"{values['loss']:.4f}", steps_per_s=f"{values['steps_per_sec']:.2f}")
+            interval_losses.clear()
+            interval_start = time.perf_counter()
+
+    step, stopped_early = start, False
+    try:
+        with StopRequest(checkpointer) as stop_requested:
+            while step < train_cfg.num_steps:
+                batch = _micro_batches(next(data_iterator), train_cfg.grad_accum_steps, config.data.resolution)
+                state, metrics = train_step(state, global_batch(batch, mesh, sample_axis=1), frozen, empty_context)
+                step += 1
+                progress.update(1)
+                if unchecked is not None:
+                    check_and_log(*unchecked)
+                unchecked = (step, metrics)
+                stopped_early = stop_requested(step)
+                if stopped_early or step % config.checkpoint.every_steps == 0 or step == train_cfg.num_steps:
+                    check_and_log(*unchecked)
+                    unchecked = None
+                    checkpointer.save(step, state, data_iterator)
+                if stopped_early:
+                    log.warning("stopped at step %d on request; checkpoint saved", step)
+                    break
+            if unchecked is not None:
+                check_and_log(*unchecked)
+
+        # 7. Finish: wait for the checkpoint, export the model folder.
+        checkpointer.wait()
+        params = gather_to_host(state.ema_params if train_cfg.ema else state.params)
+        model_dir = export_model(workdir / "model", sd_path, model, params) if is_main else None
+        _sync("export")
+        if is_main:
+            log.info("model folder written: %s", model_dir)
+        return TrainResult(step=step, stopped_early=stopped_early, model_dir=model_dir)
+    finally:
+        progress.close()
+        writer.close()
+        checkpointer.wait()
+        checkpointer.close()
+
+
+def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl."""
+    path = Path(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

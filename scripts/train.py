@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Trains LayerDiff from a config file.
+
+  python scripts/train.py --config configs/shapes_cpu.py --workdir runs/shapes
+  python scripts/train.py --config configs/tpu_v4.py --workdir gs://... --config.train.num_steps=20000
+
+Override any config field with --config.<field>=<value>. A run resumes from the latest checkpoint in its
+workdir unless --noresume. Several processes: jax.distributed starts from --coordinator_address,
+--num_processes, --process_id (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), or by
+itself on a multi-host Cloud TPU slice or a SLURM job. Exit status: 0 when the run finished or stopped on
+SIGTERM after its checkpoint, 1 on a non-finite loss, 2 on a bad config.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "folder for checkpoints, metrics and the exported model", required=True)
+_RESUME = flags.DEFINE_bool("resume", True, "continue from the latest checkpoint in --workdir")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (multi-process runs)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (multi-process runs)")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if _CONFIG.value is None:
+        raise app.UsageError("--config is required, e.g. --config configs/shapes_cpu.py")
+
+    from layerdiff_jax.training.config import ConfigError, validate_config
+    from layerdiff_jax.training.mesh import initialize_distributed
+
+    try:
+        config = validate_config(_CONFIG.value)  # before jax.distributed, devices or any loading
+    except ConfigError as e:
+        print(f"bad config: {e}", file=sys.stderr)
+        return 2
+    initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+
+    from layerdiff_jax.training.trainer import NonFiniteLossError, train
+
+    try:
+        result = train(config, _WORKDIR.value, resume=_RESUME.value)
+    except ConfigError as e:
+        print(f"bad config: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 1
+    how = "stopped on request" if result.stopped_early else "finished"
+    print(f"{how} at step {result.step}" + (f"; model folder: {result.model_dir}" if result.model_dir else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
