@@ -18,11 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from layerdiff_jax.data.layers import LayeredSample, background_mask
-from layerdiff_jax.diffusion.ddim import ddim_timesteps, img2img_start
+from layerdiff_jax.diffusion.ddim import img2img_start
 from layerdiff_jax.diffusion.guidance import PROMPT_JOINER
 from layerdiff_jax.sampling.sampler import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
+    MAX_SEED,
     LayerDiffPipeline,
     RequestError,
     to_uint8,
@@ -39,7 +40,9 @@ def sample_arrays(sample: LayeredSample) -> tuple[np.ndarray, np.ndarray]:
     return images, masks
 
 
-def _check_target(pipe: LayerDiffPipeline, sample: LayeredSample, target: int) -> None:
+def _check_edit(pipe: LayerDiffPipeline, sample: LayeredSample, target: int, seed: int, steps: int) -> None:
+    if not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise RequestError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
     if not isinstance(target, (int, np.integer)) or not 0 <= target < sample.num_layers:
         raise RequestError(
             f"target layer {target!r} does not exist: the sample has layers 0 (background) to {sample.num_layers - 1}"
@@ -47,6 +50,7 @@ def _check_target(pipe: LayerDiffPipeline, sample: LayeredSample, target: int) -
     if sample.num_layers > pipe.max_layers:
         raise RequestError(f"the sample has {sample.num_layers} layers; the checkpoint supports at most {pipe.max_layers}")
     pipe.check_size(sample.size)
+    pipe.check_steps(steps)
 
 
 def _edit(
@@ -71,7 +75,7 @@ def _edit(
     seeds = np.full((batch,), seed, np.uint32)
     noise = pipe.initial_noise(seeds, x0.shape[1:])
     frozen = np.repeat((np.arange(n) != target)[None], batch, 0)
-    timesteps = ddim_timesteps(steps, pipe.schedule.num_train_timesteps)
+    timesteps = pipe.check_steps(steps)
     if strength is None:
         x_start = jnp.where(frozen[..., None, None, None], x0, noise)
     else:
@@ -104,7 +108,7 @@ def inpaint_layer(
 ) -> LayeredSample:
     """Layer inpainting: layer `target` (0 = background) re-generated from noise with layer prompt `prompt`;
     every other layer unchanged. `global_prompt` replaces the sample's global prompt if given."""
-    _check_target(pipe, sample, target)
+    _check_edit(pipe, sample, target, seed, steps)
     if not isinstance(prompt, str) or not prompt.strip():
         raise RequestError("inpainting needs a non-empty layer prompt for the target layer")
     layer_prompts = list(sample.layer_prompts)
@@ -130,7 +134,7 @@ def restyle_layer(
 ) -> LayeredSample:
     """Layer style transfer: layer `target` noised to strength x steps DDIM steps and denoised with
     "<its prompt>, <style>"; every other layer unchanged."""
-    _check_target(pipe, sample, target)
+    _check_edit(pipe, sample, target, seed, steps)
     if not isinstance(style, str) or not style.strip():
         raise RequestError("restyling needs a non-empty style text")
     if not 0.0 < strength <= 1.0 or int(steps * strength) < 1:

@@ -6,7 +6,7 @@ one compilation per (batch, layers, latent size, steps, eta). With a `jax.shardi
 of every input and output is sharded over the mesh's "data"/"fsdp" axes and the params are replicated,
 so a pod samples a long prompt list in data parallel (`jax.jit` with shardings; no pmap).
 
-Requests in one batch may have different layer counts: each is padded to the batch's L with invalid
+Requests in one run may have different layer counts: each is padded to the largest with invalid
 layers (empty prompt, `layer_valid=False`), which the model never attends to and the sampler keeps
 frozen, so a request's layers do not depend on the padding.
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,8 +39,6 @@ from layerdiff_jax.models.clip_text import CLIPTextTransformer
 from layerdiff_jax.models.layerdiff import LayerDiffUNet
 from layerdiff_jax.models.vae import AutoencoderKL
 from layerdiff_jax.sharding import LOGICAL_AXIS_RULES, MESH_AXES
-
-log = logging.getLogger(__name__)
 
 DEFAULT_STEPS = 100
 DEFAULT_GUIDANCE = 3.0
@@ -71,6 +68,8 @@ class LayerRequest:
     seed: int | None = None  # sample i uses seed + i; None: the run's seed sequence
 
     def __post_init__(self):
+        if isinstance(self.layer_prompts, str):
+            raise RequestError(f"layer_prompts must be a list of strings, not the string {self.layer_prompts!r}")
         object.__setattr__(self, "layer_prompts", tuple(self.layer_prompts))
         for name in ("prompt", "background_prompt"):
             if not isinstance(getattr(self, name), str):
@@ -334,13 +333,20 @@ class LayerDiffPipeline:
             raise RequestError(f"image size {h}x{w}: both sides must be positive multiples of {m} for this checkpoint")
         return h, w
 
+    def check_steps(self, steps: int) -> np.ndarray:
+        """The DDIM timesteps of a `steps`-step schedule."""
+        total = self.schedule.num_train_timesteps
+        if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= total:
+            raise RequestError(f"steps must be an integer in [1, {total}], got {steps!r}")
+        return ddim_timesteps(steps, total)
+
     def latent_shape(self, num_layers: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
         h, w = self.check_size(size)
         return num_layers, h // self.vae_factor, w // self.vae_factor, 2 * self.vae.config.latent_channels
 
     def check_requests(self, requests: Sequence[LayerRequest]) -> None:
         if not requests:
-            raise RequestError("no request: give a prompt with --layer-prompt, or a --spec file")
+            raise RequestError("no request to sample")
         for r in requests:
             if r.num_layers > self.max_layers:
                 raise RequestError(
@@ -354,6 +360,9 @@ class LayerDiffPipeline:
         """Host arrays (batch-leading) -> device arrays, sharded over the mesh's batch axes when there is one."""
         if self.mesh is None:
             return jax.tree.map(jnp.asarray, x)
+        for a in jax.tree.leaves(x):
+            if a.shape[0] % self.batch_shards:
+                raise RequestError(f"batch of {a.shape[0]} does not split over the mesh's {self.batch_shards} batch shards; see pad_batch")
         return jax.tree.map(lambda a: jax.device_put(a, self._batch_sharded), x)
 
     def on_batch_shards(self, x: jax.Array) -> jax.Array:
@@ -477,7 +486,7 @@ class LayerDiffPipeline:
         """
         self.check_requests(requests)
         size = self.check_size(size or self.default_size)
-        timesteps = ddim_timesteps(steps, self.schedule.num_train_timesteps)
+        timesteps = self.check_steps(steps)
         jobs = expand_requests(requests, seed)
         batch = self.pad_batch(batch_size or 1)
         num_layers = max(r.num_layers for r in requests)

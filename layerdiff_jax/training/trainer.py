@@ -64,6 +64,7 @@ class TrainResult:
     step: int  # optimizer updates done
     stopped_early: bool  # by SIGTERM / preemption, after saving a checkpoint
     model_dir: Path | None  # the exported LayerDiff model folder (None on processes other than the main one)
+    state: Any  # the final TrainState (global arrays on the mesh)
 
 
 def _sync(name: str) -> None:
@@ -265,7 +266,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
         _sync("export")
         if is_main:
             log.info("model folder written: %s", model_dir)
-        return TrainResult(step=step, stopped_early=stopped_early, model_dir=model_dir)
+        return TrainResult(step=step, stopped_early=stopped_early, model_dir=model_dir, state=state)
     finally:
         progress.close()
         writer.close()

@@ -1,0 +1,33 @@
+"""The paper's training setting on a TPU v4 pod slice (v4-32: 16 chips on 4 hosts), bfloat16 compute.
+
+  # on every host of the slice (jax.distributed finds the other hosts by itself):
+  python scripts/train.py --config configs/tpu_v4.py --workdir gs://<bucket>/runs/tpu_v4 \
+      --config.model.sd_path=/mnt/sd15_flax --config.data.path=/mnt/data/layered
+
+Mesh (data, fsdp, tensor) = (-1, 4, 1): parameters, optimizer state and EMA are sharded 4 ways (FSDP)
+and the remaining chips replicate them as data-parallel groups, so any slice with a multiple of 4 chips
+works. 8 samples per host per update (2 per chip on v4), so 32 on a v4-32 as in the SPEC, without
+accumulation. bfloat16 activations, float32 master weights; UNet blocks rematerialised. What to expect:
+about 6.1 GiB of train state per chip (README) of a v4 chip's 32 GiB; the workdir must be shared by
+all hosts (a GCS bucket); the model folder is written to <workdir>/model by process 0.
+"""
+
+from layerdiff_jax.training.config import base_config
+
+
+def get_config():
+    config = base_config()
+    config.model.sd_path = "/mnt/sd15_flax"
+    config.data.path = "/mnt/data/layered"
+    config.data.resolution = 256
+    config.data.worker_count = 8
+    config.model.compute_dtype = "bfloat16"
+    config.model.remat = True
+    config.train.num_steps = 100_000
+    config.train.per_host_batch_size = 8
+    config.train.grad_accum_steps = 1
+    config.train.ema = True
+    config.mesh.shape = (-1, 4, 1)
+    config.checkpoint.every_steps = 1000
+    config.log.every_steps = 50
+    return config

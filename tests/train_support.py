@@ -1,0 +1,119 @@
+"""Shared by the training tests: a micro SD folder, a tiny dataset, micro configs, running scripts/train.py.
+
+The micro SD is smaller than the toy SD (a 1-level UNet with one transformer, a 2x VAE, a 1-layer CLIP) so
+that the sharding, multi-process and resume tests compile in seconds; `configs/shapes_cpu.py` itself is
+tested with the real toy SD.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from layerdiff_jax.convert.pipeline import save_converted
+from layerdiff_jax.data.tfds_builders import build_synthetic
+from layerdiff_jax.data.tokenizer import build_toy_tokenizer
+from layerdiff_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer
+from layerdiff_jax.models.unet import UNet2DConditionModel, UNetConfig
+from layerdiff_jax.models.vae import AutoencoderKL, VAEConfig
+from layerdiff_jax.training.config import base_config
+
+REPO = Path(__file__).resolve().parents[1]
+WIDTH, RESOLUTION = 32, 16
+
+
+def make_micro_sd(out_dir: Path) -> Path:
+    tokenizer = build_toy_tokenizer()
+    unet = UNet2DConditionModel(
+        UNetConfig(
+            block_out_channels=(WIDTH,),
+            down_block_types=("DownBlock2D",),
+            up_block_types=("UpBlock2D",),
+            layers_per_block=1,
+            num_attention_heads=2,
+            cross_attention_dim=WIDTH,
+            norm_num_groups=8,
+        )
+    )
+    vae = AutoencoderKL(VAEConfig(block_out_channels=(16, 16), layers_per_block=1, norm_num_groups=8))
+    text = CLIPTextTransformer(
+        CLIPTextConfig(vocab_size=tokenizer.vocab_size, hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=1, num_attention_heads=2)
+    )
+    examples = {
+        "unet": (unet, (jnp.zeros((1, 4, 4, 4)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 1, WIDTH)))),
+        "vae": (vae, (jnp.zeros((1, 4, 4, 3)),)),
+        "text_encoder": (text, (jnp.zeros((1, 77), jnp.int32),)),
+    }
+    components = {}
+    for i, (name, (module, example)) in enumerate(examples.items()):
+        components[name] = (module, jax.device_get(nn.meta.unbox(module.init(jax.random.key(i), *example)["params"])))
+    with tempfile.TemporaryDirectory() as staging:
+        tokenizer.save(staging)
+        save_converted(out_dir, components, source="micro", tokenizer_dir=staging)
+    return out_dir
+
+
+def make_micro_data(out_dir: Path, num_train: int = 32) -> Path:
+    return build_synthetic(out_dir, num_train=num_train, num_test=0, resolution=RESOLUTION, seed=3)
+
+
+def micro_config(sd_path: Path, data_path: Path, **train):
+    """A config for the micro SD: 1 step per log line, no warm-up, checkpoints every 2 steps."""
+    config = base_config()
+    config.model.sd_path = str(sd_path)
+    config.model.layerdiff.enhancer_heads = 2
+    config.data.path = str(data_path)
+    config.data.resolution = RESOLUTION
+    config.train.num_steps = 4
+    config.train.per_host_batch_size = 4
+    config.train.grad_accum_steps = 1
+    config.train.learning_rate = 1e-3
+    config.train.warmup_steps = 0
+    config.checkpoint.every_steps = 2
+    config.log.every_steps = 1
+    for key, value in train.items():
+        config.train[key] = value
+    return config
+
+
+def config_flags(config, prefix: str = "config") -> list[str]:
+    """`--config.a.b=value` for every leaf of `config` (to hand a config to scripts/train.py)."""
+    flags = []
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            flags += config_flags(value, f"{prefix}.{key}")
+        else:
+            flags.append(f"--{prefix}.{key}={value}")
+    return flags
+
+
+def train_command(config, workdir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        str(REPO / "scripts" / "train.py"),
+        f"--config={REPO / 'configs' / 'shapes_cpu.py'}",
+        f"--workdir={workdir}",
+        *config_flags(config),
+        *extra,
+    ]
+
+
+def subprocess_env(devices: int = 1) -> dict[str, str]:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def run(cmd: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd[:3])} ... exited {result.returncode}:\n{result.stderr[-4000:]}")
+    return result
