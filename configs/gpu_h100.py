@@ -5,8 +5,9 @@
 
 The paper's optimizer and losses at 256x256, 32 samples per update in one micro-batch (no accumulation),
 the state FSDP-sharded over the node's GPUs (mesh (1, -1, 1)), UNet blocks rematerialised, an EMA of the
-parameters (exported as the model). What to expect: about 22.1 GiB of train state on one GPU, 2.8 GiB
-per GPU on eight (README); set XLA_PYTHON_CLIENT_MEM_FRACTION=.95 to give XLA the whole GPU.
+parameters (exported as the model). What to expect: 16.5 GiB of train state (parameters, Adam moments,
+EMA) plus 0.8 GiB of frozen VAE and text encoder on one GPU, 2.1 + 0.1 GiB per GPU on eight (README),
+before activations; set XLA_PYTHON_CLIENT_MEM_FRACTION=.95 to give XLA the whole GPU.
 """
 
 from layerdiff_jax.training.config import base_config

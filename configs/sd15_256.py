@@ -9,8 +9,9 @@ Every SPEC "Training" value: SD's scaled-linear schedule (1000 steps, epsilon), 
 layer timesteps, 10% global and 10% layer prompt dropout, AdamW lr 1e-5 with weight decay 1e-4, 500
 warm-up steps then constant, 32 samples per update as 8 accumulated micro-batches of 4, frozen VAE and
 text encoder, float32 compute (the reference setting; configs/gpu_h100.py is the fast one). The state is
-FSDP-sharded over the host's GPUs. What to expect: about 17.7 GiB of train state on one GPU (README), so
-an 80 GB H100/A100; a checkpoint of the same size every 1000 steps; the model folder in <workdir>/model.
+FSDP-sharded over the host's GPUs. What to expect: 12.4 GiB of train state (parameters, Adam moments) plus
+0.8 GiB of frozen VAE and text encoder on one GPU, 1.6 + 0.1 GiB per GPU on eight (README), before
+activations; a 12.4 GiB checkpoint every 1000 steps; the model folder in <workdir>/model.
 """
 
 from layerdiff_jax.training.config import base_config

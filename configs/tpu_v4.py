@@ -7,9 +7,10 @@
 Mesh (data, fsdp, tensor) = (-1, 4, 1): parameters, optimizer state and EMA are sharded 4 ways (FSDP)
 and the remaining chips replicate them as data-parallel groups, so any slice with a multiple of 4 chips
 works. 8 samples per host per update (2 per chip on v4), so 32 on a v4-32 as in the SPEC, without
-accumulation. bfloat16 activations, float32 master weights; UNet blocks rematerialised. What to expect:
-about 6.1 GiB of train state per chip (README) of a v4 chip's 32 GiB; the workdir must be shared by
-all hosts (a GCS bucket); the model folder is written to <workdir>/model by process 0.
+accumulation. bfloat16 activations, float32 master weights and an EMA of them; UNet blocks
+rematerialised. What to expect: 4.1 GiB of train state (parameters, Adam moments, EMA) plus 0.2 GiB of
+frozen VAE and text encoder per chip (README), of a v4 chip's 32 GiB; the workdir must be shared by all
+hosts (a GCS bucket); the model folder is written to <workdir>/model by process 0.
 """
 
 from layerdiff_jax.training.config import base_config

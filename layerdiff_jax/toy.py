@@ -7,6 +7,7 @@ everything downstream loads the toy exactly as it loads real SD-1.5 weights.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 from typing import Mapping
@@ -28,13 +29,13 @@ def toy_configs(vocab_size: int) -> dict[str, object]:
     """SD-1.x architectures at toy size: a 4x VAE (64x64 images -> 16x16 latents), a 2-layer CLIP, a 2-level UNet."""
     return {
         "unet": UNetConfig(
-            block_out_channels=(64, 128),
+            block_out_channels=(32, 64),
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             layers_per_block=1,
             num_attention_heads=4,
             cross_attention_dim=TEXT_WIDTH,
-            norm_num_groups=16,
+            norm_num_groups=8,
         ),
         "vae": VAEConfig(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4),
         "text_encoder": CLIPTextConfig(
@@ -52,12 +53,21 @@ def _init(module: nn.Module, rng: jax.Array, *example) -> dict:
     return jax.device_get(nn.meta.unbox(jax.jit(module.init)(rng, *example)["params"]))
 
 
-def make_toy_sd(output_dir: str | Path, *, seed: int = 0, params: Mapping[str, Mapping] | None = None, overwrite: bool = False) -> Path:
+def make_toy_sd(
+    output_dir: str | Path,
+    *,
+    seed: int = 0,
+    params: Mapping[str, Mapping] | None = None,
+    vae_scaling_factor: float | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Writes a toy SD folder with the toy tokenizer; components are random unless `params` gives them
-    (e.g. {"vae": fitted_vae_params})."""
+    (e.g. {"vae": fitted_vae_params}, with the `vae_scaling_factor` measured for it)."""
     output_dir = Path(output_dir)
     tokenizer = build_toy_tokenizer()
     configs = toy_configs(tokenizer.vocab_size)
+    if vae_scaling_factor is not None:
+        configs["vae"] = dataclasses.replace(configs["vae"], scaling_factor=vae_scaling_factor)
     unet = UNet2DConditionModel(configs["unet"])
     vae = AutoencoderKL(configs["vae"])
     text = CLIPTextTransformer(configs["text_encoder"])

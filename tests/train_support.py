@@ -7,6 +7,7 @@ tested with the real toy SD.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -27,6 +28,18 @@ from layerdiff_jax.training.config import base_config
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTH, RESOLUTION = 32, 16
+
+
+def config_module(name: str):
+    """The module configs/<name>.py."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_config(name: str):
+    return config_module(name).get_config()
 
 
 def make_micro_sd(out_dir: Path) -> Path:
@@ -105,10 +118,15 @@ def train_command(config, workdir: Path, *extra: str) -> list[str]:
     ]
 
 
+# The micro model's programs are tiny: XLA's optimisations cost far more compile time than they save.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
 def subprocess_env(devices: int = 1) -> dict[str, str]:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
     env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
     return env
 
 

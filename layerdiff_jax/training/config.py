@@ -196,7 +196,7 @@ def _check_fields(config: ml_collections.ConfigDict, reference: ml_collections.C
                 raise ConfigError(f"config.{prefix}{key} must be a group of fields, got {value!r}")
             _check_fields(value, ref, f"{prefix}{key}.")
         elif not _same_type(value, ref):
-            raise ConfigError(f"config.{prefix}{key} must be a {type(ref).__name__}, got {value!r}")
+            raise ConfigError(f"config.{prefix}{key} must be of type {type(ref).__name__}, got {value!r}")
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str):

@@ -212,29 +212,28 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     # devices, except before a checkpoint, which is only written from a state whose loss was finite.
     writer = MetricWriter(workdir, enabled=is_main)
     progress = tqdm(total=train_cfg.num_steps, initial=start, disable=not is_main, desc="train", unit="step", dynamic_ncols=True)
-    interval_losses: list[float] = []
+    interval: list[dict[str, float]] = []  # host metrics of the steps since the last log line
     interval_start = time.perf_counter()
-    unchecked: tuple[int, dict] | None = None  # (step, device metrics) whose loss is not read yet
+    unchecked: tuple[int, dict] | None = None  # (step, device metrics) not read yet
 
     def check_and_log(step: int, metrics: dict) -> None:
         nonlocal interval_start
-        loss = float(metrics["loss"])
-        if not math.isfinite(loss):
+        values = {key: float(value) for key, value in jax.device_get(metrics).items()}
+        if not math.isfinite(values["loss"]):
             checkpointer.wait()
             last = checkpointer.latest_step()
             where = f"the last good checkpoint is step {last} in {checkpointer.directory}" if last is not None else "no checkpoint was written"
             raise NonFiniteLossError(
-                f"loss is {loss} at step {step}: stopping without saving this state; {where}. "
+                f"loss is {values['loss']} at step {step}: stopping without saving this state; {where}. "
                 "Lower config.train.learning_rate or check the data, then rerun to resume from that checkpoint."
             )
-        interval_losses.append(loss)
+        interval.append(values)
         if step % config.log.every_steps == 0 or step == train_cfg.num_steps:
-            elapsed = time.perf_counter() - interval_start
-            values = {key: float(value) for key, value in jax.device_get(metrics).items()}
-            values.update(loss=float(np.mean(interval_losses)), steps_per_sec=len(interval_losses) / max(elapsed, 1e-9))
-            writer.write(step, values)
-            progress.set_postfix(loss=f"{values['loss']:.4f}", steps_per_s=f"{values['steps_per_sec']:.2f}")
-            interval_losses.clear()
+            means = {key: float(np.mean([v[key] for v in interval])) for key in values}
+            means["steps_per_sec"] = len(interval) / max(time.perf_counter() - interval_start, 1e-9)
+            writer.write(step, means)
+            progress.set_postfix(loss=f"{means['loss']:.4f}", steps_per_s=f"{means['steps_per_sec']:.2f}")
+            interval.clear()
             interval_start = time.perf_counter()
 
     step, stopped_early = start, False

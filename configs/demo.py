@@ -1,0 +1,58 @@
+"""The main job: a tiny LayerDiff trained on CPU on the synthetic layered dataset, then sampled and scored.
+
+  python scripts/demo.py                      # this config; writes everything under outputs/demo/
+  python scripts/demo.py --config.train.train.num_steps=200 --config.sample.per_layer_count=4   # a quick look
+
+Stages: build the synthetic dataset (64x64, 2-4 layers) -> fit the toy VAE on its layers and masks ->
+write the toy SD folder (VAE, CLIP text encoder, UNet, toy tokenizer) -> train LayerDiff from it
+(configs/shapes_cpu.py, with the fields below) -> sample fixed requests with 2, 3 and 4 layers (prompts of
+held-out synthetic samples) -> evaluate prompt following. What to expect on a 2-core CPU: README, "Demo".
+"""
+
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+
+def _shapes_cpu():
+    spec = importlib.util.spec_from_file_location("shapes_cpu", Path(__file__).with_name("shapes_cpu.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.out_dir = "outputs/demo"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.num_train = 4000
+    c.data.resolution = 64
+    c.data.layer_mix = "2:0.34,3:0.33,4:0.33"
+    c.data.seed = 0
+
+    c.vae = ml_collections.ConfigDict()  # fitting the toy VAE (layerdiff_jax/training/autoencoder.py)
+    c.vae.num_samples = 600  # synthetic samples whose layers and masks it sees
+    c.vae.steps = 500
+    c.vae.batch_size = 16
+    c.vae.learning_rate = 2e-3
+    c.vae.kl_weight = 1e-6
+
+    c.train = _shapes_cpu()  # model.sd_path and data.path are filled in by the demo
+    c.train.train.num_steps = 1000
+    c.train.train.per_host_batch_size = 8
+    c.train.train.learning_rate = 5e-4
+    c.train.train.warmup_steps = 50
+    c.train.checkpoint.every_steps = 250
+    c.train.log.every_steps = 25
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.per_layer_count = 16  # requests with 2, 3 and 4 layers each: 48 samples
+    c.sample.request_seed = 1_000_000  # held-out synthetic samples (training uses seed data.seed)
+    c.sample.steps = 50
+    c.sample.guidance = 3.0
+    c.sample.eta = 0.0
+    c.sample.batch_size = 16
+    c.sample.seed = 0
+    return c

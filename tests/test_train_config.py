@@ -1,0 +1,94 @@
+"""Training configs: every shipped config validates; bad fields and values fail early, naming the field."""
+
+import subprocess
+import sys
+
+import pytest
+
+from layerdiff_jax.training.config import ConfigError, base_config, validate_config
+from layerdiff_jax.training.mesh import resolve_mesh_shape
+from train_support import REPO, config_module, load_config, subprocess_env
+
+CONFIGS = ("shapes_cpu", "sd15_256", "tpu_v4", "gpu_h100")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shipped_configs_validate(name):
+    assert f"configs/{name}.py" in config_module(name).__doc__, "the docstring gives the command"
+    validate_config(load_config(name))
+
+
+def test_base_config_needs_model_and_data():
+    with pytest.raises(ConfigError, match=r"config\.model\.sd_path must be set"):
+        validate_config(base_config())
+
+
+def _valid():
+    return load_config("shapes_cpu")
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("train.learning_rate", -1.0, r"config\.train\.learning_rate must be > 0, got -1\.0"),
+        ("train.global_prompt_dropout", 1.5, r"config\.train\.global_prompt_dropout must be in \[0, 1\]"),
+        ("model.compute_dtype", "float16", r"config\.model\.compute_dtype must be one of \('float32', 'bfloat16'\)"),
+        ("model.layerdiff.prompt_enhancer", "x", r"config\.model\.layerdiff\.prompt_enhancer must be one of"),
+        ("mesh.shape", (-1, -1, 1), r"config\.mesh\.shape must be 3 positive ints"),
+        ("mesh.shape", (2, 2), r"config\.mesh\.shape must be 3 positive ints"),
+        ("data.synthetic.layer_mix", "two", r"config\.data\.synthetic\.layer_mix must be"),
+        ("train.per_host_batch_size", 0, r"config\.train\.per_host_batch_size must be > 0"),
+    ],
+)
+def test_bad_values_name_the_field(field, value, message):
+    config = _valid()
+    group, _, leaf = field.rpartition(".")
+    target = config
+    for part in group.split("."):
+        target = target[part]
+    with target.ignore_type():
+        target[leaf] = value
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config)
+
+
+def test_wrong_type_unknown_and_missing_fields_are_named():
+    config = _valid()
+    with config.train.ignore_type():
+        config.train.num_steps = "many"
+    with pytest.raises(ConfigError, match=r"config\.train\.num_steps must be of type int, got 'many'"):
+        validate_config(config)
+
+    config = _valid()
+    config.train.learning_rat = 1e-4
+    with pytest.raises(ConfigError, match=r"unknown config field\(s\): train\.learning_rat"):
+        validate_config(config)
+
+    config = _valid()
+    del config.checkpoint["every_steps"]
+    with pytest.raises(ConfigError, match=r"missing config field\(s\): checkpoint\.every_steps"):
+        validate_config(config)
+
+
+def test_mesh_shape_resolution():
+    assert resolve_mesh_shape((-1, 4, 1), 16) == (4, 4, 1)
+    assert resolve_mesh_shape((1, -1, 1), 8) == (1, 8, 1)
+    with pytest.raises(ValueError, match="needs 4 devices, there are 8"):
+        resolve_mesh_shape((2, 2, 1), 8)
+    with pytest.raises(ValueError, match="not divisible by 3"):
+        resolve_mesh_shape((-1, 3, 1), 8)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.train.learning_rate=-1", "config.train.learning_rate must be > 0"),
+        ("--config.train.learnin_rate=1", "learnin_rate"),
+    ],
+)
+def test_script_rejects_bad_config_before_compiling(tmp_path, override, message):
+    cmd = [sys.executable, str(REPO / "scripts" / "train.py"), f"--config={REPO / 'configs' / 'shapes_cpu.py'}", f"--workdir={tmp_path}", override]
+    result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not (tmp_path / "toy_sd").exists(), "nothing was built or loaded"

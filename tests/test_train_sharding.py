@@ -1,0 +1,94 @@
+"""Sharded training equals single-device training: meshes (8,1,1), (2,4,1), (2,2,2) on 8 simulated CPU devices.
+
+The 8-device runs happen in a subprocess (XLA_FLAGS gives it 8 devices; this process keeps 1); the
+1-device reference in another. Each runs the real trainer for 2 steps on the micro SD; losses and the
+exported parameters must agree within float32 tolerance: the sharded programs reduce in other orders,
+and Adam turns rounding-level differences of near-zero gradients into differences of up to ~lr * 1e-2.
+"""
+
+import json
+import subprocess
+import sys
+
+import flax
+import numpy as np
+import pytest
+
+from layerdiff_jax.convert.layerdiff import load_layerdiff
+from layerdiff_jax.convert.unet import load_unet
+from train_support import make_micro_data, make_micro_sd, subprocess_env
+
+MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
+
+RUNNER = r"""
+import json, sys
+import jax
+from layerdiff_jax.training.state import bytes_per_device
+from layerdiff_jax.training.trainer import read_metrics, train
+from train_support import micro_config
+
+sd, data, root, shapes = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+report = {}
+for shape in shapes:
+    config = micro_config(sd, data, num_steps=2, per_host_batch_size=8)
+    config.mesh.shape = tuple(shape)
+    name = "x".join(map(str, shape))
+    result = train(config, f"{root}/{name}")
+    params = result.state.params
+    kernel = params["unet"]["mid_block"]["attentions_0"]["transformer_blocks_0"]["attn1"]["to_q"]["kernel"]
+    mu = result.state.opt_state[1][0].mu["unet"]["mid_block"]["attentions_0"]["transformer_blocks_0"]["attn1"]["to_q"]["kernel"]
+    total = sum(x.nbytes for x in jax.tree.leaves(params))
+    per_device = sum(max(s.data.nbytes for s in x.addressable_shards) for x in jax.tree.leaves(params))
+    report[name] = {
+        "devices": len(kernel.sharding.device_set),
+        "kernel_shard": list(kernel.addressable_shards[0].data.shape),
+        "kernel_spec": str(kernel.sharding.spec),
+        "mu_same_sharding": mu.sharding == kernel.sharding,
+        "per_device_fraction": per_device / total,
+        "losses": [row["loss"] for row in read_metrics(f"{root}/{name}")],
+    }
+print("REPORT" + json.dumps(report))
+"""
+
+
+def _start(devices, sd, data, root, shapes):
+    cmd = [sys.executable, "-c", RUNNER, str(sd), str(data), str(root), json.dumps(shapes)]
+    return subprocess.Popen(cmd, env=subprocess_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _report(process):
+    out, err = process.communicate(timeout=900)
+    assert process.returncode == 0, err[-4000:]
+    return json.loads(out.split("REPORT", 1)[1])
+
+
+def _params(folder):
+    return flax.traverse_util.flatten_dict(load_layerdiff(folder)[1], sep="/")
+
+
+def test_meshes_match_one_device(tmp_path):
+    sd, data = make_micro_sd(tmp_path / "sd"), make_micro_data(tmp_path / "data")
+    sharded = _start(8, sd, data, tmp_path / "runs", MESHES)
+    single = _start(1, sd, data, tmp_path / "runs", [(1, 1, 1)])
+    reference, report = _report(single)["1x1x1"], _report(sharded)
+    ref_params = _params(tmp_path / "runs" / "1x1x1" / "model")
+
+    for shape in MESHES:
+        name = "x".join(map(str, shape))
+        got = report[name]
+        assert got["devices"] == 8
+        np.testing.assert_allclose(got["losses"], reference["losses"], rtol=1e-5)
+        params = _params(tmp_path / "runs" / name / "model")
+        assert params.keys() == ref_params.keys()
+        for key in ref_params:
+            np.testing.assert_allclose(params[key], ref_params[key], atol=2e-5, rtol=1e-4, err_msg=f"{name}: {key}")
+        # Parameters really are split: fsdp over the kernel's input width, tensor over its output width.
+        data, fsdp, tensor = shape
+        assert got["kernel_shard"] == [32 // fsdp, 32 // tensor], got
+        assert got["mu_same_sharding"], "Adam's moments are placed like the parameters"
+        if fsdp * tensor > 1:
+            assert got["per_device_fraction"] < 1.5 / (fsdp * tensor), got
+        else:
+            assert got["per_device_fraction"] == pytest.approx(1.0)
+    sd_conv_in = load_unet(sd / "unet")[1]["conv_in"]["kernel"]
+    assert np.abs(ref_params["unet/conv_in/kernel"] - sd_conv_in).max() > 1e-4, "training moved the parameters"
