@@ -34,13 +34,13 @@ def get_config():
 
     c.vae = ml_collections.ConfigDict()  # fitting the toy VAE (layerdiff_jax/training/autoencoder.py)
     c.vae.num_samples = 600  # synthetic samples whose layers and masks it sees
-    c.vae.steps = 500
+    c.vae.steps = 300
     c.vae.batch_size = 16
     c.vae.learning_rate = 2e-3
     c.vae.kl_weight = 1e-6
 
     c.train = _shapes_cpu()  # model.sd_path and data.path are filled in by the demo
-    c.train.train.num_steps = 1000
+    c.train.train.num_steps = 600
     c.train.train.per_host_batch_size = 8
     c.train.train.learning_rate = 5e-4
     c.train.train.warmup_steps = 50

@@ -17,6 +17,7 @@ from pathlib import Path
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from layerdiff_jax.convert.pipeline import save_converted
 from layerdiff_jax.data.tfds_builders import build_synthetic
@@ -42,6 +43,22 @@ def load_config(name: str):
     return config_module(name).get_config()
 
 
+def _random_params(module, example, rng) -> dict:
+    """Fan-in-scaled random parameters for `module` (norm scales 1, biases 0), without running its init."""
+
+    def leaf(path, x):
+        name = path[-1].key
+        if name == "scale":
+            return np.ones(x.shape, np.float32)
+        if name == "bias":
+            return np.zeros(x.shape, np.float32)
+        fan_in = int(np.prod(x.shape[:-1])) or 1
+        return (rng.standard_normal(x.shape) / np.sqrt(fan_in)).astype(np.float32)
+
+    shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), *example)["params"])
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
 def make_micro_sd(out_dir: Path) -> Path:
     tokenizer = build_toy_tokenizer()
     unet = UNet2DConditionModel(
@@ -64,9 +81,8 @@ def make_micro_sd(out_dir: Path) -> Path:
         "vae": (vae, (jnp.zeros((1, 4, 4, 3)),)),
         "text_encoder": (text, (jnp.zeros((1, 77), jnp.int32),)),
     }
-    components = {}
-    for i, (name, (module, example)) in enumerate(examples.items()):
-        components[name] = (module, jax.device_get(nn.meta.unbox(module.init(jax.random.key(i), *example)["params"])))
+    rng = np.random.default_rng(0)
+    components = {name: (module, _random_params(module, example, rng)) for name, (module, example) in examples.items()}
     with tempfile.TemporaryDirectory() as staging:
         tokenizer.save(staging)
         save_converted(out_dir, components, source="micro", tokenizer_dir=staging)
@@ -122,10 +138,15 @@ def train_command(config, workdir: Path, *extra: str) -> list[str]:
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
-def subprocess_env(devices: int = 1) -> dict[str, str]:
+def subprocess_env(devices: int = 1, compilation_cache: Path | None = None) -> dict[str, str]:
+    """The environment of a training subprocess: `devices` CPU devices, fast compilation, and optionally
+    a persistent compilation cache shared by runs that compile the same programs."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
     env["JAX_PLATFORMS"] = "cpu"
+    if compilation_cache is not None:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(compilation_cache)
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
     return env
 
@@ -135,3 +156,33 @@ def run(cmd: list[str], env: dict[str, str], timeout: float = 600) -> subprocess
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd[:3])} ... exited {result.returncode}:\n{result.stderr[-4000:]}")
     return result
+
+
+def restore_checkpoint(workdir: Path, config, step: int | None = None):
+    """(step, TrainState as numpy) from `workdir/checkpoints`, restored onto this process's first device."""
+    from layerdiff_jax.convert.core import read_config
+    from layerdiff_jax.models.layerdiff import LayerDiffConfig, LayerDiffUNet
+    from layerdiff_jax.training.checkpoint import restore_state
+    from layerdiff_jax.training.mesh import make_mesh
+    from layerdiff_jax.training.state import abstract_boxed_state, abstract_state, make_optimizer
+
+    unet_config = UNetConfig.from_diffusers_config(read_config(Path(config.model.sd_path) / "unet"))
+    model = LayerDiffUNet(unet_config, LayerDiffConfig(**config.model.layerdiff))
+    boxed = abstract_boxed_state(model, make_optimizer(config.train), ema=config.train.ema)
+    abstract, _ = abstract_state(boxed, make_mesh((1, 1, 1), jax.devices()[:1]))
+    step, state = restore_state(Path(workdir) / "checkpoints", abstract, step)
+    return step, jax.device_get(state)
+
+
+def wait_for(predicate, process: subprocess.Popen, timeout: float = 300, what: str = "condition"):
+    """Polls `predicate()` until true; fails if `process` exits first or time runs out."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if process.poll() is not None:
+            raise AssertionError(f"training exited ({process.returncode}) before {what}:\n{process.stderr.read()[-4000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)

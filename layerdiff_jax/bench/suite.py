@@ -94,12 +94,12 @@ class BenchSettings:
             raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
         vocab = build_toy_tokenizer().vocab_size
         if quick:
-            sd = _small_sd(vocab, width=32, image_size=32, batch=1, steps=2)
+            sd = _toy_sd(vocab)
             return cls(
                 device, True, "float32" if device == "cpu" else "bfloat16", attention_impl or _default_impl(device), 2,
                 UNetBench(sd.unet, batch=1, latent_size=8, context_length=77),
                 sd,
-                LayerBench(image_size=32, batch=1, layer_counts=(2, 3), enhancer_heads=4),
+                LayerBench(image_size=16, batch=1, layer_counts=(2, 3), enhancer_heads=2),
             )
         if device == "cpu":
             mid_unet = UNetConfig(block_out_channels=(64, 128, 256, 256), cross_attention_dim=768)
@@ -147,6 +147,26 @@ def _small_sd(vocab: int, *, width: int, image_size: int, batch: int, steps: int
         steps=steps,
     )
 
+
+
+def _toy_sd(vocab: int) -> SDBench:
+    """The smallest SD-1.x-structured set (2-level UNet, 2x VAE, 1-layer CLIP): compiles in seconds, for --quick."""
+    return SDBench(
+        unet=UNetConfig(
+            block_out_channels=(16, 32),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            layers_per_block=1,
+            num_attention_heads=2,
+            cross_attention_dim=16,
+            norm_num_groups=8,
+        ),
+        vae=VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4),
+        text_encoder=CLIPTextConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+        image_size=16,
+        batch=1,
+        steps=2,
+    )
 
 # ---------------------------------------------------------------------------------------------- helpers
 
@@ -263,7 +283,7 @@ def bench_unet(settings: BenchSettings) -> list[Row]:
     if settings.dtype == "float32":  # parity of the two forwards: the same network with the same weights
         ours_out = np.asarray(jax.jit(forward)(*args))
         torch_out = torch_forward().float().permute(0, 2, 3, 1).cpu().numpy()
-        rows[0]["note"] = f"max |ours - torch| = {np.abs(ours_out - torch_out).max():.1e}"
+        rows[0]["note"] = f"max abs diff ours vs torch {np.abs(ours_out - torch_out).max():.1e}"
     return rows
 
 
@@ -320,7 +340,7 @@ def bench_ddim(settings: BenchSettings, sd: SDComponents) -> list[Row]:
 
     s = settings.sd
     torch_device = ref.torch_device(settings.device)
-    pipe = sd.pipeline.to(torch_device, ref.TORCH_DTYPES[settings.dtype])
+    pipe = ref.to_device(sd.pipeline, torch_device, settings.dtype)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(s.batch)]
     factor = 2 ** (len(s.vae.block_out_channels) - 1)
     latent = s.image_size // factor
@@ -351,7 +371,7 @@ def bench_ddim(settings: BenchSettings, sd: SDComponents) -> list[Row]:
                     xla_step_bytes=measure.compiled_memory_bytes(compiled), **memory)
     reference = _row("2", name, "diffusers", torch_timing, images_per_s=s.batch / torch_timing.median, **torch_memory)
     if settings.dtype == "float32":
-        ours_row["note"] = f"max |image diff| = {np.abs(ours() - diffusers_run()).max():.1e}"
+        ours_row["note"] = f"max abs image diff ours vs diffusers {np.abs(ours() - diffusers_run()).max():.1e}"
     return [_compare(ours_row, reference, higher_is_better=True, target=1.5, name="images/s ours/diffusers"), reference]
 
 
@@ -436,14 +456,11 @@ def bench_layers(settings: BenchSettings, sd: SDComponents) -> list[Row]:
             **_flops_fields(flops, timing.median, device),
         ))
     by_layers = {r["layers"]: r for r in rows}
-    low, high = min(by_layers), max(by_layers)
-    growth = by_layers[high]["median_s"] / by_layers[low]["median_s"]
-    for r in rows:
-        r["time_vs_fewest_layers"] = r["median_s"] / by_layers[low]["median_s"]
-    target = LAYER_TARGET_RATIO * (high / low) / 4.0  # 4.4x for 8 vs 2 layers; scaled for other pairs
-    by_layers[high].update(
-        ratio=growth, ratio_name=f"step time L={high} / L={low}", target=f"<= {target:g}", met=bool(growth <= target)
-    )
+    low = min(by_layers)
+    for r in rows[1:]:
+        r.update(ratio=r["median_s"] / by_layers[low]["median_s"], ratio_name=f"step time vs L={low}")
+    if {2, 8} <= set(by_layers):  # the issue's target: L = 8 at most 4.4x the step time of L = 2
+        by_layers[8].update(target=f"<= {LAYER_TARGET_RATIO:g}", met=bool(by_layers[8]["ratio"] <= LAYER_TARGET_RATIO))
     return rows
 
 

@@ -106,8 +106,10 @@ def build_sd_pipeline(
     return pipe
 
 
-def to_device(module: torch.nn.Module, device: torch.device, dtype: str) -> torch.nn.Module:
-    return module.to(device=device, dtype=TORCH_DTYPES[dtype])
+def to_device(module, device: torch.device, dtype: str):
+    """A torch module or diffusers pipeline on `device` in `dtype` (no cast when it is already float32)."""
+    module = module.to(device)
+    return module if dtype == "float32" else module.to(dtype=TORCH_DTYPES[dtype])
 
 
 def synchronize(device: torch.device) -> None:

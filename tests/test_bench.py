@@ -1,0 +1,119 @@
+"""scripts/bench.py in --quick mode (a smoke test: it runs and writes its JSON; no timing assertions), and the
+attention implementations it selects between, each with padded-key masking."""
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from layerdiff_jax.models import attention
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("bench_script", ROOT / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_quick_runs_every_row_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert _load_script().main(["--quick", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert {r["row"] for r in rows} == {"1a", "1b", "2", "3"}
+    assert {r["impl"] for r in rows} == {"ours", "torch", "diffusers"}
+    for r in rows:
+        assert r["median_s"] > 0 and len(r["times_s"]) == result["settings"]["repeats"]
+    ours = [r for r in rows if r["impl"] == "ours"]
+    assert all(r["compile_s"] is not None and r["rss_peak_bytes"] > 0 for r in ours)
+    # Same weights on both sides: the float32 outputs agree (the parity notes carry the numbers).
+    assert "max abs diff ours vs torch" in rows[0]["note"]
+    assert float(rows[0]["note"].split()[-1]) < 1e-4
+    ddim = next(r for r in ours if r["row"] == "2")
+    assert float(ddim["note"].split()[-1]) < 1e-3 and ddim["images_per_s"] > 0
+    assert sorted(r["layers"] for r in rows if r["row"] == "3") == [2, 3]
+    env = result["environment"]
+    assert env["versions"]["jax"] == jax.__version__ and env["torch_threads"] >= 1 and env["cpu_count"] >= 1
+    table = capsys.readouterr().out
+    assert table.count("\n| 1a |") == 2 and "LayerDiff train step, L=3" in table
+
+
+def test_bench_rejects_unknown_rows(tmp_path, capsys):
+    assert _load_script().main(["--quick", "--rows", "unet,nope", "--json", str(tmp_path / "x.json")]) == 2
+    assert "unknown benchmark row(s) ['nope']" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- attention implementations and masking
+
+
+def _qkv(seed, batch=2, q_len=12, kv_len=5, heads=2, head_dim=8, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    return [jnp.asarray(rng.standard_normal((batch, n, heads, head_dim)), dtype) for n in (q_len, kv_len, kv_len)]
+
+
+KEY_VALID = jnp.array([[True, True, False, True, False], [True, False, False, False, False]])
+
+
+def _reference(q, k, v, mask=None, is_causal=False):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="xla")
+
+
+@pytest.mark.parametrize("mask", [None, KEY_VALID[:, None, None, :]])
+def test_xla_attention_matches_jax_with_and_without_key_mask(mask):
+    q, k, v = _qkv(0)
+    got = attention.dot_product_attention(q, k, v, mask=mask)
+    np.testing.assert_allclose(got, _reference(q, k, v, mask), atol=1e-6)
+    grad = jax.grad(lambda q: jnp.sum(attention.dot_product_attention(q, k, v, mask=mask) ** 2))(q)
+    ref_grad = jax.grad(lambda q: jnp.sum(_reference(q, k, v, mask) ** 2))(q)
+    np.testing.assert_allclose(grad, ref_grad, atol=1e-5)
+
+
+def test_masked_keys_have_no_influence():
+    q, k, v = _qkv(1)
+    out = attention.dot_product_attention(q, k, v, mask=KEY_VALID[:, None, None, :])
+    changed = v.at[:, 2].set(100.0).at[:, 4].set(-100.0)  # keys 2 and 4 are padding in both samples
+    np.testing.assert_allclose(attention.dot_product_attention(q, k, changed, mask=KEY_VALID[:, None, None, :]), out, atol=1e-6)
+
+
+def test_xla_causal_attention_matches_jax():
+    q, _, _ = _qkv(2, q_len=7, kv_len=7)
+    np.testing.assert_allclose(attention.dot_product_attention(q, q, q, is_causal=True), _reference(q, q, q, is_causal=True), atol=1e-6)
+
+
+def test_splash_kernel_wiring_matches_xla_in_interpret_mode():
+    """The TPU splash path (padding to 128, key mask as segment ids), run by Pallas' interpreter on CPU."""
+    q, k, v = _qkv(3, q_len=20, kv_len=5, head_dim=8)
+    mask = KEY_VALID[:, None, None, :]
+    got = attention._splash_attention(q, k, v, mask, False, interpret=True)
+    np.testing.assert_allclose(got, _reference(q, k, v, mask), atol=1e-5)
+    grad = jax.grad(lambda q: jnp.sum(attention._splash_attention(q, k, v, mask, False, interpret=True)))(q)
+    np.testing.assert_allclose(grad, jax.grad(lambda q: jnp.sum(_reference(q, k, v, mask)))(q), atol=1e-5)
+    causal = attention._splash_attention(q, q, q, None, True, interpret=True)
+    np.testing.assert_allclose(causal, _reference(q, q, q, is_causal=True), atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["cudnn", "splash"])
+def test_kernels_fall_back_to_xla_off_their_hardware_with_one_log_line(impl, caplog):
+    q, k, v = _qkv(4)
+    mask = KEY_VALID[:, None, None, :]
+    attention._fallbacks_logged.clear()
+    with caplog.at_level(logging.WARNING, logger=attention.__name__):
+        first = attention.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+        attention.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+    np.testing.assert_allclose(first, _reference(q, k, v, mask), atol=1e-6)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and f"attention_impl={impl!r}" in lines[0] and "XLA attention" in lines[0]
+
+
+def test_unknown_attention_impl_is_rejected():
+    q, k, v = _qkv(5)
+    with pytest.raises(ValueError, match="attention_impl must be one of"):
+        attention.dot_product_attention(q, k, v, implementation="flash")

@@ -1,0 +1,67 @@
+"""Two real jax.distributed processes on localhost train, checkpoint, export; one process restores.
+
+Each process has 2 simulated CPU devices and reads its own shard of the data; the mesh (1, 4, 1) splits
+the parameters over all 4 devices, so both the orbax checkpoint and the exported model need the two
+processes' shards.
+"""
+
+import json
+import socket
+import subprocess
+
+import flax
+import numpy as np
+
+from layerdiff_jax.convert.layerdiff import load_layerdiff
+from train_support import make_micro_data, make_micro_sd, micro_config, restore_checkpoint, subprocess_env, train_command
+
+STEPS = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_and_single_process_restores(tmp_path):
+    config = micro_config(make_micro_sd(tmp_path / "sd"), make_micro_data(tmp_path / "data"), num_steps=STEPS, per_host_batch_size=2)
+    config.mesh.shape = (1, 4, 1)
+    workdir, port = tmp_path / "run", _free_port()
+    processes = [
+        subprocess.Popen(
+            train_command(config, workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"),
+            env=subprocess_env(devices=2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=600) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    for p, (out, err) in zip(processes, outputs):
+        assert p.returncode == 0, err[-4000:]
+    assert f"finished at step {STEPS}; model folder" in outputs[0][0]
+
+    # Each process saved its own data position: two shards of one stream.
+    data_states = sorted((workdir / "checkpoints" / str(STEPS) / "data").glob("process_*-of-2.json"))
+    assert [p.name for p in data_states] == ["process_0-of-2.json", "process_1-of-2.json"]
+    shards = [json.loads(p.read_text()) for p in data_states]
+    assert shards[0] != shards[1]
+
+    # One process, one device: the 4-way sharded checkpoint restores whole and equals the exported model.
+    step, state = restore_checkpoint(workdir, config)
+    assert step == STEPS and int(state.step) == STEPS
+    exported = flax.traverse_util.flatten_dict(load_layerdiff(workdir / "model")[1], sep="/")
+    restored = flax.traverse_util.flatten_dict(state.params, sep="/")
+    assert exported.keys() == restored.keys()
+    for key in exported:
+        np.testing.assert_array_equal(restored[key], exported[key], err_msg=key)
+    mu = flax.traverse_util.flatten_dict(state.opt_state[1][0].mu, sep="/")
+    assert any(np.abs(v).max() > 0 for v in mu.values()), "the optimizer state came back too"
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2] and all(np.isfinite(row["loss"]) for row in rows)

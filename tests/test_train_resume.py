@@ -1,0 +1,115 @@
+"""Stopping and resuming: SIGTERM, then SIGKILL after a checkpoint, then resume, equals one uninterrupted run.
+
+Bit-identical on CPU: the same compiled programs on the same inputs, and the checkpoint carries
+everything the next step depends on (parameters, Adam moments, EMA, step, RNG, the data position).
+Also here: a non-finite loss stops the run with a clear message and keeps the last good checkpoint.
+"""
+
+import json
+import signal
+import subprocess
+
+import flax
+import jax
+import numpy as np
+import pytest
+
+from layerdiff_jax.convert.layerdiff import load_layerdiff
+from train_support import make_micro_data, make_micro_sd, micro_config, restore_checkpoint, subprocess_env, train_command, wait_for
+
+STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    return make_micro_sd(root / "sd"), make_micro_data(root / "data"), root / "compilation_cache"
+
+
+def _config(micro, **train):
+    sd, data, _ = micro
+    config = micro_config(sd, data, **{"num_steps": STEPS, "grad_accum_steps": 2, "ema": True, "ema_decay": 0.5, **train})
+    config.checkpoint.every_steps = 4
+    return config
+
+
+def _start(config, workdir, cache):
+    return subprocess.Popen(
+        train_command(config, workdir), env=subprocess_env(compilation_cache=cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _finish(process):
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-4000:]
+    return out
+
+
+def _logged_steps(workdir):
+    path = workdir / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _losses(workdir):
+    """step -> loss, the last row of each step (a resumed run repeats the steps lost to SIGKILL)."""
+    return {row["step"]: row["loss"] for row in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())}
+
+
+def _saved_steps(workdir):
+    folder = workdir / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+
+
+def test_interrupted_runs_resume_to_the_same_state(micro, tmp_path):
+    config, cache = _config(micro), micro[2]
+    straight = tmp_path / "straight"
+    _finish(_start(config, straight, cache))
+
+    resumed = tmp_path / "resumed"
+    # 1. SIGTERM mid-run: a checkpoint at the step reached, the model exported, exit 0.
+    process = _start(config, resumed, cache)
+    wait_for(lambda: any(s >= 3 for s in _logged_steps(resumed)), process, what="step 3")
+    process.send_signal(signal.SIGTERM)
+    out = _finish(process)
+    stopped = int(out.split("stopped on request at step ")[1].split(";")[0])
+    assert 3 <= stopped < STEPS and stopped in _saved_steps(resumed)
+    assert (resumed / "model" / "layerdiff").is_dir()
+
+    # 2. Resume, then SIGKILL once the next periodic checkpoint is on disk: the steps after it are lost.
+    next_save = (stopped // 4 + 1) * 4
+    process = _start(config, resumed, cache)
+    wait_for(lambda: next_save in _saved_steps(resumed), process, what=f"checkpoint {next_save}")
+    process.kill()
+    process.communicate()
+    assert max(_saved_steps(resumed)) < STEPS
+
+    # 3. Resume to the end.
+    _finish(_start(config, resumed, cache))
+
+    step_a, state_a = restore_checkpoint(straight, config)
+    step_b, state_b = restore_checkpoint(resumed, config)
+    assert step_a == step_b == STEPS
+    leaves_a, leaves_b = jax.tree_util.tree_leaves_with_path(state_a), jax.tree_util.tree_leaves_with_path(state_b)
+    assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
+    for (path, a), (_, b) in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    assert _losses(straight) == _losses(resumed), "the same batches in the same order, step by step"
+
+    # The export is the EMA: ema_1 = 0.5 * params_0 + 0.5 * params_1, ... so it differs from the parameters.
+    exported = flax.traverse_util.flatten_dict(load_layerdiff(resumed / "model")[1], sep="/")
+    ema = flax.traverse_util.flatten_dict(state_b.ema_params, sep="/")
+    params = flax.traverse_util.flatten_dict(state_b.params, sep="/")
+    for key in exported:
+        np.testing.assert_array_equal(exported[key], ema[key], err_msg=key)
+    assert max(np.abs(ema[k] - params[k]).max() for k in params) > 0
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(micro, tmp_path):
+    config = _config(micro, learning_rate=1e30, num_steps=6, ema=False)  # step 1 sends parameters to ~1e30
+    config.checkpoint.every_steps = 1
+    result = subprocess.run(train_command(config, tmp_path), env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr[-4000:]
+    message = result.stderr.split("training stopped: ")[1]
+    assert "at step 2: stopping without saving this state; the last good checkpoint is step 1" in message
+    assert _saved_steps(tmp_path) == [1]
+    assert not (tmp_path / "model").exists()
