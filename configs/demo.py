@@ -34,9 +34,10 @@ def get_config():
 
     c.vae = ml_collections.ConfigDict()  # fitting the toy VAE (layerdiff_jax/training/autoencoder.py)
     c.vae.num_samples = 600  # synthetic samples whose layers and masks it sees
-    c.vae.steps = 300
+    c.vae.steps = 600
     c.vae.batch_size = 16
-    c.vae.learning_rate = 2e-3
+    c.vae.crop = 32  # random 32x32 crops of the 64x64 images
+    c.vae.learning_rate = 3e-3
     c.vae.kl_weight = 1e-6
 
     c.train = _shapes_cpu()  # model.sd_path and data.path are filled in by the demo

@@ -37,7 +37,7 @@ def toy_configs(vocab_size: int) -> dict[str, object]:
             cross_attention_dim=TEXT_WIDTH,
             norm_num_groups=8,
         ),
-        "vae": VAEConfig(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4),
+        "vae": VAEConfig(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=4, latent_channels=4),
         "text_encoder": CLIPTextConfig(
             vocab_size=vocab_size,
             hidden_size=TEXT_WIDTH,

@@ -105,7 +105,9 @@ def main(argv):
 
         params, losses = autoencoder.fit_vae(
             vae, nn.meta.unbox(params), images,
-            autoencoder.VAEFitConfig(config.vae.steps, config.vae.batch_size, config.vae.learning_rate, config.vae.kl_weight, config.train.seed),
+            autoencoder.VAEFitConfig(
+                config.vae.steps, config.vae.batch_size, config.vae.crop, config.vae.learning_rate, config.vae.kl_weight, config.train.seed
+            ),
         )
         scale = autoencoder.latent_scaling_factor(vae, params, images[:1024])
         print(f"   reconstruction L1 {losses[-1][1]:.4f}; latent scaling factor {scale:.4f}")

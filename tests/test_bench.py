@@ -39,11 +39,11 @@ def test_bench_quick_runs_every_row_and_writes_json(tmp_path, capsys):
     assert float(rows[0]["note"].split()[-1]) < 1e-4
     ddim = next(r for r in ours if r["row"] == "2")
     assert float(ddim["note"].split()[-1]) < 1e-3 and ddim["images_per_s"] > 0
-    assert sorted(r["layers"] for r in rows if r["row"] == "3") == [2, 3]
+    assert [r["layers"] for r in rows if r["row"] == "3"] == [2]
     env = result["environment"]
     assert env["versions"]["jax"] == jax.__version__ and env["torch_threads"] >= 1 and env["cpu_count"] >= 1
     table = capsys.readouterr().out
-    assert table.count("\n| 1a |") == 2 and "LayerDiff train step, L=3" in table
+    assert table.count("\n| 1a |") == 2 and "LayerDiff train step, L=2" in table
 
 
 def test_bench_rejects_unknown_rows(tmp_path, capsys):
