@@ -1,0 +1,42 @@
+"""The main job end to end, shortened: every stage runs and every output exists and re-imports."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from layerdiff_jax.data.layers import list_sample_folders, read_sample_folder
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shortened_demo_writes_every_output(tmp_path):
+    out = tmp_path / "demo"
+    overrides = {
+        "out_dir": str(out),
+        "data.num_train": 24,
+        "vae.num_samples": 8,
+        "vae.steps": 3,
+        "train.train.num_steps": 2,
+        "train.train.per_host_batch_size": 2,
+        "train.checkpoint.every_steps": 1,
+        "train.log.every_steps": 1,
+        "sample.per_layer_count": 1,
+        "sample.steps": 2,
+        "sample.batch_size": 3,
+    }
+    cmd = [sys.executable, str(ROOT / "scripts" / "demo.py"), *(f"--config.{k}={v}" for k, v in overrides.items())]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "overall" in result.stdout and str(out) in result.stdout
+
+    folders = list_sample_folders(out / "samples")
+    assert len(folders) == 3
+    assert sorted(read_sample_folder(f).num_layers for f in folders) == [2, 3, 4]
+    for folder in folders:
+        assert (folder / "layers.ora").is_file() and (folder / "layers.psd").is_file()
+    assert (out / "samples" / "contact_sheet.png").is_file()
+    assert (out / "train" / "model" / "layerdiff" / "flax_params.safetensors").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["groups"]) == {"2", "3", "4", "overall"}
+    assert metrics["demo"]["timings_s"]["total_s"] > 0
