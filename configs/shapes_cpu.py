@@ -18,7 +18,7 @@ def get_config():
     config.model.sd_path = "toy"
     config.model.layerdiff.enhancer_heads = 4  # the toy text encoder is 64 wide
     config.data.path = "synthetic"
-    config.data.resolution = 32
+    config.data.resolution = 64
     config.data.synthetic.num_train = 512
     config.train.num_steps = 300
     config.train.per_host_batch_size = 4

@@ -43,7 +43,7 @@ def load_config(name: str):
     return config_module(name).get_config()
 
 
-def _random_params(module, example, rng) -> dict:
+def random_params(module, example, rng) -> dict:
     """Fan-in-scaled random parameters for `module` (norm scales 1, biases 0), without running its init."""
 
     def leaf(path, x):
@@ -82,7 +82,7 @@ def make_micro_sd(out_dir: Path) -> Path:
         "text_encoder": (text, (jnp.zeros((1, 77), jnp.int32),)),
     }
     rng = np.random.default_rng(0)
-    components = {name: (module, _random_params(module, example, rng)) for name, (module, example) in examples.items()}
+    components = {name: (module, random_params(module, example, rng)) for name, (module, example) in examples.items()}
     with tempfile.TemporaryDirectory() as staging:
         tokenizer.save(staging)
         save_converted(out_dir, components, source="micro", tokenizer_dir=staging)

@@ -1,0 +1,84 @@
+"""Pieces of the train step: latent layout, prompt dropout, the loss over valid layers, the lr schedule."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from layerdiff_jax.diffusion.schedules import make_schedule
+from layerdiff_jax.models.layerdiff import LayerDiffConfig, LayerDiffUNet
+from layerdiff_jax.models.unet import UNetConfig
+from layerdiff_jax.models.vae import AutoencoderKL, VAEConfig
+from layerdiff_jax.training.config import base_config
+from layerdiff_jax.training.state import learning_rate_schedule
+from layerdiff_jax.training.step import FrozenEncoders, diffusion_loss, drop_prompts, encode_latents
+from train_support import WIDTH, random_params
+
+RNG = np.random.default_rng(0)
+
+
+def test_latents_are_image_then_mask_per_layer():
+    vae = AutoencoderKL(VAEConfig(block_out_channels=(16, 16), layers_per_block=1, norm_num_groups=8))
+    params = random_params(vae, (jnp.zeros((1, 4, 4, 3)),), RNG)
+    images = RNG.uniform(-1, 1, (2, 3, 8, 8, 3)).astype(np.float32)
+    masks = RNG.uniform(0, 1, (2, 3, 8, 8, 1)).astype(np.float32)
+    latents = np.asarray(encode_latents(FrozenEncoders(vae, None), params, images, masks, rng=None))
+    assert latents.shape == (2, 3, 4, 4, 8)
+    encode = lambda x: np.asarray(vae.apply({"params": params}, x, method=AutoencoderKL.encode_latents))  # noqa: E731
+    for b in range(2):
+        np.testing.assert_allclose(latents[b, ..., :4], encode(images[b]), atol=1e-5)
+        np.testing.assert_allclose(latents[b, ..., 4:], encode(np.repeat(masks[b], 3, axis=-1) * 2 - 1), atol=1e-5)
+
+
+def test_prompt_dropout_rates_and_independence():
+    batch, layers = 4000, 3
+    global_context = jnp.ones((batch, 5, 2))
+    layer_context = jnp.ones((batch, layers, 5, 2))
+    empty = jnp.zeros((5, 2))
+    g, l = drop_prompts(jax.random.key(0), global_context, layer_context, empty, 0.3, 0.1)
+    dropped_g = np.asarray(g[:, 0, 0] == 0)
+    dropped_l = np.asarray(l[:, :, 0, 0] == 0)
+    assert (dropped_l == dropped_l[:, :1]).all(), "a sample's layer prompts drop together"
+    assert abs(dropped_g.mean() - 0.3) < 0.03 and abs(dropped_l[:, 0].mean() - 0.1) < 0.02
+    assert abs((dropped_g & dropped_l[:, 0]).mean() - 0.03) < 0.015, "global and layer dropout are independent"
+    g, l = drop_prompts(jax.random.key(0), global_context, layer_context, empty, 0.0, 0.0)
+    assert (np.asarray(g) == 1).all() and (np.asarray(l) == 1).all()
+
+
+@pytest.fixture(scope="module")
+def micro_layerdiff():
+    unet = UNetConfig(
+        block_out_channels=(WIDTH,), down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",),
+        layers_per_block=1, num_attention_heads=2, cross_attention_dim=WIDTH, norm_num_groups=8,
+    )
+    model = LayerDiffUNet(unet, LayerDiffConfig(max_layers=3, enhancer_heads=2))
+    # Random everywhere (no zero-initialised blocks), so layers really interact.
+    return model, random_params(model, model.example_inputs(num_layers=3, context_length=6), RNG)
+
+
+def test_loss_ignores_padded_layers(micro_layerdiff):
+    model, params = micro_layerdiff
+    schedule = make_schedule()
+    loss = jax.jit(lambda latents, layer_context, valid: diffusion_loss(
+        model, params, latents, jnp.ones((2, 6, WIDTH)), layer_context, valid, jax.random.key(1), schedule, 0.5
+    ))
+    latents = RNG.normal(size=(2, 3, 4, 4, 8)).astype(np.float32)
+    context = RNG.normal(size=(2, 3, 6, WIDTH)).astype(np.float32)
+    valid = np.array([[True, True, False], [True, True, True]])
+    base, parts = loss(latents, context, valid)
+    changed_latents, changed_context = latents.copy(), context.copy()
+    changed_latents[0, 2] = 5.0  # sample 0's padded layer: other content, other prompt
+    changed_context[0, 2] = -3.0
+    np.testing.assert_allclose(loss(changed_latents, changed_context, valid)[0], base, rtol=1e-6)
+    assert abs(float(loss(changed_latents, changed_context, np.ones((2, 3), bool))[0]) - float(base)) > 1e-3
+    np.testing.assert_allclose(float(base), (float(parts["loss_image"]) + float(parts["loss_mask"])) / 2, rtol=1e-6)
+
+
+def test_warmup_then_constant_learning_rate():
+    train = base_config().train
+    schedule = learning_rate_schedule(train)
+    assert float(schedule(0)) == 0.0
+    np.testing.assert_allclose(float(schedule(250)), 0.5e-5, rtol=1e-6)
+    np.testing.assert_allclose([float(schedule(s)) for s in (500, 501, 10_000)], [1e-5] * 3, rtol=1e-6)
+    train.warmup_steps = 0
+    assert float(learning_rate_schedule(train)(0)) == pytest.approx(1e-5)
