@@ -102,7 +102,7 @@ def test_bad_edits_raise_clear_errors(pipe, imported):
     with pytest.raises(RequestError, match="strength"):
         restyle_layer(pipe, imported, 1, "striped", strength=0.25, steps=3)  # 0.75 steps: nothing to denoise
     odd = generate_sample(seed=0, index=0, resolution=SIZE + 4, layer_mix={2: 1.0})
-    with pytest.raises(RequestError, match="multiples of 8"):
+    with pytest.raises(RequestError, match=f"multiples of {pipe.size_multiple}"):
         inpaint_layer(pipe, odd, 1, "a red circle")
     four = generate_sample(seed=0, index=1, resolution=SIZE, layer_mix={4: 1.0})
     with pytest.raises(RequestError, match="at most 3"):

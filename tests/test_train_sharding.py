@@ -4,6 +4,7 @@ The 8-device runs happen in a subprocess (XLA_FLAGS gives it 8 devices; this pro
 1-device reference in another. Each runs the real trainer for 2 steps on the micro SD; losses and the
 exported parameters must agree within float32 tolerance: the sharded programs reduce in other orders,
 and Adam turns rounding-level differences of near-zero gradients into differences of up to ~lr * 1e-2.
+Then the (2,4,1) run resumes on the (2,2,2) mesh for a third step, which must match the reference too.
 """
 
 import json
@@ -16,7 +17,7 @@ import pytest
 
 from layerdiff_jax.convert.layerdiff import load_layerdiff
 from layerdiff_jax.convert.unet import load_unet
-from train_support import make_micro_data, make_micro_sd, subprocess_env
+from train_support import make_micro_data, make_micro_sd, micro_config, restore_checkpoint, subprocess_env
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
 
@@ -30,8 +31,10 @@ from train_support import micro_config
 sd, data, root, shapes = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 report = {}
 for shape in shapes:
-    config = micro_config(sd, data, num_steps=2, per_host_batch_size=8)
+    single = shape == [1, 1, 1]  # the reference: 3 steps, every step checkpointed
+    config = micro_config(sd, data, num_steps=3 if single else 2, per_host_batch_size=8)
     config.mesh.shape = tuple(shape)
+    config.checkpoint.every_steps = 1 if single else 2
     name = "x".join(map(str, shape))
     result = train(config, f"{root}/{name}")
     params = result.state.params
@@ -47,6 +50,11 @@ for shape in shapes:
         "per_device_fraction": per_device / total,
         "losses": [row["loss"] for row in read_metrics(f"{root}/{name}")],
     }
+if shapes != [[1, 1, 1]]:  # resume the (2,4,1) run on another mesh shape for one more step
+    config = micro_config(sd, data, num_steps=3, per_host_batch_size=8)
+    config.mesh.shape = (2, 2, 2)
+    result = train(config, f"{root}/2x4x1")
+    report["2x4x1_resumed_on_2x2x2"] = {"losses": [row["loss"] for row in read_metrics(f"{root}/2x4x1")]}
 print("REPORT" + json.dumps(report))
 """
 
@@ -62,26 +70,31 @@ def _report(process):
     return json.loads(out.split("REPORT", 1)[1])
 
 
-def _params(folder):
-    return flax.traverse_util.flatten_dict(load_layerdiff(folder)[1], sep="/")
+def _flat(params):
+    return flax.traverse_util.flatten_dict(params, sep="/")
+
+
+def _assert_close(params, reference, what):
+    assert params.keys() == reference.keys()
+    for key in reference:
+        np.testing.assert_allclose(params[key], reference[key], atol=2e-5, rtol=1e-4, err_msg=f"{what}: {key}")
 
 
 def test_meshes_match_one_device(tmp_path):
     sd, data = make_micro_sd(tmp_path / "sd"), make_micro_data(tmp_path / "data")
-    sharded = _start(8, sd, data, tmp_path / "runs", MESHES)
-    single = _start(1, sd, data, tmp_path / "runs", [(1, 1, 1)])
+    runs = tmp_path / "runs"
+    sharded = _start(8, sd, data, runs, MESHES)
+    single = _start(1, sd, data, runs, [(1, 1, 1)])
     reference, report = _report(single)["1x1x1"], _report(sharded)
-    ref_params = _params(tmp_path / "runs" / "1x1x1" / "model")
+    config = micro_config(sd, data)
+    ref_params = {step: _flat(restore_checkpoint(runs / "1x1x1", config, step)[1].params) for step in (2, 3)}
 
     for shape in MESHES:
         name = "x".join(map(str, shape))
         got = report[name]
         assert got["devices"] == 8
-        np.testing.assert_allclose(got["losses"], reference["losses"], rtol=1e-5)
-        params = _params(tmp_path / "runs" / name / "model")
-        assert params.keys() == ref_params.keys()
-        for key in ref_params:
-            np.testing.assert_allclose(params[key], ref_params[key], atol=2e-5, rtol=1e-4, err_msg=f"{name}: {key}")
+        np.testing.assert_allclose(got["losses"], reference["losses"][:2], rtol=1e-5)
+        _assert_close(_flat(load_layerdiff(runs / name / "model")[1]), ref_params[2], name)
         # Parameters really are split: fsdp over the kernel's input width, tensor over its output width.
         data, fsdp, tensor = shape
         assert got["kernel_shard"] == [32 // fsdp, 32 // tensor], got
@@ -90,5 +103,10 @@ def test_meshes_match_one_device(tmp_path):
             assert got["per_device_fraction"] < 1.5 / (fsdp * tensor), got
         else:
             assert got["per_device_fraction"] == pytest.approx(1.0)
+
+    # Resumed from the (2,4,1) checkpoint on a (2,2,2) mesh: step 3 as on one device.
+    np.testing.assert_allclose(report["2x4x1_resumed_on_2x2x2"]["losses"], reference["losses"], rtol=1e-5)
+    _assert_close(_flat(load_layerdiff(runs / "2x4x1" / "model")[1]), ref_params[3], "resumed on (2,2,2)")
+
     sd_conv_in = load_unet(sd / "unet")[1]["conv_in"]["kernel"]
-    assert np.abs(ref_params["unet/conv_in/kernel"] - sd_conv_in).max() > 1e-4, "training moved the parameters"
+    assert np.abs(ref_params[3]["unet/conv_in/kernel"] - sd_conv_in).max() > 1e-4, "training moved the parameters"
