@@ -161,7 +161,7 @@ def test_bad_requests_raise_clear_errors(pipe, tmp_path, caplog):
         LayerRequest("a red circle", [])
     with pytest.raises(RequestError, match="4 layers .* max_layers=3"):
         generate(pipe, [LayerRequest("three shapes", ["a red circle", "a blue square", "a green triangle"])])
-    with pytest.raises(RequestError, match="multiples of 8"):
+    with pytest.raises(RequestError, match=f"multiples of {pipe.size_multiple}"):
         pipe.generate(REQUESTS, steps=STEPS, size=(SIZE, SIZE + 4), progress=False)
     with pytest.raises(RequestError, match=r"steps must be an integer in \[1, 1000\], got 0"):
         pipe.generate(REQUESTS, steps=0, size=(SIZE, SIZE), progress=False)
