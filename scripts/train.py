@@ -8,7 +8,7 @@ Override any config field with --config.<field>=<value>. A run resumes from the 
 workdir unless --noresume. Several processes: jax.distributed starts from --coordinator_address,
 --num_processes, --process_id (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), or by
 itself on a multi-host Cloud TPU slice or a SLURM job. Exit status: 0 when the run finished or stopped on
-SIGTERM after its checkpoint, 1 on a non-finite loss, 2 on a bad config.
+SIGTERM after its checkpoint, 1 on a non-finite loss, 2 on a bad config or a missing input.
 """
 
 from __future__ import annotations
@@ -51,6 +51,9 @@ def main(argv: list[str]) -> int:
         result = train(config, _WORKDIR.value, resume=_RESUME.value)
     except ConfigError as e:
         print(f"bad config: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, FileExistsError) as e:  # a missing SD folder or dataset; checkpoints with --noresume
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
         print(f"training stopped: {e}", file=sys.stderr)

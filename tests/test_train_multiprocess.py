@@ -2,7 +2,7 @@
 
 Each process has 2 simulated CPU devices and reads its own shard of the data; the mesh (1, 4, 1) splits
 the parameters over all 4 devices, so both the orbax checkpoint and the exported model need the two
-processes' shards.
+processes' shards. The run also computes in bfloat16 with rematerialised UNet blocks.
 """
 
 import json
@@ -10,6 +10,7 @@ import socket
 import subprocess
 
 import flax
+import jax
 import numpy as np
 
 from layerdiff_jax.convert.layerdiff import load_layerdiff
@@ -27,6 +28,8 @@ def _free_port() -> int:
 def test_two_processes_train_and_single_process_restores(tmp_path):
     config = micro_config(make_micro_sd(tmp_path / "sd"), make_micro_data(tmp_path / "data"), num_steps=STEPS, per_host_batch_size=2)
     config.mesh.shape = (1, 4, 1)
+    config.model.compute_dtype = "bfloat16"  # float32 master weights, bfloat16 activations
+    config.model.remat = True
     workdir, port = tmp_path / "run", _free_port()
     processes = [
         subprocess.Popen(
@@ -56,6 +59,7 @@ def test_two_processes_train_and_single_process_restores(tmp_path):
     # One process, one device: the 4-way sharded checkpoint restores whole and equals the exported model.
     step, state = restore_checkpoint(workdir, config)
     assert step == STEPS and int(state.step) == STEPS
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype(np.float32)}
     exported = flax.traverse_util.flatten_dict(load_layerdiff(workdir / "model")[1], sep="/")
     restored = flax.traverse_util.flatten_dict(state.params, sep="/")
     assert exported.keys() == restored.keys()

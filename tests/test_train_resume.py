@@ -21,7 +21,7 @@ import pytest
 from layerdiff_jax.convert.layerdiff import load_layerdiff
 from train_support import make_micro_data, make_micro_sd, micro_config, restore_checkpoint, subprocess_env, train_command, wait_for
 
-STEPS = 16
+STEPS = 12
 
 
 @pytest.fixture(scope="module")

@@ -89,7 +89,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.log = ml_collections.ConfigDict()
     c.log.every_steps = 50  # progress bar, TensorBoard and metrics.jsonl
-    c.log.sample_every_steps = 0  # sample grids from the current model; 0: off
+    c.log.sample_every_steps = 0  # sample grids (<workdir>/samples/, TensorBoard) from the current model; 0: off
+    c.log.sample_count = 4  # prompts of the first training samples
+    c.log.sample_steps = 50  # DDIM steps
+    c.log.sample_guidance = 3.0
     return c
 
 
@@ -167,6 +170,9 @@ RULES: dict[str, _Rule] = {
     "checkpoint.max_to_keep": _POSITIVE,
     "log.every_steps": _POSITIVE,
     "log.sample_every_steps": _NON_NEGATIVE,
+    "log.sample_count": _POSITIVE,
+    "log.sample_steps": _POSITIVE,
+    "log.sample_guidance": _NON_NEGATIVE,
 }
 
 

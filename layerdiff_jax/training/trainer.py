@@ -5,11 +5,12 @@
 3. data        grain loader over the built (or synthetic) dataset; one loader batch = one step's micro-batches
 4. state       abstract state -> shardings; restored from the latest checkpoint, or initialised from SD
 5. step        the jitted train step (`step.py`)
-6. loop        steps, metrics, checkpoints, SIGTERM, non-finite loss
+6. loop        steps, metrics, checkpoints, sample grids, SIGTERM, non-finite loss
 7. finish      last checkpoint, model folder export (`workdir/model/`)
 
 Everything the run writes lives in `workdir`: checkpoints/, model/, metrics.jsonl, tensorboard/, config.json,
-and toy_sd/ or data/ when the config asks for the toy SD or the synthetic dataset.
+samples/ when sample grids are on, and toy_sd/ or data/ when the config asks for the toy SD or the
+synthetic dataset.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from layerdiff_jax.convert.unet import load_unet
 from layerdiff_jax.convert.vae import load_vae
 from layerdiff_jax.data.pipeline import make_dataloader
 from layerdiff_jax.data.synthetic import parse_layer_mix
-from layerdiff_jax.data.tfds_builders import build_synthetic, find_dataset_dir, split_sizes
+from layerdiff_jax.data.tfds_builders import build_synthetic, find_dataset_dir
 from layerdiff_jax.data.tokenizer import load_tokenizer
 from layerdiff_jax.models.layerdiff import LayerDiffConfig, LayerDiffUNet, init_from_sd
 from layerdiff_jax.models.unet import UNetConfig
@@ -49,6 +50,7 @@ from layerdiff_jax.training.config import SYNTHETIC_DATA, TOY_SD, ConfigError, v
 from layerdiff_jax.training.export import export_model, gather_to_host
 from layerdiff_jax.training.mesh import batch_size_divisor, global_batch, logical_shardings, make_mesh, put_global
 from layerdiff_jax.training.metric_writer import MetricWriter
+from layerdiff_jax.training.samples import data_requests, write_sample_grid
 from layerdiff_jax.training.state import abstract_boxed_state, abstract_state, create_train_state, make_optimizer
 from layerdiff_jax.training.step import FrozenEncoders, make_train_step
 
@@ -118,7 +120,9 @@ def _check_sizes(config: ml_collections.ConfigDict, mesh, unet_config: UNetConfi
     multiple = vae_factor * 2 ** (len(unet_config.block_out_channels) - 1)
     if config.data.resolution % multiple:
         raise ConfigError(f"config.data.resolution={config.data.resolution} must be a multiple of {multiple} for this VAE and UNet")
-    if config.model.layerdiff.enhancer_heads and unet_config.cross_attention_dim % config.model.layerdiff.enhancer_heads:
+    layerdiff = config.model.layerdiff
+    uses_enhancer = layerdiff.use_layer_prompts and layerdiff.prompt_enhancer != "none"
+    if uses_enhancer and unet_config.cross_attention_dim % layerdiff.enhancer_heads:
         raise ConfigError(
             f"config.model.layerdiff.enhancer_heads={config.model.layerdiff.enhancer_heads} does not divide the text width "
             f"{unet_config.cross_attention_dim}"
@@ -205,12 +209,32 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
 
     # 5. Step.
     train_step = make_train_step(model, encoders, tx, config, mesh, state_shardings, frozen_shardings)
-    if config.log.sample_every_steps:
-        log.warning("config.log.sample_every_steps is set but no sampler is hooked in yet: no sample grids are written")
 
     # 6. Loop. The loss of step n is read after step n+1 is dispatched, so the host never stalls the
-    # devices, except before a checkpoint, which is only written from a state whose loss was finite.
+    # devices, except before a checkpoint or a sample grid, made only from a state whose loss was finite.
     writer = MetricWriter(workdir, enabled=is_main)
+    sample_requests = (
+        data_requests(data_path, config.data.split, config.log.sample_count, config.model.layerdiff.max_layers)
+        if config.log.sample_every_steps else []
+    )
+
+    def write_samples(step: int) -> None:
+        """A grid of samples from the current (EMA) parameters; every process gathers, the main one samples."""
+        params = gather_to_host(state.ema_params if train_cfg.ema else state.params)
+        if is_main:
+            image = write_sample_grid(
+                workdir / "samples" / f"step_{step:07d}.png",
+                {"unet": model, "vae": vae, "text_encoder": text_encoder},
+                {"unet": params, "vae": vae_params, "text_encoder": text_params},
+                tokenizer,
+                sample_requests,
+                steps=config.log.sample_steps,
+                guidance=config.log.sample_guidance,
+                size=config.data.resolution,
+                seed=config.seed,
+            )
+            writer.write_image(step, "samples", image)
+
     progress = tqdm(total=train_cfg.num_steps, initial=start, disable=not is_main, desc="train", unit="step", dynamic_ncols=True)
     interval: list[dict[str, float]] = []  # host metrics of the steps since the last log line
     interval_start = time.perf_counter()
@@ -248,13 +272,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
                     check_and_log(*unchecked)
                 unchecked = (step, metrics)
                 stopped_early = stop_requested(step)
-                if stopped_early or step % config.checkpoint.every_steps == 0 or step == train_cfg.num_steps:
+                save = stopped_early or step % config.checkpoint.every_steps == 0 or step == train_cfg.num_steps
+                sample = bool(config.log.sample_every_steps) and step % config.log.sample_every_steps == 0
+                if save or sample:
                     check_and_log(*unchecked)
                     unchecked = None
+                if save:
                     checkpointer.save(step, state, data_iterator)
                 if stopped_early:
                     log.warning("stopped at step %d on request; checkpoint saved", step)
                     break
+                if sample:
+                    write_samples(step)
             if unchecked is not None:
                 check_and_log(*unchecked)
 
