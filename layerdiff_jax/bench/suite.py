@@ -180,10 +180,11 @@ def _row(row: str, name: str, impl: str, timing: measure.Timing | None, **fields
 
 
 def _with_memory(settings: BenchSettings, run: Callable[[], measure.Timing]) -> tuple[measure.Timing, dict[str, Any]]:
-    """Runs a measurement, recording host RSS (CPU) around it."""
+    """Runs a measurement, recording host RSS (CPU) around it and the machine's load when it started."""
+    load = measure.load_average()[0]
     with measure.RssPeak() as rss:
         timing = run()
-    memory = rss.as_dict()
+    memory = {**rss.as_dict(), "load_1min": load}
     peak = measure.device_peak_bytes()
     if peak is not None:
         memory["device_peak_bytes"] = peak
@@ -277,6 +278,7 @@ def bench_unet(settings: BenchSettings) -> list[Row]:
         torch_timing, torch_memory = _with_memory(settings, lambda: measure.time_calls(torch_call, settings.repeats))
         if torch_device.type == "cuda":
             torch_memory["device_peak_bytes"] = torch.cuda.max_memory_allocated()
+            torch.cuda.empty_cache()  # give torch's cached blocks back before JAX allocates again
         reference = _row(row_id, f"{label} ({shape})", "torch", torch_timing, **torch_memory)
         rows += [_compare(ours, reference, higher_is_better=False, target=1.0, name="ours/torch time"), reference]
 
