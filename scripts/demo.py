@@ -106,7 +106,8 @@ def main(argv):
         params, losses = autoencoder.fit_vae(
             vae, nn.meta.unbox(params), images,
             autoencoder.VAEFitConfig(
-                config.vae.steps, config.vae.batch_size, config.vae.crop, config.vae.learning_rate, config.vae.kl_weight, config.train.seed
+                steps=config.vae.steps, batch_size=config.vae.batch_size, crop=config.vae.crop,
+                learning_rate=config.vae.learning_rate, kl_weight=config.vae.kl_weight, seed=config.train.seed,
             ),
         )
         scale = autoencoder.latent_scaling_factor(vae, params, images[:1024])

@@ -2,9 +2,15 @@
 
 SD-1.5's VAE comes pre-trained; the toy SD of the CPU demo does not, so the demo fits one first on the
 images LayerDiff will encode: backgrounds, foreground layers (black outside their masks) and the masks
-themselves as 3-channel images, all in [-1, 1]. The loss is L1 reconstruction (sharp mask edges) plus a
-small KL term, as in LDM's autoencoders. The scaling factor is then set, like SD's 0.18215, so that
-scaled latents have unit standard deviation.
+themselves as 3-channel images, plus the composites (dense colour), all in [-1, 1]. The loss is L1 (sharp
+mask edges, as in LDM's autoencoders) plus MSE (which pulls hardest on large colour errors: with L1 alone
+small shapes came back in the wrong hue) plus a small KL term. Crops are drawn preferring ones with
+content, since most of a foreground layer is black. The scaling factor is then set, like SD's 0.18215, so
+that scaled latents have unit standard deviation.
+
+Measured on 40 held-out samples (encode -> decode -> the demo's prompt-following scores), 1000 steps of
+batch 16 on a 2-core CPU (2 minutes): colour 0.99, shape 0.95, background 1.0; with L1 alone on uniform
+crops of layers and masks: 0.36, 0.89, 0.48.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ class VAEFitConfig:
     steps: int = 1500
     batch_size: int = 32
     crop: int = 32  # random square crops: the VAE is convolutional, and small crops are 4x cheaper than 64x64
+    min_content: float = 0.05  # a crop "has content" when this share of its pixels is not near-black
     learning_rate: float = 1e-3
     kl_weight: float = 1e-6
     seed: int = 0
@@ -54,10 +61,10 @@ def fit_vae(vae: AutoencoderKL, params, images: np.ndarray, config: VAEFitConfig
         mean, logvar = vae.apply({"params": p}, batch, method=vae.encode)
         # Decoding the posterior mean, not a sample: with a tiny KL weight the posterior noise (std 1 at init)
         # would drown the latent's signal for thousands of steps, far past a CPU demo's budget.
-        recon = vae.apply({"params": p}, mean, method=vae.decode)
-        l1 = jnp.mean(jnp.abs(recon - batch))
+        error = vae.apply({"params": p}, mean, method=vae.decode) - batch
+        l1 = jnp.mean(jnp.abs(error))
         kl = 0.5 * jnp.mean(jnp.sum(mean**2 + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3)))
-        return l1 + config.kl_weight * kl, l1
+        return l1 + jnp.mean(error**2) + config.kl_weight * kl, l1
 
     @jax.jit
     def step(p, opt_state, batch):
@@ -69,12 +76,21 @@ def fit_vae(vae: AutoencoderKL, params, images: np.ndarray, config: VAEFitConfig
     losses = []
     bar = tqdm(range(config.steps), desc="fit VAE", disable=not progress)
     for i in bar:
-        batch = to_model_range(_random_crops(images, config.batch_size, config.crop, rng))
+        batch = to_model_range(content_crops(images, config.batch_size, config.crop, config.min_content, rng))
         params, opt_state, l1 = step(params, opt_state, batch)
         if i % 25 == 0 or i == config.steps - 1:
             losses.append((i, float(l1)))
             bar.set_postfix(l1=f"{losses[-1][1]:.4f}")
     return params, losses
+
+
+def content_crops(images: np.ndarray, count: int, size: int, min_content: float, rng: np.random.Generator) -> np.ndarray:
+    """`count` random crops of `images`, drawn from 4x as many candidates: those with content (at least
+    `min_content` of their pixels not near-black) 10x as likely as the rest, so empty crops still occur."""
+    candidates = _random_crops(images, 4 * count, size, rng)
+    has_content = (candidates.max(axis=-1) > 60).mean(axis=(1, 2)) >= min_content
+    weights = np.where(has_content, 1.0, 0.1)
+    return candidates[rng.choice(len(candidates), count, replace=False, p=weights / weights.sum())]
 
 
 def _random_crops(images: np.ndarray, count: int, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -93,4 +109,6 @@ def latent_scaling_factor(vae: AutoencoderKL, params, images: np.ndarray, batch_
 
 
 def collect_images(samples: Iterable[LayeredSample]) -> np.ndarray:
-    return np.concatenate([layer_images(s) for s in samples], axis=0)
+    """The layer images of every sample, then their composites."""
+    samples = list(samples)
+    return np.concatenate([layer_images(s) for s in samples] + [np.stack([s.composite() for s in samples])], axis=0)
