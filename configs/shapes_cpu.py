@@ -2,7 +2,7 @@
 
   python scripts/train.py --config configs/shapes_cpu.py --workdir runs/shapes_cpu
 
-On the first run the toy SD (an 8x VAE, a 2-layer CLIP text encoder, a 2-level UNet, all random:
+On the first run the toy SD (a 4x VAE, a 2-layer CLIP text encoder, a 2-level UNet, all random:
 `layerdiff_jax.toy`) is written to <workdir>/toy_sd and the synthetic dataset (64x64, 2 to 4 layers) to
 <workdir>/data. What to expect on a 2-core CPU (measured while other jobs shared it): about a minute of
 set-up and compilation, then about 3 steps/s, 4 minutes in all; the loss (mean over 10 steps) starts at
