@@ -107,7 +107,8 @@ def main(argv):
             vae, nn.meta.unbox(params), images,
             autoencoder.VAEFitConfig(
                 steps=config.vae.steps, batch_size=config.vae.batch_size, crop=config.vae.crop,
-                learning_rate=config.vae.learning_rate, kl_weight=config.vae.kl_weight, seed=config.train.seed,
+                min_content=config.vae.min_content, learning_rate=config.vae.learning_rate,
+                kl_weight=config.vae.kl_weight, seed=config.train.seed,
             ),
         )
         scale = autoencoder.latent_scaling_factor(vae, params, images[:1024])

@@ -28,6 +28,9 @@ from layerdiff_jax.data.layers import LayeredSample, background_mask
 from layerdiff_jax.models.vae import AutoencoderKL
 
 
+NEAR_BLACK = 60  # uint8 level: a pixel whose brightest channel is at most this is "black" (no content)
+
+
 def layer_images(sample: LayeredSample) -> np.ndarray:
     """Every image of a sample the VAE will see, uint8 (N, H, W, 3): layers, then masks (background's first)."""
     masks = sample.masks.astype(np.float32) / 255.0
@@ -88,7 +91,7 @@ def content_crops(images: np.ndarray, count: int, size: int, min_content: float,
     """`count` random crops of `images`, drawn from 4x as many candidates: those with content (at least
     `min_content` of their pixels not near-black) 10x as likely as the rest, so empty crops still occur."""
     candidates = _random_crops(images, 4 * count, size, rng)
-    has_content = (candidates.max(axis=-1) > 60).mean(axis=(1, 2)) >= min_content
+    has_content = (candidates.max(axis=-1) > NEAR_BLACK).mean(axis=(1, 2)) >= min_content
     weights = np.where(has_content, 1.0, 0.1)
     return candidates[rng.choice(len(candidates), count, replace=False, p=weights / weights.sum())]
 

@@ -124,7 +124,7 @@ def _check_sizes(config: ml_collections.ConfigDict, mesh, unet_config: UNetConfi
     uses_enhancer = layerdiff.use_layer_prompts and layerdiff.prompt_enhancer != "none"
     if uses_enhancer and unet_config.cross_attention_dim % layerdiff.enhancer_heads:
         raise ConfigError(
-            f"config.model.layerdiff.enhancer_heads={config.model.layerdiff.enhancer_heads} does not divide the text width "
+            f"config.model.layerdiff.enhancer_heads={layerdiff.enhancer_heads} does not divide the text width "
             f"{unet_config.cross_attention_dim}"
         )
 
