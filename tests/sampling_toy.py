@@ -17,6 +17,7 @@ import numpy as np
 from layerdiff_jax.convert.core import abstract_params
 from layerdiff_jax.convert.layerdiff import save_layerdiff
 from layerdiff_jax.data.tokenizer import build_toy_tokenizer
+from layerdiff_jax.diffusion.schedules import SchedulerConfig
 from layerdiff_jax.models.clip_text import CLIPTextTransformer
 from layerdiff_jax.models.layerdiff import LayerDiffConfig, LayerDiffUNet
 from layerdiff_jax.models.unet import UNet2DConditionModel
@@ -44,8 +45,10 @@ def random_params(abstract, seed: int):
     return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
-def make_random_layerdiff(folder: str | Path, *, max_layers: int = MAX_LAYERS, seed: int = 0) -> Path:
-    """Writes a toy LayerDiff model folder (vae/, text_encoder/, tokenizer/, unet/, layerdiff/)."""
+def make_random_layerdiff(
+    folder: str | Path, *, max_layers: int = MAX_LAYERS, seed: int = 0, scheduler: SchedulerConfig = SchedulerConfig()
+) -> Path:
+    """Writes a toy LayerDiff model folder (vae/, text_encoder/, tokenizer/, unet/, layerdiff/, scheduler/)."""
     configs = toy_configs(build_toy_tokenizer().vocab_size)
     unet = UNet2DConditionModel(configs["unet"])
     vae = AutoencoderKL(configs["vae"])
@@ -57,5 +60,5 @@ def make_random_layerdiff(folder: str | Path, *, max_layers: int = MAX_LAYERS, s
     }
     folder = make_toy_sd(folder, params=sd_params, overwrite=True)
     model = LayerDiffUNet(configs["unet"], LayerDiffConfig(max_layers=max_layers, enhancer_heads=4))
-    save_layerdiff(folder, model, random_params(abstract_params(model, *model.example_inputs()), seed + 3))
+    save_layerdiff(folder, model, random_params(abstract_params(model, *model.example_inputs()), seed + 3), scheduler)
     return folder

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from layerdiff_jax.convert.layerdiff import load_scheduler_config
 from layerdiff_jax.data.layers import list_sample_folders, read_sample_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +38,8 @@ def test_shortened_demo_writes_every_output(tmp_path):
         assert (folder / "layers.ora").is_file() and (folder / "layers.psd").is_file()
     assert (out / "samples" / "contact_sheet.png").is_file()
     assert (out / "train" / "model" / "layerdiff" / "flax_params.safetensors").is_file()
+    # The model folder tells sampling what the demo trained: velocity targets.
+    assert load_scheduler_config(out / "train" / "model").prediction_type == "v_prediction"
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["groups"]) == {"2", "3", "4", "overall"}
     assert metrics["demo"]["timings_s"]["total_s"] > 0

@@ -19,6 +19,7 @@ import pytest
 
 from layerdiff_jax.diffusion.ddim import ddim_sample, ddim_timesteps
 from layerdiff_jax.diffusion.guidance import classifier_free_guidance
+from layerdiff_jax.diffusion.schedules import SchedulerConfig
 from layerdiff_jax.sampling.sampler import CheckpointError, LayerDiffPipeline, LayerRequest, RequestError, read_request_file
 from sampling_toy import SIZE, make_random_layerdiff
 
@@ -115,12 +116,14 @@ class StubUNet:
         return jnp.sin(x) * tt + per_layer + 0.5 * per_image + 0.1 * layer_valid[..., None, None, None]
 
 
-def test_sampler_guides_with_layer_aware_negatives(pipe):
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_sampler_guides_with_layer_aware_negatives(pipe, prediction_type):
     """End to end through the pipeline's jitted sampler (real tokenizer and text encoder, stub UNet):
-    the result equals DDIM on uncond + s * (cond - uncond), with the negatives spelled out as SPEC says."""
+    the result equals DDIM on uncond + s * (cond - uncond), with the negatives spelled out as SPEC says,
+    reading the model output as the pipeline's scheduler says (noise or velocity)."""
     stub = LayerDiffPipeline(
         StubUNet(pipe.text_encoder.config.hidden_size, 3), {}, pipe.vae, pipe.params["vae"],
-        pipe.text_encoder, pipe.params["text"], pipe.tokenizer,
+        pipe.text_encoder, pipe.params["text"], pipe.tokenizer, scheduler=SchedulerConfig(prediction_type=prediction_type),
     )
     scale, ts, seeds = 2.5, ddim_timesteps(4), np.array([0, 1], np.uint32)
     ids, valid = stub.prompt_ids([r.prompt for r in REQUESTS], [r.all_layer_prompts for r in REQUESTS], 3)
@@ -144,16 +147,35 @@ def test_sampler_guides_with_layer_aware_negatives(pipe):
     empty = contexts(["", ""], [["", "", ""], ["", "", ""]])
 
     @jax.jit
-    def reference(uncond):
+    def reference(uncond, scale):
         def model_fn(x, t):
             eps_c = StubUNet.apply(None, x, t, *cond, jnp.asarray(valid))
             eps_u = StubUNet.apply(None, x, t, *uncond, jnp.asarray(valid))
             return classifier_free_guidance(eps_c, eps_u, scale)
 
-        return ddim_sample(model_fn, x_T, ts, stub.schedule, frozen=jnp.asarray(~valid))
+        return ddim_sample(model_fn, x_T, ts, stub.schedule, frozen=jnp.asarray(~valid), prediction_type=prediction_type)
 
-    np.testing.assert_allclose(got, np.asarray(reference(negatives)), rtol=0, atol=1e-5)
-    assert np.abs(got - np.asarray(reference(empty))).max() > 1e-2  # the negatives matter: empty prompts differ
+    np.testing.assert_allclose(got, np.asarray(reference(negatives, scale)), rtol=0, atol=1e-5)
+    assert np.abs(got - np.asarray(reference(empty, scale))).max() > 1e-2  # the negatives matter: empty prompts differ
+    # Guidance 1 runs the conditional branch alone: the same result as guiding at scale 1.
+    unguided = np.asarray(stub.denoise(x_T, ~valid, valid, ids, ts, seeds, guidance=1.0))
+    np.testing.assert_allclose(unguided, np.asarray(reference(negatives, 1.0)), rtol=0, atol=1e-5)
+
+
+def test_model_folder_carries_its_scheduler(tmp_path):
+    """A folder records the schedule and prediction type it was trained with; one without scheduler/ (an
+    older export) samples as SD 1.5 (epsilon); a scheduler this project cannot build is refused by name."""
+    v = SchedulerConfig(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, prediction_type="v_prediction")
+    folder = make_random_layerdiff(tmp_path / "v", scheduler=v)
+    loaded = LayerDiffPipeline.load(folder)
+    assert loaded.scheduler == v
+    np.testing.assert_allclose(np.asarray(loaded.schedule.betas), np.asarray(v.make_schedule().betas))
+    shutil.rmtree(folder / "scheduler")
+    assert LayerDiffPipeline.load(folder).scheduler == SchedulerConfig()
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"rescale_betas_zero_snr": True}))
+    with pytest.raises(CheckpointError, match="rescale_betas_zero_snr"):
+        LayerDiffPipeline.load(folder)
 
 
 def test_bad_requests_raise_clear_errors(pipe, tmp_path, caplog):

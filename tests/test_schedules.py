@@ -5,9 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler
 
-from layerdiff_jax.diffusion.schedules import add_noise, make_schedule, sample_timesteps
+from layerdiff_jax.diffusion.schedules import (
+    SchedulerConfig,
+    add_noise,
+    make_schedule,
+    sample_noise,
+    sample_timesteps,
+    training_target,
+)
 
 
 @pytest.mark.parametrize(
@@ -77,3 +84,47 @@ def test_sample_timesteps_policy():
             np.asarray(sample_timesteps(jax.random.key(1), 64, layers, steps, p_shared=1.0))[:, :1]).all()
     never = np.asarray(sample_timesteps(jax.random.key(2), 64, layers, steps, p_shared=0.0))
     assert not (never == never[:, :1]).all(axis=1).any()
+
+
+def test_sample_noise_offset():
+    shape = (256, 3, 16, 16, 4)
+    plain = np.asarray(sample_noise(jax.random.key(0), shape))
+    # Without an offset, an image's per-channel mean has the std of an average of 16*16 normals.
+    assert abs(plain.std() - 1.0) < 0.01 and abs(plain.mean(axis=(2, 3)).std() - 1 / 16) < 0.01
+    offset = np.asarray(sample_noise(jax.random.key(0), shape, offset=0.3))
+    means = offset.mean(axis=(2, 3))  # (256, 3, 4): one draw per image and channel
+    assert abs(means.std() - np.sqrt(1 / 256 + 0.3**2)) < 0.02
+    # The offset is constant over each image: removing the per-image mean leaves plain-looking noise.
+    assert abs((offset - means[:, :, None, None]).std() - 1.0) < 0.01
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_training_target_matches_diffusers(prediction_type):
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    rng = np.random.default_rng(0)
+    x0, noise = rng.standard_normal((2, 3, 4, 4, 4), np.float32), rng.standard_normal((2, 3, 4, 4, 4), np.float32)
+    t = np.array([[0, 500, 999], [17, 17, 17]], np.int32)
+    got = np.asarray(training_target(make_schedule(), jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t), prediction_type))
+    if prediction_type == "v_prediction":
+        # diffusers' get_velocity takes one timestep per leading item: flatten (B, L) into its batch.
+        want = ref.get_velocity(torch.from_numpy(x0.reshape(6, 4, 4, 4)), torch.from_numpy(noise.reshape(6, 4, 4, 4)),
+                                torch.from_numpy(t.reshape(6)).long()).numpy().reshape(x0.shape)
+    else:
+        want = noise if prediction_type == "epsilon" else x0
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="prediction_type"):
+        training_target(make_schedule(), jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t), "velocity")
+
+
+def test_scheduler_config_is_a_diffusers_ddim_config():
+    config = SchedulerConfig(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, prediction_type="v_prediction")
+    ref = DDIMScheduler.from_config(config.to_diffusers_config())
+    assert ref.config.prediction_type == "v_prediction" and ref.config.steps_offset == 1 and not ref.config.set_alpha_to_one
+    np.testing.assert_allclose(np.asarray(config.make_schedule().alphas_cumprod), ref.alphas_cumprod.numpy(), rtol=0, atol=1e-6)
+    assert SchedulerConfig.from_diffusers_config(dict(ref.config)) == config
+    # SD 1.5's own scheduler config names no prediction type: epsilon.
+    assert SchedulerConfig.from_diffusers_config({"_class_name": "PNDMScheduler", "skip_prk_steps": True}) == SchedulerConfig()
+    with pytest.raises(ValueError, match="rescale_betas_zero_snr"):
+        SchedulerConfig.from_diffusers_config({"rescale_betas_zero_snr": True})
+    with pytest.raises(ValueError, match="prediction_type"):
+        SchedulerConfig(prediction_type="velocity")

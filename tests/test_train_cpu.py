@@ -4,7 +4,8 @@ import flax
 import jax
 import numpy as np
 
-from layerdiff_jax.convert.layerdiff import load_layerdiff
+from layerdiff_jax.convert.layerdiff import load_layerdiff, load_scheduler_config
+from layerdiff_jax.diffusion.schedules import SchedulerConfig
 from layerdiff_jax.training.trainer import read_metrics, train
 from train_support import load_config
 
@@ -34,4 +35,5 @@ def test_shapes_cpu_loss_falls(tmp_path):
         np.testing.assert_array_equal(value, final[key], err_msg=key)
     for component in ("vae", "text_encoder", "tokenizer"):
         assert (result.model_dir / component).is_dir()
+    assert load_scheduler_config(result.model_dir) == SchedulerConfig()  # shapes_cpu trains as SD 1.5 does
     assert (tmp_path / "checkpoints" / str(STEPS)).is_dir()

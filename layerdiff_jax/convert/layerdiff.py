@@ -2,7 +2,9 @@
 
 A LayerDiff model folder is an SD folder (`vae/`, `text_encoder/`, `tokenizer/`, as written by
 `convert/pipeline.save_converted`) plus `layerdiff/`: `config.json` ({"unet": diffusers-style UNet config,
-"layerdiff": LayerDiffConfig fields}) and `flax_params.safetensors`. Training exports this; sampling reads it.
+"layerdiff": LayerDiffConfig fields}) and `flax_params.safetensors`, and `scheduler/scheduler_config.json`
+(the schedule and prediction type it was trained with, as a diffusers DDIMScheduler config; a folder
+without one was trained as SD 1.5 is). Training exports this; sampling reads it.
 """
 
 from __future__ import annotations
@@ -15,23 +17,39 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from layerdiff_jax.convert import core
+from layerdiff_jax.diffusion.schedules import SchedulerConfig
 from layerdiff_jax.models.layerdiff import LayerDiffConfig, LayerDiffUNet
 from layerdiff_jax.models.unet import UNetConfig
 
 LAYERDIFF_DIR = "layerdiff"
+SCHEDULER_DIR, SCHEDULER_FILE = "scheduler", "scheduler_config.json"  # diffusers' names
 
 
 def layerdiff_config_dict(model: LayerDiffUNet) -> dict[str, Any]:
     return {"unet": model.unet_config.to_diffusers_config(), "layerdiff": dataclasses.asdict(model.config)}
 
 
-def save_layerdiff(folder: str | Path, model: LayerDiffUNet, params: Mapping) -> Path:
-    """Writes `folder/layerdiff/` (config + params); returns that component folder."""
+def save_layerdiff(folder: str | Path, model: LayerDiffUNet, params: Mapping, scheduler: SchedulerConfig = SchedulerConfig()) -> Path:
+    """Writes `folder/layerdiff/` (config + params) and `folder/scheduler/`; returns the `layerdiff/` folder."""
     out = Path(folder) / LAYERDIFF_DIR
     out.mkdir(parents=True, exist_ok=True)
     core.save_flax_params(params, out / core.FLAX_PARAMS_FILE)
     (out / core.CONFIG_FILE).write_text(json.dumps(layerdiff_config_dict(model), indent=2) + "\n")
+    scheduler_dir = Path(folder) / SCHEDULER_DIR
+    scheduler_dir.mkdir(exist_ok=True)
+    (scheduler_dir / SCHEDULER_FILE).write_text(json.dumps(scheduler.to_diffusers_config(), indent=2) + "\n")
     return out
+
+
+def load_scheduler_config(folder: str | Path) -> SchedulerConfig:
+    """The `SchedulerConfig` of a LayerDiff model folder; SD 1.5's when it has no `scheduler/` (older exports)."""
+    path = Path(folder) / SCHEDULER_DIR / SCHEDULER_FILE
+    if not path.is_file():
+        return SchedulerConfig()
+    try:
+        return SchedulerConfig.from_diffusers_config(json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def build_layerdiff(config: Mapping[str, Any], **module_kwargs) -> LayerDiffUNet:

@@ -13,9 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from layerdiff_jax.diffusion.schedules import NoiseSchedule, add_noise, expand_to
+from layerdiff_jax.diffusion.schedules import PREDICTION_TYPES, NoiseSchedule, add_noise, expand_to
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 LATENT_AXES = 3  # (h, w, C): everything before them is batch (B,) or batch x layer (B, L)
 

@@ -1,19 +1,22 @@
-"""Noise schedules, forward noising (q_sample) and LayerDiff's training-timestep policy.
+"""Noise schedules, forward noising (q_sample), training targets and LayerDiff's training-timestep policy.
 
 Conventions follow diffusers' DDPM/DDIM schedulers so SD-1.5 weights see the noise levels they were
 trained on. Timesteps index ``alphas_cumprod`` and may have one entry per sample ``(B,)`` or one per
-layer ``(B, L)``; coefficients broadcast over the trailing (h, w, C) axes.
+layer ``(B, L)``; coefficients broadcast over the trailing (h, w, C) axes. `SchedulerConfig` is what a
+trained model carries to sampling (its schedule and what it predicts).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 BETA_SCHEDULES = ("linear", "scaled_linear")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what the model outputs (diffusers' names)
 
 
 class NoiseSchedule(NamedTuple):
@@ -63,6 +66,48 @@ def make_schedule(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """The schedule a model was trained with and what it predicts; sampling must use the same. The defaults
+    are SD 1.5's. Model folders store it as a diffusers `DDIMScheduler` config (`scheduler/scheduler_config.json`)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    prediction_type: str = "epsilon"
+
+    def __post_init__(self):
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+
+    def make_schedule(self) -> "NoiseSchedule":
+        return make_schedule(self.num_train_timesteps, self.beta_start, self.beta_end, self.beta_schedule)
+
+    def to_diffusers_config(self) -> dict[str, Any]:
+        """diffusers' DDIMScheduler config for the sampler this project runs (SD 1.5's "leading" spacing)."""
+        return {
+            "_class_name": "DDIMScheduler",
+            **dataclasses.asdict(self),
+            "clip_sample": False,
+            "set_alpha_to_one": False,
+            "steps_offset": 1,
+            "timestep_spacing": "leading",
+        }
+
+    @classmethod
+    def from_diffusers_config(cls, config: Mapping[str, Any]) -> "SchedulerConfig":
+        """Our fields from a diffusers scheduler config (absent ones at SD 1.5's values). Settings that would
+        give a schedule this project does not build are refused, naming the field."""
+        unsupported = {"trained_betas": None, "rescale_betas_zero_snr": False}
+        for key, supported in unsupported.items():
+            if config.get(key, supported) != supported:
+                raise ValueError(f"scheduler config: {key}={config[key]!r} is not supported (only {supported!r})")
+        return cls(**{f.name: config[f.name] for f in dataclasses.fields(cls) if f.name in config})
+
+
 def expand_to(coef: jax.Array, x: jax.Array) -> jax.Array:
     """Appends singleton axes so a per-sample / per-layer coefficient broadcasts against ``x``.
 
@@ -86,6 +131,38 @@ def add_noise(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, t: jax.A
         raise ValueError(f"x0 shape {x0.shape} and noise shape {noise.shape} differ")
     abar = jnp.take(schedule.alphas_cumprod, jnp.asarray(t)).astype(x0.dtype)
     return expand_to(jnp.sqrt(abar), x0) * x0 + expand_to(jnp.sqrt(1.0 - abar), x0) * noise
+
+
+def training_target(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, t: jax.Array, prediction_type: str) -> jax.Array:
+    """What the model learns to output for ``add_noise(schedule, x0, noise, t)``: the noise ("epsilon", SD 1.5),
+    the velocity ``sqrt(abar) * noise - sqrt(1 - abar) * x0`` ("v_prediction", diffusers' ``get_velocity``)
+    or ``x0`` ("sample")."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        abar = jnp.take(schedule.alphas_cumprod, jnp.asarray(t)).astype(x0.dtype)
+        return expand_to(jnp.sqrt(abar), x0) * noise - expand_to(jnp.sqrt(1.0 - abar), x0) * x0
+    if prediction_type == "sample":
+        return x0
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def sample_noise(rng: jax.Array, shape: tuple[int, ...], offset: float = 0.0) -> jax.Array:
+    """Training noise, float32 ``shape`` = (..., h, w, C): standard normal, plus ``offset`` times one normal
+    draw per image and channel when ``offset > 0`` ("offset noise").
+
+    Why: SD's schedule never destroys an image's mean colour (at t = 999, sqrt(abar) = 0.068 of the signal is
+    left and averaging over h*w pixels removes most of the noise), so a model learns to read each layer's
+    colour from its input rather than from its prompt, and then samples from pure noise in whatever colour
+    the noise's mean suggests. A constant-per-image noise term hides the mean at high t, so the prompt must
+    carry it.
+    """
+    k_pixel, k_offset = jax.random.split(rng)
+    noise = jax.random.normal(k_pixel, shape, jnp.float32)
+    if offset:
+        per_image = (*shape[:-3], 1, 1, shape[-1])
+        noise = noise + offset * jax.random.normal(k_offset, per_image, jnp.float32)
+    return noise
 
 
 def sample_timesteps(

@@ -14,6 +14,7 @@ frozen, so a request's layers do not depend on the padding.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,13 +29,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from layerdiff_jax.convert.clip_text import load_text_encoder
 from layerdiff_jax.convert.core import ConversionError
-from layerdiff_jax.convert.layerdiff import load_layerdiff
+from layerdiff_jax.convert.layerdiff import load_layerdiff, load_scheduler_config
 from layerdiff_jax.convert.vae import load_vae
 from layerdiff_jax.data.layers import LayeredSample
 from layerdiff_jax.data.tokenizer import PromptTokenizer, load_tokenizer
 from layerdiff_jax.diffusion.ddim import ddim_sample, ddim_timesteps
 from layerdiff_jax.diffusion.guidance import BACKGROUND_NEGATIVE, guided_model_fn, layer_aware_negatives
-from layerdiff_jax.diffusion.schedules import NoiseSchedule, make_schedule
+from layerdiff_jax.diffusion.schedules import SchedulerConfig
 from layerdiff_jax.models.clip_text import CLIPTextTransformer
 from layerdiff_jax.models.layerdiff import LayerDiffUNet
 from layerdiff_jax.models.vae import AutoencoderKL
@@ -190,7 +191,10 @@ def _encode_prompts(text_encoder: CLIPTextTransformer, text_params, ids: jax.Arr
     return cond, uncond
 
 
-def _denoise_program(unet: LayerDiffUNet, text_encoder: CLIPTextTransformer, eta: float):
+def _denoise_program(unet: LayerDiffUNet, text_encoder: CLIPTextTransformer, eta: float, prediction_type: str, guided: bool):
+    """Guided DDIM; unguided (scale 1, where uncond + 1 * (cond - uncond) = cond) runs the conditional branch
+    alone, half the model calls, as diffusers does."""
+
     def run(params, schedule, x_start, frozen, layer_valid, ids, seeds, timesteps, scale):
         cond, uncond = _encode_prompts(text_encoder, params["text"], ids)
         cond["valid"] = uncond["valid"] = layer_valid
@@ -199,8 +203,8 @@ def _denoise_program(unet: LayerDiffUNet, text_encoder: CLIPTextTransformer, eta
             return unet.apply({"params": params["unet"]}, x, t, c["global"], c["layers"], c["valid"])
 
         rng = jax.random.fold_in(jax.random.key(seeds[0]), 1) if eta != 0 else None
-        model_fn = guided_model_fn(apply_fn, cond, uncond, scale)
-        return ddim_sample(model_fn, x_start, timesteps, schedule, eta=eta, rng=rng, frozen=frozen)
+        model_fn = guided_model_fn(apply_fn, cond, uncond, scale) if guided else functools.partial(apply_fn, c=cond)
+        return ddim_sample(model_fn, x_start, timesteps, schedule, eta=eta, rng=rng, frozen=frozen, prediction_type=prediction_type)
 
     return run
 
@@ -244,7 +248,7 @@ class LayerDiffPipeline:
         text_params: Any,
         tokenizer: PromptTokenizer,
         *,
-        schedule: NoiseSchedule | None = None,
+        scheduler: SchedulerConfig = SchedulerConfig(),
         checkpoint: str = "",
         mesh: Mesh | None = None,
     ):
@@ -259,7 +263,8 @@ class LayerDiffPipeline:
                 f"cross_attention_dim {unet.unet_config.cross_attention_dim}"
             )
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
-        self.schedule = make_schedule() if schedule is None else schedule
+        self.scheduler = scheduler  # the schedule and prediction type the UNet was trained with
+        self.schedule = scheduler.make_schedule()
         self.checkpoint = checkpoint
         self.mesh = mesh
         if mesh is None:
@@ -298,9 +303,12 @@ class LayerDiffPipeline:
             vae, vae_params = load_vae(folder / "vae", dtype=dtype, attention_impl=attention_impl)
             text, text_params = load_text_encoder(folder / "text_encoder", dtype=dtype, attention_impl=attention_impl)
             tokenizer = load_tokenizer(folder / "tokenizer", max_length=text.config.max_position_embeddings)
+            scheduler = load_scheduler_config(folder)
         except (ConversionError, FileNotFoundError, OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"checkpoint {folder}: cannot be loaded: {type(e).__name__}: {e}") from None
-        return cls(unet, unet_params, vae, vae_params, text, text_params, tokenizer, checkpoint=str(folder), mesh=mesh)
+        return cls(
+            unet, unet_params, vae, vae_params, text, text_params, tokenizer, scheduler=scheduler, checkpoint=str(folder), mesh=mesh
+        )
 
     # ------------------------------------------------------------------ geometry
 
@@ -438,9 +446,13 @@ class LayerDiffPipeline:
         `frozen` (B, L) layers keep their `x_start` latent and see timestep 1 (padding, and the
         non-target layers of an edit). `ids`/`layer_valid` come from `prompt_ids`. With eta > 0 the
         per-step noise comes from the first sample's seed (so it depends on the batch).
-        Timestep values, prompts and the guidance scale are traced: changing them does not recompile.
+        Timestep values, prompts and the guidance scale are traced: changing them does not recompile (except
+        to or from guidance 1, which skips the negative-prompt branch).
         """
-        fn = self._program(_denoise_program, self.unet, self.text_encoder, float(eta), args="rrbbbbbrr")
+        guided = float(guidance) != 1.0
+        fn = self._program(
+            _denoise_program, self.unet, self.text_encoder, float(eta), self.scheduler.prediction_type, guided, args="rrbbbbbrr"
+        )
         batch = self.batch_to_device(
             (np.asarray(frozen, bool), np.asarray(layer_valid, bool), np.asarray(ids, np.int32), np.asarray(seeds, np.uint32))
         )

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import ml_collections
 
 from layerdiff_jax.data.synthetic import parse_layer_mix
-from layerdiff_jax.diffusion.schedules import BETA_SCHEDULES
+from layerdiff_jax.diffusion.schedules import BETA_SCHEDULES, PREDICTION_TYPES
 from layerdiff_jax.models.attention import ATTENTION_IMPLS
 from layerdiff_jax.models.layerdiff import PROMPT_ENHANCER_VARIANTS, LayerDiffConfig
 from layerdiff_jax.sharding import MESH_AXES
@@ -59,7 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.diffusion.beta_start = 0.00085
     c.diffusion.beta_end = 0.012
     c.diffusion.beta_schedule = "scaled_linear"
+    c.diffusion.prediction_type = "epsilon"  # the model's output, as SD 1.5's: "epsilon", "v_prediction" or "sample"
     c.diffusion.p_shared_timestep = 0.5  # else every layer draws its own t
+    c.diffusion.noise_offset = 0.0  # per-image, per-channel noise added to the training noise (0: as SD trains)
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 100_000  # optimizer updates
@@ -151,7 +153,9 @@ RULES: dict[str, _Rule] = {
     "diffusion.beta_start": _POSITIVE,
     "diffusion.beta_end": _POSITIVE,
     "diffusion.beta_schedule": _one_of(BETA_SCHEDULES),
+    "diffusion.prediction_type": _one_of(PREDICTION_TYPES),
     "diffusion.p_shared_timestep": _PROBABILITY,
+    "diffusion.noise_offset": _NON_NEGATIVE,
     "train.num_steps": _POSITIVE,
     "train.per_host_batch_size": _POSITIVE,
     "train.grad_accum_steps": _POSITIVE,

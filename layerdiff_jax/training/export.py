@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 
 from layerdiff_jax.convert.layerdiff import save_layerdiff
 from layerdiff_jax.convert.pipeline import TOKENIZER_DIR
+from layerdiff_jax.diffusion.schedules import SchedulerConfig
 from layerdiff_jax.models.layerdiff import LayerDiffUNet
 
 COPIED_COMPONENTS = ("vae", "text_encoder", TOKENIZER_DIR)
@@ -36,8 +37,11 @@ def gather_to_host(tree: Any) -> Any:
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def export_model(out_dir: str | os.PathLike, sd_path: str | os.PathLike, model: LayerDiffUNet, params: Any) -> Path:
-    """Writes `out_dir` (replacing an earlier export) from host params; returns it. Call on one process."""
+def export_model(
+    out_dir: str | os.PathLike, sd_path: str | os.PathLike, model: LayerDiffUNet, params: Any, scheduler: SchedulerConfig
+) -> Path:
+    """Writes `out_dir` (replacing an earlier export) from host params and the schedule they were trained with;
+    returns it. Call on one process."""
     out_dir, sd_path = Path(out_dir), Path(sd_path)
     missing = [name for name in COPIED_COMPONENTS if not (sd_path / name).is_dir()]
     if missing:
@@ -47,7 +51,7 @@ def export_model(out_dir: str | os.PathLike, sd_path: str | os.PathLike, model: 
     staging.mkdir(parents=True)
     for name in COPIED_COMPONENTS:
         shutil.copytree(sd_path / name, staging / name, copy_function=_link_or_copy)
-    save_layerdiff(staging, model, params)
+    save_layerdiff(staging, model, params, scheduler)
     previous = out_dir.with_name(out_dir.name + ".previous")
     if out_dir.exists():
         shutil.rmtree(previous, ignore_errors=True)

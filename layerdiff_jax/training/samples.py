@@ -10,6 +10,7 @@ import numpy as np
 import PIL.Image
 
 from layerdiff_jax.data.tfds_builders import open_data_source, record_to_sample
+from layerdiff_jax.diffusion.schedules import SchedulerConfig
 from layerdiff_jax.sampling.outputs import write_contact_sheet
 from layerdiff_jax.sampling.sampler import LayerDiffPipeline, LayerRequest
 
@@ -33,6 +34,7 @@ def write_sample_grid(
     modules: dict[str, Any],
     params: dict[str, Any],
     tokenizer,
+    scheduler: SchedulerConfig,
     requests: list[LayerRequest],
     *,
     steps: int,
@@ -40,10 +42,11 @@ def write_sample_grid(
     size: int,
     seed: int,
 ) -> np.ndarray:
-    """Samples `requests` with `params` {"unet", "vae", "text_encoder"} (host arrays) on this process's
-    devices, writes the contact sheet to `path` and returns it as an (H, W, 3) uint8 array."""
+    """Samples `requests` with `params` {"unet", "vae", "text_encoder"} (host arrays), trained with `scheduler`, on
+    this process's devices, writes the contact sheet to `path` and returns it as an (H, W, 3) uint8 array."""
     pipe = LayerDiffPipeline(
-        modules["unet"], params["unet"], modules["vae"], params["vae"], modules["text_encoder"], params["text_encoder"], tokenizer
+        modules["unet"], params["unet"], modules["vae"], params["vae"], modules["text_encoder"], params["text_encoder"], tokenizer,
+        scheduler=scheduler,
     )
     samples = pipe.generate(requests, steps=steps, guidance=guidance, seed=seed, batch_size=len(requests), size=(size, size), progress=False)
     path = write_contact_sheet(samples, Path(path))

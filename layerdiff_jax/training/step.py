@@ -27,7 +27,14 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from layerdiff_jax.diffusion.schedules import NoiseSchedule, add_noise, make_schedule, sample_timesteps
+from layerdiff_jax.diffusion.schedules import (
+    NoiseSchedule,
+    SchedulerConfig,
+    add_noise,
+    sample_noise,
+    sample_timesteps,
+    training_target,
+)
 from layerdiff_jax.models.clip_text import CLIPTextTransformer
 from layerdiff_jax.models.layerdiff import LayerDiffUNet
 from layerdiff_jax.models.vae import AutoencoderKL
@@ -45,8 +52,9 @@ class FrozenEncoders:
     text_encoder: CLIPTextTransformer
 
 
-def schedule_from_config(diffusion: ml_collections.ConfigDict) -> NoiseSchedule:
-    return make_schedule(diffusion.num_train_timesteps, diffusion.beta_start, diffusion.beta_end, diffusion.beta_schedule)
+def scheduler_from_config(diffusion: ml_collections.ConfigDict) -> SchedulerConfig:
+    """The training config's schedule and prediction type, as the model folder records them for sampling."""
+    return SchedulerConfig(**{f.name: diffusion[f.name] for f in dataclasses.fields(SchedulerConfig)})
 
 
 def encode_latents(encoders: FrozenEncoders, vae_params, images, masks, rng: jax.Array | None) -> jax.Array:
@@ -87,15 +95,18 @@ def diffusion_loss(
     rng,
     schedule: NoiseSchedule,
     p_shared: float,
+    noise_offset: float = 0.0,
+    prediction_type: str = "epsilon",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Epsilon-prediction MSE over the image and mask latents of valid layers; (loss, {loss_image, loss_mask})."""
+    """MSE between the model output and its `prediction_type` target (the noise, as SD 1.5 trains, by default)
+    over the image and mask latents of valid layers; (loss, {loss_image, loss_mask})."""
     batch, num_layers = latents.shape[:2]
     k_t, k_noise = jax.random.split(rng)
     timesteps = sample_timesteps(k_t, batch, num_layers, schedule.num_train_timesteps, p_shared)
-    noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
+    noise = sample_noise(k_noise, latents.shape, noise_offset)
     noisy = add_noise(schedule, latents, noise, timesteps)
     pred = model.apply({"params": params}, noisy, timesteps, global_context, layer_context, layer_valid)
-    err = jnp.square(pred.astype(jnp.float32) - noise)
+    err = jnp.square(pred.astype(jnp.float32) - training_target(schedule, latents, noise, timesteps, prediction_type))
     weight = layer_valid.astype(jnp.float32)
     count = jnp.maximum(weight.sum(), 1.0)
     channels = latents.shape[-1] // 2
@@ -121,7 +132,7 @@ def make_train_step(
     `batch` arrays are (grad_accum_steps, global micro-batch, ...) split over data x fsdp on axis 1;
     `empty_context` is the empty prompt's embedding (T, D); metrics are replicated float32 scalars.
     """
-    train, schedule = config.train, schedule_from_config(config.diffusion)
+    train, schedule = config.train, scheduler_from_config(config.diffusion).make_schedule()
     lr_schedule = learning_rate_schedule(train)
 
     def micro_step(params, micro_batch, rng, frozen, empty_context):
@@ -135,7 +146,7 @@ def make_train_step(
         )
         loss_fn = lambda p: diffusion_loss(  # noqa: E731
             model, p, latents, global_context, layer_context, micro_batch["layer_valid"], k_loss, schedule,
-            config.diffusion.p_shared_timestep,
+            config.diffusion.p_shared_timestep, config.diffusion.noise_offset, config.diffusion.prediction_type,
         )
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return grads, {"loss": loss, **metrics}

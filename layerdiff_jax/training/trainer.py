@@ -52,7 +52,7 @@ from layerdiff_jax.training.mesh import batch_size_divisor, global_batch, logica
 from layerdiff_jax.training.metric_writer import MetricWriter
 from layerdiff_jax.training.samples import data_requests, write_sample_grid
 from layerdiff_jax.training.state import abstract_boxed_state, abstract_state, create_train_state, make_optimizer
-from layerdiff_jax.training.step import FrozenEncoders, make_train_step
+from layerdiff_jax.training.step import FrozenEncoders, make_train_step, scheduler_from_config
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +227,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
                 {"unet": model, "vae": vae, "text_encoder": text_encoder},
                 {"unet": params, "vae": vae_params, "text_encoder": text_params},
                 tokenizer,
+                scheduler_from_config(config.diffusion),
                 sample_requests,
                 steps=config.log.sample_steps,
                 guidance=config.log.sample_guidance,
@@ -290,7 +291,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
         # 7. Finish: wait for the checkpoint, export the model folder.
         checkpointer.wait()
         params = gather_to_host(state.ema_params if train_cfg.ema else state.params)
-        model_dir = export_model(workdir / "model", sd_path, model, params) if is_main else None
+        model_dir = export_model(workdir / "model", sd_path, model, params, scheduler_from_config(config.diffusion)) if is_main else None
         _sync("export")
         if is_main:
             log.info("model folder written: %s", model_dir)
