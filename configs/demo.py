@@ -42,12 +42,16 @@ def get_config():
     c.vae.kl_weight = 1e-6
 
     c.train = _shapes_cpu()  # model.sd_path and data.path are filled in by the demo
-    c.train.train.num_steps = 600
+    c.train.train.num_steps = 500  # what fits the 15-minute budget on a 2-core CPU (README, "Demo")
     c.train.train.per_host_batch_size = 8
     # The toy VAE is fitted on posterior means (training/autoencoder.py), its variance is untrained: LayerDiff
     # trains on the means.
     c.train.train.sample_posterior = False
     c.train.train.warmup_steps = 50
+    # Sampling from an average of the last ~100 steps' weights: after 600 steps it scored as well as the raw
+    # weights after 1,200 (colour 0.52 vs 0.51, shape 0.19 vs 0.22, background 0.94 vs 0.92).
+    c.train.train.ema = True
+    c.train.train.ema_decay = 0.99
     # The toy learns text-to-layers from scratch, and with SD's epsilon target it learned to denoise long before
     # it learned to follow prompts (its x0 estimates at t = 999 were ~8x worse than predicting 0, prompt or not).
     # The velocity target weights those high-noise estimates, where colours and shapes are decided, and offset
