@@ -83,7 +83,7 @@ class SchedulerConfig:
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
 
-    def make_schedule(self) -> "NoiseSchedule":
+    def make_schedule(self) -> NoiseSchedule:
         return make_schedule(self.num_train_timesteps, self.beta_start, self.beta_end, self.beta_schedule)
 
     def to_diffusers_config(self) -> dict[str, Any]:

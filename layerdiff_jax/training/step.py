@@ -10,7 +10,9 @@ fix each latent to one posterior sample. Per micro-batch:
 2. prompts: the text encoder embeds the global and layer prompts; 10%/10% of samples (config) have
    their global / all their layer prompts replaced by the empty prompt's embedding;
 3. timesteps: one t for all layers of a sample with probability p_shared, else one per layer;
-4. loss: MSE between the predicted and true noise of the image and mask latents, over valid layers.
+4. loss: MSE between the model output and its target (the noise as SD 1.5 trains, or the velocity or x0:
+   `diffusion.prediction_type`; the noise optionally with per-image offset noise) of the image and mask
+   latents, over valid layers.
 
 Gradients of `grad_accum_steps` micro-batches are averaged in a `lax.scan`, then clipped and applied
 once by the optimizer, and the EMA (if on) follows the new parameters.
