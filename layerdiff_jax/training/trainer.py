@@ -160,6 +160,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     unet_config = UNetConfig.from_diffusers_config(read_config(sd_path / "unet"))
     model = LayerDiffUNet(unet_config, LayerDiffConfig(**config.model.layerdiff), dtype=dtype, attention_impl=impl, remat=config.model.remat)
     tokenizer = load_tokenizer(sd_path)
+    scheduler = scheduler_from_config(config.diffusion)  # recorded with the model, so sampling matches training
     _check_sizes(config, mesh, unet_config, vae.config.downsample_factor)
 
     # 3. Data: each loader batch holds one step's micro-batches for this host.
@@ -227,7 +228,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
                 {"unet": model, "vae": vae, "text_encoder": text_encoder},
                 {"unet": params, "vae": vae_params, "text_encoder": text_params},
                 tokenizer,
-                scheduler_from_config(config.diffusion),
+                scheduler,
                 sample_requests,
                 steps=config.log.sample_steps,
                 guidance=config.log.sample_guidance,
@@ -291,7 +292,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
         # 7. Finish: wait for the checkpoint, export the model folder.
         checkpointer.wait()
         params = gather_to_host(state.ema_params if train_cfg.ema else state.params)
-        model_dir = export_model(workdir / "model", sd_path, model, params, scheduler_from_config(config.diffusion)) if is_main else None
+        model_dir = export_model(workdir / "model", sd_path, model, params, scheduler) if is_main else None
         _sync("export")
         if is_main:
             log.info("model folder written: %s", model_dir)
