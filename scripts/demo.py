@@ -166,4 +166,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 if __name__ == "__main__":
+    from layerdiff_jax.hostmem import reexec_with_huge_page_malloc
+
+    reexec_with_huge_page_malloc()
     app.run(lambda argv: sys.exit(main(argv)))

@@ -64,4 +64,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    from layerdiff_jax.hostmem import reexec_with_huge_page_malloc
+
+    reexec_with_huge_page_malloc()
     app.run(main)
