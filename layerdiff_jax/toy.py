@@ -12,13 +12,13 @@ import tempfile
 from pathlib import Path
 from typing import Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from layerdiff_jax.convert.pipeline import save_converted
 from layerdiff_jax.data.tokenizer import build_toy_tokenizer
 from layerdiff_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer
+from layerdiff_jax.models.init import init_params
 from layerdiff_jax.models.unet import UNet2DConditionModel, UNetConfig
 from layerdiff_jax.models.vae import AutoencoderKL, VAEConfig
 
@@ -52,10 +52,6 @@ def toy_configs(vocab_size: int) -> dict[str, object]:
     }
 
 
-def _init(module: nn.Module, rng: jax.Array, *example) -> dict:
-    return jax.device_get(nn.meta.unbox(jax.jit(module.init)(rng, *example)["params"]))
-
-
 def make_toy_sd(
     output_dir: str | Path,
     *,
@@ -82,7 +78,7 @@ def make_toy_sd(
         "text_encoder": (text, (jnp.zeros((1, 77), jnp.int32),)),
     }
     components = {
-        name: (module, params[name] if name in params else _init(module, key, *example))
+        name: (module, params[name] if name in params else init_params(module, key, *example))
         for key, (name, (module, example)) in zip(keys, examples.items())
     }
     with tempfile.TemporaryDirectory() as staging:  # save_converted copies a tokenizer folder

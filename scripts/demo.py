@@ -64,12 +64,12 @@ def main(argv):
     job_start = time.perf_counter()
 
     import jax
-    import numpy as np
 
     from layerdiff_jax.convert.pipeline import CONVERSION_RECORD
     from layerdiff_jax.data.synthetic import generate_sample, parse_layer_mix
     from layerdiff_jax.data.tfds_builders import build_synthetic, find_dataset_dir
     from layerdiff_jax.evaluation.report import evaluate_samples, format_table
+    from layerdiff_jax.models.init import init_params
     from layerdiff_jax.models.vae import AutoencoderKL
     from layerdiff_jax.sampling.outputs import write_contact_sheet, write_sample
     from layerdiff_jax.sampling.sampler import LayerDiffPipeline
@@ -98,13 +98,9 @@ def main(argv):
         images = autoencoder.collect_images(
             generate_sample(config.data.seed, i, resolution=config.data.resolution) for i in range(config.vae.num_samples)
         )
-        params = jax.device_get(
-            jax.jit(vae.init)(jax.random.key(config.train.seed), autoencoder.to_model_range(images[:1]))["params"]
-        )
-        import flax.linen as nn
-
+        params = init_params(vae, jax.random.key(config.train.seed), autoencoder.to_model_range(images[:1]))
         params, losses = autoencoder.fit_vae(
-            vae, nn.meta.unbox(params), images,
+            vae, params, images,
             autoencoder.VAEFitConfig(
                 steps=config.vae.steps, batch_size=config.vae.batch_size, crop=config.vae.crop,
                 min_content=config.vae.min_content, learning_rate=config.vae.learning_rate,

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from layerdiff_jax.convert.core import abstract_params
+from layerdiff_jax.models.init import abstract_params
 from layerdiff_jax.convert.layerdiff import save_layerdiff
 from layerdiff_jax.data.tokenizer import build_toy_tokenizer
 from layerdiff_jax.diffusion.schedules import SchedulerConfig

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 
 from layerdiff_jax.data.synthetic import generate_sample
+from layerdiff_jax.models.init import init_params
 from layerdiff_jax.models.vae import AutoencoderKL, VAEConfig
 from layerdiff_jax.training import autoencoder
 
@@ -28,9 +29,9 @@ def test_content_crops_prefer_crops_with_content():
 def test_fit_vae_lowers_reconstruction_error():
     vae = AutoencoderKL(VAEConfig(block_out_channels=(8, 8), norm_num_groups=4, latent_channels=4))
     images = autoencoder.collect_images(generate_sample(0, i, resolution=16) for i in range(4))
-    params = jax.jit(vae.init)(jax.random.key(0), autoencoder.to_model_range(images[:1]))["params"]
+    params = init_params(vae, jax.random.key(0), autoencoder.to_model_range(images[:1]))
     config = autoencoder.VAEFitConfig(steps=40, batch_size=8, crop=16, learning_rate=3e-3)
-    params, losses = autoencoder.fit_vae(vae, jax.device_get(params), images, config, progress=False)
+    params, losses = autoencoder.fit_vae(vae, params, images, config, progress=False)
     assert losses[-1][1] < 0.7 * losses[0][1]
     scale = autoencoder.latent_scaling_factor(vae, params, images)
     assert np.isfinite(scale) and scale > 0

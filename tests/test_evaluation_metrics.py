@@ -14,7 +14,8 @@ import pytest
 import scipy.linalg
 import torch
 
-from layerdiff_jax.convert.core import ConversionError, abstract_params
+from layerdiff_jax.convert.core import ConversionError
+from layerdiff_jax.models.init import abstract_params
 from layerdiff_jax.data.layers import write_sample_folder
 from layerdiff_jax.data.synthetic import generate_sample
 from layerdiff_jax.data.tokenizer import build_toy_tokenizer

@@ -1,13 +1,12 @@
 """The LayerDiff UNet: identity to SD at initialisation, padding, permutation, gradients, variants, bf16."""
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from layerdiff_jax.convert.core import abstract_params
+from layerdiff_jax.models.init import abstract_params
 from layerdiff_jax.models.layerdiff import LayerDiffConfig, LayerDiffUNet, init_from_sd
 from layerdiff_jax.models.unet import UNet2DConditionModel, UNetConfig
 
@@ -24,9 +23,8 @@ TINY = UNetConfig(
 
 
 def _randomize(params, seed, scale=0.1):
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(treedef, [np.asarray(jax.random.normal(k, np.shape(x))) * scale for k, x in zip(keys, leaves)])
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: (rng.standard_normal(np.shape(x)) * scale).astype(np.float32), params)
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ def test_two_processes_train_and_single_process_restores(tmp_path):
     processes = [
         subprocess.Popen(
             train_command(config, workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"),
-            env=subprocess_env(devices=2),
+            env=subprocess_env(devices=2, fast_compile=True),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -68,7 +68,7 @@ print("REPORT" + json.dumps(report))
 
 def _start(devices, sd, data, root, shapes):
     cmd = [sys.executable, "-c", RUNNER, str(sd), str(data), str(root), json.dumps(shapes)]
-    return subprocess.Popen(cmd, env=subprocess_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, env=subprocess_env(devices, fast_compile=True), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _report(process):

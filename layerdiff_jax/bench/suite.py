@@ -29,7 +29,7 @@ from layerdiff_jax.diffusion.ddim import ddim_sample, ddim_timesteps
 from layerdiff_jax.diffusion.guidance import guided_model_fn
 from layerdiff_jax.diffusion.schedules import make_schedule
 from layerdiff_jax.models.clip_text import CLIPTextConfig
-from layerdiff_jax.models.layerdiff import LayerDiffConfig, LayerDiffUNet, init_from_sd
+from layerdiff_jax.models.layerdiff import LayerDiffConfig, init_from_sd
 from layerdiff_jax.models.unet import UNet2DConditionModel, UNetConfig
 from layerdiff_jax.models.vae import AutoencoderKL, VAEConfig
 

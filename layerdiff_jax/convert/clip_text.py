@@ -8,6 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from layerdiff_jax.convert import core
+from layerdiff_jax.models.init import abstract_params
 from layerdiff_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer
 
 _ATTENTION_NAMES = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "out_proj": "to_out.0"}
@@ -30,7 +31,7 @@ def rename_text_encoder_key(key: str) -> str | None:
 
 def abstract_text_encoder_params(model: CLIPTextTransformer) -> dict:
     """The text encoder's parameter shapes, without allocating."""
-    return core.abstract_params(model, jnp.zeros((1, model.config.max_position_embeddings), jnp.int32))
+    return abstract_params(model, jnp.zeros((1, model.config.max_position_embeddings), jnp.int32))
 
 
 def load_text_encoder(

@@ -17,7 +17,6 @@ from typing import Any, Callable, Iterable, Mapping
 
 import flax
 import flax.linen as nn
-import jax
 import numpy as np
 
 # File names, in order of preference, that hold a component's PyTorch weights.
@@ -92,12 +91,6 @@ def read_torch_weights(folder: str | Path) -> dict[str, np.ndarray]:
         if (folder / name).is_file():
             return load_torch_file(folder / name)
     raise FileNotFoundError(f"{folder} holds none of {', '.join(TORCH_WEIGHT_FILES)} or {FLAX_PARAMS_FILE}")
-
-
-def abstract_params(module: nn.Module, *example_args, **example_kwargs) -> dict:
-    """The module's parameter tree as ShapeDtypeStructs (nothing allocated), logical-axis boxes removed."""
-    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), *example_args, **example_kwargs))
-    return nn.meta.unbox(variables["params"])
 
 
 def _module_path(torch_path: str) -> tuple[str, ...]:

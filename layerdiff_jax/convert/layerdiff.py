@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from layerdiff_jax.convert import core
+from layerdiff_jax.models.init import abstract_params
 from layerdiff_jax.diffusion.schedules import SchedulerConfig
 from layerdiff_jax.models.layerdiff import LayerDiffConfig, LayerDiffUNet
 from layerdiff_jax.models.unet import UNetConfig
@@ -70,5 +71,5 @@ def load_layerdiff(
     folder = Path(folder)
     component = folder / LAYERDIFF_DIR if (folder / LAYERDIFF_DIR).is_dir() else folder
     model = build_layerdiff(core.read_config(component), dtype=dtype, attention_impl=attention_impl, remat=remat)
-    target = core.abstract_params(model, *model.example_inputs())
+    target = abstract_params(model, *model.example_inputs())
     return model, core.load_flax_params(component / core.FLAX_PARAMS_FILE, target)

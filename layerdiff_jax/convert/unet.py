@@ -7,6 +7,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from layerdiff_jax.convert import core
+from layerdiff_jax.models.init import abstract_params
 from layerdiff_jax.models.unet import UNet2DConditionModel, UNetConfig
 
 
@@ -20,7 +21,7 @@ def abstract_unet_params(unet: UNet2DConditionModel) -> dict:
     """The UNet's parameter tree as ShapeDtypeStructs (nothing allocated); parameter shapes don't depend on
     the latent size, so a 1x8x8 example suffices."""
     c = unet.config
-    return core.abstract_params(
+    return abstract_params(
         unet,
         jnp.zeros((1, 8, 8, c.in_channels), jnp.float32),
         jnp.zeros((1,), jnp.int32),

@@ -8,6 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from layerdiff_jax.convert import core
+from layerdiff_jax.models.init import abstract_params
 from layerdiff_jax.models.vae import AutoencoderKL, VAEConfig
 
 # diffusers < 0.14 named the mid-block attention's projections like this; many SD-1.5 downloads still do.
@@ -26,7 +27,7 @@ def rename_vae_key(key: str) -> str:
 def abstract_vae_params(model: AutoencoderKL) -> dict:
     """The VAE's parameter shapes, without allocating (the smallest image the encoder accepts)."""
     size = model.config.downsample_factor
-    return core.abstract_params(model, jnp.zeros((1, size, size, model.config.in_channels)))
+    return abstract_params(model, jnp.zeros((1, size, size, model.config.in_channels)))
 
 
 def load_vae(path: str | Path, *, dtype: Any = jnp.float32, attention_impl: str = "xla") -> tuple[AutoencoderKL, dict]:

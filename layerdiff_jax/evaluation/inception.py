@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from layerdiff_jax.convert.core import abstract_params, convert_state_dict, load_torch_file
+from layerdiff_jax.convert.core import convert_state_dict, load_torch_file
+from layerdiff_jax.models.init import abstract_params
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048

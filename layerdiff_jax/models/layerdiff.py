@@ -22,6 +22,7 @@ import numpy as np
 
 from layerdiff_jax.models import layers
 from layerdiff_jax.models.attention import Attention
+from layerdiff_jax.models.init import abstract_params, init_params
 from layerdiff_jax.models.unet import UNet2DConditionModel, UNetConfig
 from layerdiff_jax.models.unet_blocks import TRANSFORMER_LAYER_NORM_EPS, FeedForward
 
@@ -234,17 +235,19 @@ def init_from_sd(unet_module: UNet2DConditionModel, unet_params, config: LayerDi
     model = LayerDiffUNet(
         unet_module.config, config, dtype=unet_module.dtype, attention_impl=unet_module.attention_impl, remat=unet_module.remat
     )
-    fresh = nn.meta.unbox(jax.jit(model.init)(rng, *model.example_inputs())["params"])
-    params = flax.traverse_util.flatten_dict(fresh)
+    is_sd = lambda path: path[0] == "unet" and not any(name.startswith("layer_attentions_") for name in path)  # noqa: E731
+    shapes = flax.traverse_util.flatten_dict(abstract_params(model, *model.example_inputs()))
+    # Only the new parameters are drawn: SD's are copied over anyway.
+    params = init_params(model, rng, *model.example_inputs(), keep=lambda path: not is_sd(path))
     sd = flax.traverse_util.flatten_dict(dict(unet_params))
     for key, value in sd.items():
         target = ("unet", *key)
-        if target not in params:
+        if target not in shapes:
             raise ValueError(f"SD UNet parameter {'/'.join(key)} has no place in the LayerDiff model (is it an SD-1.x UNet?)")
-        if tuple(params[target].shape) != tuple(np.shape(value)):
-            raise ValueError(f"SD UNet parameter {'/'.join(key)} has shape {np.shape(value)}, LayerDiff expects {params[target].shape}")
+        if tuple(shapes[target].shape) != tuple(np.shape(value)):
+            raise ValueError(f"SD UNet parameter {'/'.join(key)} has shape {np.shape(value)}, LayerDiff expects {shapes[target].shape}")
         params[target] = value
-    missing = [k for k in params if k[0] == "unet" and "layer_attentions" not in "/".join(k) and k[1:] not in sd]
+    missing = [k for k in shapes if is_sd(k) and k[1:] not in sd]
     if missing:
         raise ValueError(f"SD UNet parameters missing: {', '.join('/'.join(k[1:]) for k in missing[:10])}")
     for leaf in ("kernel", "bias"):

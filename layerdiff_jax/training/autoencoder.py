@@ -16,7 +16,7 @@ crops of layers and masks: 0.36, 0.89, 0.48.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
