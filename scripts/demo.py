@@ -112,13 +112,25 @@ def main(argv):
         make_toy_sd(sd_dir, seed=config.train.seed, params={"vae": params}, vae_scaling_factor=scale, overwrite=True)
     _done(start, timings, "toy_vae_s")
 
-    # 3. Train LayerDiff.
-    start = _stage(f"3/5 LayerDiff training: {config.train.train.num_steps} steps, batch {config.train.train.per_host_batch_size}")
+    # 3. Train LayerDiff, for the time the budget leaves.
     train_config = config.train.copy_and_resolve_references()
+    limit = ""
+    if config.time_budget_s:
+        left = config.time_budget_s - (time.perf_counter() - job_start) - config.sampling_reserve_s
+        if left <= 0:
+            raise SystemExit(
+                f"the data and VAE stages took {time.perf_counter() - job_start:.0f} s of the {config.time_budget_s:g} s "
+                f"budget, leaving no time to train: raise --config.time_budget_s or set it to 0 to train num_steps"
+            )
+        train_config.train.time_limit_s = left
+        limit = f" or {left:.0f} s, whichever comes first"
+    start = _stage(f"3/5 LayerDiff training: {train_config.train.num_steps} steps{limit}, batch {train_config.train.per_host_batch_size}")
     train_config.model.sd_path = str(sd_dir)
     train_config.data.path = str(find_dataset_dir(data_dir))
     train_config.data.resolution = config.data.resolution
     result = train(train_config, out / "train")
+    if result.out_of_time:
+        print(f"   stopped at step {result.step} to leave time for sampling")
     _done(start, timings, "train_s")
 
     # 4. Sample.
@@ -145,6 +157,7 @@ def main(argv):
     losses = [row["loss"] for row in _read_jsonl(out / "train" / "metrics.jsonl") if "loss" in row]
     metrics["demo"] = {
         "timings_s": timings,
+        "train_steps": result.step,
         "peak_rss_gib": round(peak_rss_gib, 2),
         "train_loss_first_last": [losses[0], losses[-1]] if losses else None,
         "config": json.loads(config.to_json_best_effort()),

@@ -7,8 +7,9 @@
 Override any config field with --config.<field>=<value>. A run resumes from the latest checkpoint in its
 workdir unless --noresume. Several processes: jax.distributed starts from --coordinator_address,
 --num_processes, --process_id (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), or by
-itself on a multi-host Cloud TPU slice or a SLURM job. Exit status: 0 when the run finished or stopped on
-SIGTERM after its checkpoint, 1 on a non-finite loss, 2 on a bad config or a missing input.
+itself on a multi-host Cloud TPU slice or a SLURM job. Exit status: 0 when the run finished, or stopped on
+SIGTERM or at config.train.time_limit_s after its checkpoint, 1 on a non-finite loss, 2 on a bad config or a
+missing input.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def main(argv: list[str]) -> int:
     except NonFiniteLossError as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 1
-    how = "stopped on request" if result.stopped_early else "finished"
+    how = "stopped on request" if result.stopped_early else "stopped at the time limit" if result.out_of_time else "finished"
     print(f"{how} at step {result.step}" + (f"; model folder: {result.model_dir}" if result.model_dir else ""))
     return 0
 

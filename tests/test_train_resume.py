@@ -6,7 +6,8 @@ in 4 of 5 runs on this machine the final states were bit-identical. One run, und
 jobs on its 2 cores, differed from step 7 on in the last bits (at most 1e-8 absolute); the cause was
 not pinned down, so the comparison allows float32 rounding (rtol 1e-5). A lost piece of state or a
 shifted data stream shows up as differences of 1e-3 or more in the losses and parameters.
-Also here: a non-finite loss stops the run with a clear message and keeps the last good checkpoint.
+Also here: the time limit stops a run as SIGTERM does, and a non-finite loss stops the run with a clear message
+and keeps the last good checkpoint.
 """
 
 import json
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 
 from layerdiff_jax.convert.layerdiff import load_layerdiff
+from layerdiff_jax.training.trainer import train
 from train_support import make_micro_data, make_micro_sd, micro_config, restore_checkpoint, subprocess_env, train_command, wait_for
 
 STEPS = 12
@@ -111,6 +113,14 @@ def test_interrupted_runs_resume_to_the_same_state(micro, tmp_path):
     for key in exported:
         np.testing.assert_array_equal(exported[key], ema[key], err_msg=key)
     assert max(np.abs(ema[k] - params[k]).max() for k in params) > 0
+
+
+def test_time_limit_stops_with_a_checkpoint_and_the_model(micro, tmp_path):
+    config = _config(micro, time_limit_s=1e-6)  # out of time as soon as the first step is done
+    result = train(config, tmp_path)
+    assert result.out_of_time and not result.stopped_early and result.step == 1
+    assert _saved_steps(tmp_path) == [1] and _logged_steps(tmp_path) == [1]
+    assert (result.model_dir / "layerdiff").is_dir()
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(micro, tmp_path):

@@ -80,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.sample_posterior = True  # VAE latents drawn from the posterior (as SD trains), else its mean
     c.train.ema = False
     c.train.ema_decay = 0.9999
+    # Stop once the run has lasted this long (set-up and compilation included), with a checkpoint and the model
+    # folder as on SIGTERM; a rerun resumes for another time_limit_s. 0: train num_steps.
+    c.train.time_limit_s = 0.0
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 takes the remaining devices
@@ -169,6 +172,7 @@ RULES: dict[str, _Rule] = {
     "train.global_prompt_dropout": _PROBABILITY,
     "train.layer_prompt_dropout": _PROBABILITY,
     "train.ema_decay": _Rule(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    "train.time_limit_s": _NON_NEGATIVE,
     "mesh.shape": _Rule(_mesh_shape, f"must be {len(MESH_AXES)} positive ints {MESH_AXES}, at most one of them -1"),
     "checkpoint.every_steps": _POSITIVE,
     "checkpoint.max_to_keep": _POSITIVE,

@@ -5,7 +5,7 @@
 3. data        grain loader over the built (or synthetic) dataset; one loader batch = one step's micro-batches
 4. state       abstract state -> shardings; restored from the latest checkpoint, or initialised from SD
 5. step        the jitted train step (`step.py`)
-6. loop        steps, metrics, checkpoints, sample grids, SIGTERM, non-finite loss
+6. loop        steps, metrics, checkpoints, sample grids, SIGTERM, the time limit, non-finite loss
 7. finish      last checkpoint, model folder export (`workdir/model/`)
 
 Everything the run writes lives in `workdir`: checkpoints/, model/, metrics.jsonl, tensorboard/, config.json,
@@ -65,6 +65,7 @@ class NonFiniteLossError(FloatingPointError):
 class TrainResult:
     step: int  # optimizer updates done
     stopped_early: bool  # by SIGTERM / preemption, after saving a checkpoint
+    out_of_time: bool  # stopped at config.train.time_limit_s, after saving a checkpoint
     model_dir: Path | None  # the exported LayerDiff model folder (None on processes other than the main one)
     state: Any  # the final TrainState (global arrays on the mesh)
 
@@ -137,8 +138,20 @@ def _micro_batches(batch: dict[str, np.ndarray], accum: int, resolution: int) ->
     return {key: value.reshape(accum, -1, *value.shape[1:]) for key, value in batch.items()}
 
 
+def _time_limit(train_cfg: ml_collections.ConfigDict, log_every: int):
+    """step -> whether the run is out of time; every process answers alike at the same step."""
+    if not train_cfg.time_limit_s:
+        return lambda step: False
+    deadline = time.monotonic() + train_cfg.time_limit_s
+    if jax.process_count() == 1:
+        return lambda step: time.monotonic() >= deadline
+    # Process 0's clock decides, asked on log steps only: the broadcast waits for the devices.
+    return lambda step: step % log_every == 0 and bool(multihost_utils.broadcast_one_to_all(time.monotonic() >= deadline))
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: bool = True) -> TrainResult:
     config = validate_config(config)
+    out_of_time = _time_limit(config.train, config.log.every_steps)
     workdir = Path(workdir).absolute()
     is_main = jax.process_index() == 0
     if is_main:
@@ -262,7 +275,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
             interval.clear()
             interval_start = time.perf_counter()
 
-    step, stopped_early = start, False
+    step, stopped_early, timed_out = start, False, False
     try:
         with StopRequest(checkpointer) as stop_requested:
             while step < train_cfg.num_steps:
@@ -274,15 +287,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
                     check_and_log(*unchecked)
                 unchecked = (step, metrics)
                 stopped_early = stop_requested(step)
-                save = stopped_early or step % config.checkpoint.every_steps == 0 or step == train_cfg.num_steps
+                timed_out = not stopped_early and step < train_cfg.num_steps and out_of_time(step)
+                save = stopped_early or timed_out or step % config.checkpoint.every_steps == 0 or step == train_cfg.num_steps
                 sample = bool(config.log.sample_every_steps) and step % config.log.sample_every_steps == 0
                 if save or sample:
                     check_and_log(*unchecked)
                     unchecked = None
                 if save:
                     checkpointer.save(step, state, data_iterator)
-                if stopped_early:
-                    log.warning("stopped at step %d on request; checkpoint saved", step)
+                if stopped_early or timed_out:
+                    why = "on request" if stopped_early else f"at the time limit ({train_cfg.time_limit_s:g} s)"
+                    log.warning("stopped at step %d %s; checkpoint saved", step, why)
                     break
                 if sample:
                     write_samples(step)
@@ -296,7 +311,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
         _sync("export")
         if is_main:
             log.info("model folder written: %s", model_dir)
-        return TrainResult(step=step, stopped_early=stopped_early, model_dir=model_dir, state=state)
+        return TrainResult(step=step, stopped_early=stopped_early, out_of_time=timed_out, model_dir=model_dir, state=state)
     finally:
         progress.close()
         writer.close()
