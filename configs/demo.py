@@ -47,7 +47,7 @@ def get_config():
     c.vae.kl_weight = 1e-6
 
     c.train = _shapes_cpu()  # model.sd_path and data.path are filled in by the demo
-    c.train.train.num_steps = 1500  # at most: on a 2-core CPU the time budget stops training near step 450
+    c.train.train.num_steps = 1500  # at most: on a 2-core CPU the time budget stops training near step 600
     c.train.train.per_host_batch_size = 8
     # 3x shapes_cpu's rate: on a GPU (same recipe, 48 requests) colour after 500 steps was 0.52 at 3e-3 against
     # 0.43 at 1e-3, and 0.71 against 0.68 after 1,000.
