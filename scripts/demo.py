@@ -88,6 +88,8 @@ def main(argv):
             data_dir, num_train=config.data.num_train, num_test=0, resolution=config.data.resolution,
             seed=config.data.seed, layer_mix=parse_layer_mix(config.data.layer_mix),
         )
+    else:
+        print(f"   reusing {data_dir}")
     _done(start, timings, "data_s")
 
     # 2. Toy SD: fit the VAE on layers and masks, then write VAE + random CLIP text encoder + UNet + tokenizer.
@@ -110,6 +112,8 @@ def main(argv):
         scale = autoencoder.latent_scaling_factor(vae, params, images[:1024])
         print(f"   reconstruction L1 {losses[-1][1]:.4f}; latent scaling factor {scale:.4f}")
         make_toy_sd(sd_dir, seed=config.train.seed, params={"vae": params}, vae_scaling_factor=scale, overwrite=True)
+    else:
+        print(f"   reusing {sd_dir}")
     _done(start, timings, "toy_vae_s")
 
     # 3. Train LayerDiff, for the time the budget leaves.
