@@ -120,10 +120,11 @@ def main(argv):
     train_config = config.train.copy_and_resolve_references()
     limit = ""
     if config.time_budget_s:
-        left = config.time_budget_s - (time.perf_counter() - job_start) - config.sampling_reserve_s
+        elapsed = time.perf_counter() - job_start
+        left = config.time_budget_s - elapsed - config.sampling_reserve_s
         if left <= 0:
             raise SystemExit(
-                f"the data and VAE stages took {time.perf_counter() - job_start:.0f} s of the {config.time_budget_s:g} s "
+                f"the data and VAE stages took {elapsed:.0f} s of the {config.time_budget_s:g} s "
                 f"budget, leaving no time to train: raise --config.time_budget_s or set it to 0 to train num_steps"
             )
         train_config.train.time_limit_s = left

@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from layerdiff_jax.models.init import abstract_params
 from layerdiff_jax.convert.layerdiff import save_layerdiff
 from layerdiff_jax.data.tokenizer import build_toy_tokenizer
 from layerdiff_jax.diffusion.schedules import SchedulerConfig
 from layerdiff_jax.models.clip_text import CLIPTextTransformer
+from layerdiff_jax.models.init import abstract_params
 from layerdiff_jax.models.layerdiff import LayerDiffConfig, LayerDiffUNet
 from layerdiff_jax.models.unet import UNet2DConditionModel
 from layerdiff_jax.models.vae import AutoencoderKL

@@ -15,7 +15,6 @@ import scipy.linalg
 import torch
 
 from layerdiff_jax.convert.core import ConversionError
-from layerdiff_jax.models.init import abstract_params
 from layerdiff_jax.data.layers import write_sample_folder
 from layerdiff_jax.data.synthetic import generate_sample
 from layerdiff_jax.data.tokenizer import build_toy_tokenizer
@@ -28,6 +27,7 @@ from layerdiff_jax.evaluation.inception import (
     load_inception,
     resize_bilinear_tf1,
 )
+from layerdiff_jax.models.init import abstract_params
 
 ROOT = Path(__file__).resolve().parents[1]
 

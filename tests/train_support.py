@@ -23,6 +23,7 @@ from layerdiff_jax.convert.pipeline import save_converted
 from layerdiff_jax.data.tfds_builders import build_synthetic
 from layerdiff_jax.data.tokenizer import build_toy_tokenizer
 from layerdiff_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer
+from layerdiff_jax.models.init import FAST_COMPILE
 from layerdiff_jax.models.unet import UNet2DConditionModel, UNetConfig
 from layerdiff_jax.models.vae import AutoencoderKL, VAEConfig
 from layerdiff_jax.training.config import base_config
@@ -137,14 +138,14 @@ def train_command(config, workdir: Path, *extra: str) -> list[str]:
 # Without XLA's backend optimisations a micro training step compiles faster but runs 10x slower (5 s instead
 # of 0.5 s): worth it for runs of a few steps on 8 devices (sharding: 143 s instead of 193 s for the test), not
 # for 12 steps on one (resume: 254 s instead of 130 s).
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+FAST_COMPILE_FLAGS = " ".join(f"--{name}={str(value).lower()}" for name, value in FAST_COMPILE.items())
 
 
 def subprocess_env(devices: int = 1, compilation_cache: Path | None = None, fast_compile: bool = False) -> dict[str, str]:
     """The environment of a training subprocess: `devices` CPU devices, optionally fast compilation and a
     persistent compilation cache shared by runs that compile the same programs."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}" + (f" {FAST_COMPILE}" if fast_compile else "")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}" + (f" {FAST_COMPILE_FLAGS}" if fast_compile else "")
     env["JAX_PLATFORMS"] = "cpu"
     if compilation_cache is not None:
         env["JAX_COMPILATION_CACHE_DIR"] = str(compilation_cache)

@@ -8,8 +8,8 @@ from typing import Any
 import jax.numpy as jnp
 
 from layerdiff_jax.convert import core
-from layerdiff_jax.models.init import abstract_params
 from layerdiff_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer
+from layerdiff_jax.models.init import abstract_params
 
 _ATTENTION_NAMES = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "out_proj": "to_out.0"}
 

@@ -17,8 +17,8 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from layerdiff_jax.convert import core
-from layerdiff_jax.models.init import abstract_params
 from layerdiff_jax.diffusion.schedules import SchedulerConfig
+from layerdiff_jax.models.init import abstract_params
 from layerdiff_jax.models.layerdiff import LayerDiffConfig, LayerDiffUNet
 from layerdiff_jax.models.unet import UNetConfig
 

@@ -1,9 +1,10 @@
 """Parameters of a module: their shapes, or random initial values compiled cheaply.
 
-`abstract_params` traces `module.init` without running it. A jitted `module.init` draws every parameter with its own threefry program, and on CPU XLA spent ~20 s
-compiling the toy LayerDiff's init at full optimisation (measured on a 2-core Xeon). Initialisation runs once,
-so its program is compiled without backend optimisation (3 s), and parameters the caller will overwrite
-(`keep`) are dropped before compilation so XLA never sees their initialisers.
+`abstract_params` traces `module.init` without running it. A jitted `module.init` draws every parameter with
+its own threefry program, and on CPU XLA spent ~20 s compiling the toy LayerDiff's init at full optimisation
+(measured on a 2-core Xeon). Initialisation runs once, so its program is compiled without backend optimisation
+(3 s), and parameters the caller will overwrite (`keep`) are dropped before compilation so XLA never sees
+their initialisers.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import flax.linen as nn
 import jax
 
 # DebugOptions are XLA's, not a backend's, but only CPU compilation was measured: elsewhere the defaults stay.
-_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def abstract_params(module: nn.Module, *example_args, **example_kwargs) -> dict:
@@ -34,5 +35,5 @@ def init_params(module: nn.Module, rng: jax.Array, *example, keep: Callable[[tup
             return params
         return {path: value for path, value in flax.traverse_util.flatten_dict(params).items() if keep(path)}
 
-    options = _FAST_COMPILE if jax.default_backend() == "cpu" else None
+    options = FAST_COMPILE if jax.default_backend() == "cpu" else None
     return jax.device_get(jax.jit(init).lower(rng).compile(compiler_options=options)(rng))
