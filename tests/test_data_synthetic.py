@@ -7,6 +7,7 @@ from layerdiff_jax.data.synthetic import (
     PALETTE,
     PATTERNS,
     SHAPES,
+    SIZE_RANGE,
     darker,
     generate_sample,
     parse_background_prompt,
@@ -69,7 +70,7 @@ def test_prompts_name_what_is_drawn_and_masks_do_not_overlap(index):
         # Drawn inside its recorded box, which is 15%..45% of the side and inside the frame.
         box = s.metadata["foregrounds"][i - 1]
         top, left, size = box["top"], box["left"], box["size"]
-        assert 0.15 * RESOLUTION <= size <= 0.45 * RESOLUTION
+        assert SIZE_RANGE[0] * RESOLUTION <= size <= SIZE_RANGE[1] * RESOLUTION
         assert top >= 0 and left >= 0 and top + size <= RESOLUTION and left + size <= RESOLUTION
         rows, cols = np.nonzero(inside)
         assert top <= rows.min() and rows.max() < top + size and left <= cols.min() and cols.max() < left + size

@@ -19,7 +19,7 @@ from layerdiff_jax.evaluation import prompt_following as pf
 from layerdiff_jax.evaluation.shapes import IRREGULAR, classify_shape, template_ious
 
 RES = 64
-SIZES = range(10, 29)  # the 64 px dataset's shape sizes: SIZE_RANGE (0.15, 0.45) of 64 px
+SIZES = range(10, 29)  # 10 to 28 px: the 64 px dataset's shape sizes (SIZE_RANGE of 64 px) and smaller
 
 
 @pytest.fixture(scope="module")

@@ -397,7 +397,7 @@ def bench_layers(settings: BenchSettings, sd: SDComponents) -> list[Row]:
     from layerdiff_jax.training.config import base_config
     from layerdiff_jax.training.mesh import global_batch, logical_shardings, make_mesh, put_global
     from layerdiff_jax.training.state import abstract_boxed_state, abstract_state, create_train_state, make_optimizer
-    from layerdiff_jax.training.step import FrozenEncoders, diffusion_loss, make_train_step, scheduler_from_config
+    from layerdiff_jax.training.step import FrozenEncoders, diffusion_loss, layerdiff_micro_loss, make_train_step, scheduler_from_config
 
     b = settings.layers
     device = jax.devices()[0]
@@ -426,7 +426,8 @@ def bench_layers(settings: BenchSettings, sd: SDComponents) -> list[Row]:
     frozen_shardings = logical_shardings(frozen_boxed, mesh)
     frozen = put_global({"vae": vae_params, "text_encoder": text_params}, frozen_shardings)
     empty_context = jax.jit(text_encoder.apply)({"params": text_params}, sd.tokenizer([""]))[0]
-    step = make_train_step(model, FrozenEncoders(vae, text_encoder), tx, config, mesh, state_shardings, frozen_shardings)
+    micro_loss = layerdiff_micro_loss(model, FrozenEncoders(vae, text_encoder), config)
+    step = make_train_step(micro_loss, tx, config, mesh, state_shardings, frozen_shardings)
     schedule = scheduler_from_config(config.diffusion).make_schedule()
 
     rows, rng = [], np.random.default_rng(0)

@@ -36,14 +36,19 @@ def save_layerdiff(folder: str | Path, model: LayerDiffUNet, params: Mapping, sc
     out.mkdir(parents=True, exist_ok=True)
     core.save_flax_params(params, out / core.FLAX_PARAMS_FILE)
     (out / core.CONFIG_FILE).write_text(json.dumps(layerdiff_config_dict(model), indent=2) + "\n")
-    scheduler_dir = Path(folder) / SCHEDULER_DIR
-    scheduler_dir.mkdir(exist_ok=True)
-    (scheduler_dir / SCHEDULER_FILE).write_text(json.dumps(scheduler.to_diffusers_config(), indent=2) + "\n")
+    save_scheduler_config(folder, scheduler)
     return out
 
 
+def save_scheduler_config(folder: str | Path, scheduler: SchedulerConfig) -> None:
+    """Writes `folder/scheduler/scheduler_config.json` (a diffusers DDIMScheduler config)."""
+    scheduler_dir = Path(folder) / SCHEDULER_DIR
+    scheduler_dir.mkdir(exist_ok=True)
+    (scheduler_dir / SCHEDULER_FILE).write_text(json.dumps(scheduler.to_diffusers_config(), indent=2) + "\n")
+
+
 def load_scheduler_config(folder: str | Path) -> SchedulerConfig:
-    """The `SchedulerConfig` of a LayerDiff model folder; SD 1.5's when it has no `scheduler/` (older exports)."""
+    """The `SchedulerConfig` of a LayerDiff model or SD folder; SD 1.5's when it has no `scheduler/`."""
     path = Path(folder) / SCHEDULER_DIR / SCHEDULER_FILE
     if not path.is_file():
         return SchedulerConfig()

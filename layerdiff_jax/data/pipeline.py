@@ -9,7 +9,15 @@ Each batch (per host, `B = batch_size`, `L = max_layers`) is a dict ready for
     global_ids   int32   (B, T)       T = tokenizer.max_length (77)
     layer_ids    int32   (B, L, T)
 
-Padded layers are zero images and masks with the empty prompt's ids. The iterator of the returned
+Padded layers are zero images and masks with the empty prompt's ids.
+
+For pretraining a plain text-to-image model (the toy base), `flat_views` turns each layered record into one
+flat image with its prompt, never showing a mask or a layer (`ToFlatImage`):
+
+    images       float32 (B, H, W, 3) in [-1, 1]
+    ids          int32   (B, T)
+
+The iterator of the returned
 `grain.DataLoader` is checkpointable (`get_state()` / `set_state()`, or orbax's grain handlers), and a
 restored iterator continues the same stream.
 """
@@ -24,9 +32,12 @@ import jax
 import numpy as np
 from absl import flags
 
-from layerdiff_jax.data.layers import background_mask
+from layerdiff_jax.data.layers import DataError, LayeredSample, background_mask
+from layerdiff_jax.data.synthetic import PALETTE, background_prompt, global_prompt, parse_foreground_prompt
 from layerdiff_jax.data.tfds_builders import open_data_source, record_to_sample
 from layerdiff_jax.data.tokenizer import PromptTokenizer
+
+FLAT_VIEWS = ("composite", "background", "object")
 
 
 class ToLayerArrays(grain.MapTransform):
@@ -62,9 +73,65 @@ class ToLayerArrays(grain.MapTransform):
         }
 
 
+def parse_flat_views(text: str) -> dict[str, float]:
+    """'composite:0.5,background:0.2,object:0.3' -> {view: probability} (normalised)."""
+    views = {}
+    for part in text.split(","):
+        name, _, weight = part.partition(":")
+        try:
+            views[name.strip()] = float(weight)
+        except ValueError:
+            raise ValueError(f"flat views {text!r}: expected 'view:weight,...' with views from {FLAT_VIEWS}") from None
+    unknown = sorted(set(views) - set(FLAT_VIEWS))
+    if unknown or any(w < 0 for w in views.values()) or sum(views.values()) <= 0:
+        raise ValueError(f"flat views {text!r}: views must come from {FLAT_VIEWS}, with weights >= 0 summing > 0")
+    total = sum(views.values())
+    return {name: w / total for name, w in views.items()}
+
+
+def single_object_view(sample: LayeredSample, layer: int, background_colour: str) -> tuple[np.ndarray, str]:
+    """Foreground `layer` (1-based) alone on a plain background of a palette colour, and its prompt
+    ('a red circle on a blue background'). The layer prompt must be of the synthetic vocabulary."""
+    if parse_foreground_prompt(sample.layer_prompts[layer]) is None:
+        raise DataError(
+            f"single-object views need foreground prompts of the synthetic vocabulary ('a red circle'), "
+            f"got {sample.layer_prompts[layer]!r}"
+        )
+    mask = sample.masks[layer - 1][..., None].astype(np.float32) / 255.0
+    plain = np.asarray(PALETTE[background_colour], np.float32)
+    image = mask * sample.foregrounds[layer - 1] + (1.0 - mask) * plain
+    prompt = global_prompt([sample.layer_prompts[layer]], background_prompt(background_colour, "plain"))
+    return np.round(image).astype(np.uint8), prompt
+
+
+class ToFlatImage(grain.RandomMapTransform):
+    """A decoded record -> one flat image and its prompt: the composite with the global prompt, the background
+    with its prompt, or one foreground alone on a plain background of another palette colour with its prompt,
+    drawn with the `views` probabilities (see the module docstring)."""
+
+    def __init__(self, tokenizer: PromptTokenizer, views: dict[str, float]):
+        self.tokenizer = tokenizer
+        self.names = list(views)
+        self.probabilities = np.asarray(list(views.values()))
+
+    def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        sample = record_to_sample(record)
+        view = self.names[rng.choice(len(self.names), p=self.probabilities)]
+        if view == "object" and sample.num_layers > 1:
+            layer = int(rng.integers(1, sample.num_layers))
+            colour = parse_foreground_prompt(sample.layer_prompts[layer])
+            others = [c for c in PALETTE if colour is None or c != colour[0]]
+            image, prompt = single_object_view(sample, layer, others[rng.integers(len(others))])
+        elif view == "background":
+            image, prompt = sample.background, sample.layer_prompts[0]
+        else:
+            image, prompt = sample.composite(), sample.global_prompt
+        return {"images": image.astype(np.float32) / 127.5 - 1.0, "ids": self.tokenizer([prompt])[0]}
+
+
 def stack_batch(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Stacks per-sample dicts; samples of different sizes are an error that says so."""
-    sizes = sorted({e["images"].shape[1:3] for e in examples})
+    sizes = sorted({e["images"].shape[-3:-1] for e in examples})
     if len(sizes) > 1:
         raise ValueError(f"samples of different image sizes {sizes} in one batch; build the data at one size")
     return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
@@ -83,13 +150,15 @@ def make_dataloader(
     shard_count: int | None = None,
     num_epochs: int | None = None,
     worker_count: int = 0,
+    flat_views: dict[str, float] | None = None,
 ) -> grain.DataLoader:
     """A grain DataLoader over a built dataset (a path, see `open_data_source`) or a data source.
 
     `batch_size` is per host. Each host reads the disjoint shard `shard_index` of `shard_count`
     (default: `jax.process_index()` of `jax.process_count()`); a last partial batch is dropped.
     `num_epochs=None` repeats forever, reshuffling every epoch. `worker_count > 0` decodes in that many
-    worker processes. All samples must share one image size.
+    worker processes. All samples must share one image size. `flat_views` ({view: probability}, see
+    `parse_flat_views`) gives flat images and prompts for text-to-image training instead of layers.
     """
     source = open_data_source(data, split) if isinstance(data, (str, os.PathLike)) else data
     shard_index = jax.process_index() if shard_index is None else shard_index
@@ -109,7 +178,7 @@ def make_dataloader(
         data_source=source,
         sampler=sampler,
         operations=[
-            ToLayerArrays(tokenizer, max_layers),
+            ToFlatImage(tokenizer, flat_views) if flat_views else ToLayerArrays(tokenizer, max_layers),
             grain.Batch(batch_size, drop_remainder=True, batch_fn=stack_batch),
         ],
         worker_count=worker_count,

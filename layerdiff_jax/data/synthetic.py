@@ -26,7 +26,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 PATTERNS = ("plain", "striped", "checked")
-SIZE_RANGE = (0.15, 0.45)  # shape side as a fraction of the image side
+SIZE_RANGE = (0.25, 0.45)  # shape side as a fraction of the image side: at 64 px and a 4x VAE, at least 4 latent pixels
 PATTERN_DARKEN = 0.6  # stripes/checks use this fraction of the background colour
 SHAPE_GAP = 2  # pixels kept free between shapes, so 5x5-dilated cuts never reach another shape
 DEFAULT_LAYER_MIX: dict[int, float] = {2: 1 / 3, 3: 1 / 3, 4: 1 / 3}  # total layers -> probability

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from layerdiff_jax.data.pipeline import FLAT_VIEWS, parse_flat_views
 from layerdiff_jax.data.synthetic import parse_layer_mix
 from layerdiff_jax.diffusion.schedules import BETA_SCHEDULES, PREDICTION_TYPES
 from layerdiff_jax.models.attention import ATTENTION_IMPLS
@@ -24,6 +25,7 @@ from layerdiff_jax.models.layerdiff import PROMPT_ENHANCER_VARIANTS, LayerDiffCo
 from layerdiff_jax.sharding import MESH_AXES
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+MODEL_KINDS = ("layerdiff", "text_to_image")
 TOY_SD = "toy"  # model.sd_path: write and train on the toy SD (layerdiff_jax.toy)
 SYNTHETIC_DATA = "synthetic"  # data.path: build the synthetic dataset in the workdir
 
@@ -38,7 +40,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0  # parameters of new modules, data order, noise, dropout
 
     c.model = ml_collections.ConfigDict()
+    # "layerdiff": LayerDiff from an SD folder (the paper). "text_to_image": SD's own objective on flat images
+    # (no masks, no layers), training the UNet and the text encoder of the SD folder: how the toy base is made.
+    c.model.kind = "layerdiff"
     c.model.sd_path = ""  # an SD-1.x folder (converted or diffusers) or "toy"
+    # With sd_path "toy": fit the toy VAE for this many steps on the synthetic world first (0: a random VAE).
+    c.model.toy_vae = ml_collections.ConfigDict()
+    c.model.toy_vae.steps = 0
+    c.model.toy_vae.num_samples = 600  # synthetic samples (seed data.synthetic.seed) whose layers and masks it sees
+    c.model.toy_vae.batch_size = 16
+    c.model.toy_vae.crop = 32  # random square crops of the images
+    c.model.toy_vae.min_content = 0.05  # crops with this share of non-black pixels are drawn 10x as often
+    c.model.toy_vae.learning_rate = 3e-3
+    c.model.toy_vae.kl_weight = 1e-6
     c.model.layerdiff = ml_collections.ConfigDict(dataclasses.asdict(LayerDiffConfig()))
     c.model.compute_dtype = "float32"  # parameters and optimizer state stay float32
     c.model.attention_impl = "xla"
@@ -53,6 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.synthetic.num_train = 1000
     c.data.synthetic.seed = 0
     c.data.synthetic.layer_mix = "2:0.34,3:0.33,4:0.33"  # total layers (background included): weight
+    # model.kind "text_to_image": what each record shows, one flat image and its prompt (data/pipeline.py).
+    c.data.flat_views = "composite:0.4,background:0.1,object:0.5"
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.num_train_timesteps = 1000
@@ -135,11 +151,27 @@ def _layer_mix(text):
     return True
 
 
+def _flat_views(text):
+    try:
+        parse_flat_views(text)
+    except ValueError:
+        return False
+    return True
+
+
 _POSITIVE = _Rule(_positive, "must be > 0")
 _NON_NEGATIVE = _Rule(_non_negative, "must be >= 0")
 _PROBABILITY = _Rule(_probability, "must be in [0, 1]")
 
 RULES: dict[str, _Rule] = {
+    "model.kind": _one_of(MODEL_KINDS),
+    "model.toy_vae.steps": _NON_NEGATIVE,
+    "model.toy_vae.num_samples": _POSITIVE,
+    "model.toy_vae.batch_size": _POSITIVE,
+    "model.toy_vae.crop": _POSITIVE,
+    "model.toy_vae.min_content": _PROBABILITY,
+    "model.toy_vae.learning_rate": _POSITIVE,
+    "model.toy_vae.kl_weight": _NON_NEGATIVE,
     "model.sd_path": _Rule(bool, 'must be set: an SD-1.x folder (converted or diffusers) or "toy"'),
     "model.layerdiff.max_layers": _POSITIVE,
     "model.layerdiff.prompt_enhancer": _one_of(PROMPT_ENHANCER_VARIANTS),
@@ -152,6 +184,7 @@ RULES: dict[str, _Rule] = {
     "data.worker_count": _NON_NEGATIVE,
     "data.synthetic.num_train": _POSITIVE,
     "data.synthetic.layer_mix": _Rule(_layer_mix, "must be 'layers:weight,...' with 1 to 4 layers, e.g. '2:0.5,3:0.5'"),
+    "data.flat_views": _Rule(_flat_views, f"must be 'view:weight,...' with views from {FLAT_VIEWS}"),
     "diffusion.num_train_timesteps": _POSITIVE,
     "diffusion.beta_start": _POSITIVE,
     "diffusion.beta_end": _POSITIVE,
@@ -230,6 +263,8 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         raise ConfigError(
             f"config.diffusion.beta_end ({config.diffusion.beta_end}) must exceed beta_start ({config.diffusion.beta_start})"
         )
+    if config.model.kind == "text_to_image" and config.log.sample_every_steps:
+        raise ConfigError("config.log.sample_every_steps: sample grids are drawn by LayerDiff models only; set it to 0")
     try:
         LayerDiffConfig(**config.model.layerdiff)
     except ValueError as e:

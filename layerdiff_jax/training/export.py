@@ -1,8 +1,10 @@
-"""Writing the trained model as a LayerDiff model folder (what sampling loads).
+"""Writing the trained model as a LayerDiff model folder (what sampling loads), or, after text-to-image
+pretraining, as an SD folder (what LayerDiff training starts from).
 
-The folder is the training SD folder's `vae/`, `text_encoder/` and `tokenizer/` (hard links where the file
+A LayerDiff model folder is the training SD folder's `vae/`, `text_encoder/` and `tokenizer/` (hard links where the file
 system allows, else copies) plus `layerdiff/` (`convert/layerdiff.save_layerdiff`). It is written beside
-its destination and renamed into place, so a folder at the destination is always complete.
+its destination and renamed into place, so a folder at the destination is always complete. An SD folder
+is the layout `convert_weights.py` writes (`vae/`, `text_encoder/`, `unet/`, `tokenizer/`) plus `scheduler/`.
 """
 
 from __future__ import annotations
@@ -15,10 +17,14 @@ from typing import Any
 import jax
 from jax.experimental import multihost_utils
 
-from layerdiff_jax.convert.layerdiff import save_layerdiff
-from layerdiff_jax.convert.pipeline import TOKENIZER_DIR
+from layerdiff_jax.convert.layerdiff import save_layerdiff, save_scheduler_config
+from layerdiff_jax.convert.pipeline import TOKENIZER_DIR, save_converted
+from layerdiff_jax.convert.vae import load_vae
 from layerdiff_jax.diffusion.schedules import SchedulerConfig
+from layerdiff_jax.models.clip_text import CLIPTextTransformer
 from layerdiff_jax.models.layerdiff import LayerDiffUNet
+from layerdiff_jax.models.text_to_image import TextToImageModel
+from layerdiff_jax.models.unet import UNet2DConditionModel
 
 COPIED_COMPONENTS = ("vae", "text_encoder", TOKENIZER_DIR)
 
@@ -37,21 +43,12 @@ def gather_to_host(tree: Any) -> Any:
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def export_model(
-    out_dir: str | os.PathLike, sd_path: str | os.PathLike, model: LayerDiffUNet, params: Any, scheduler: SchedulerConfig
-) -> Path:
-    """Writes `out_dir` (replacing an earlier export) from host params and the schedule they were trained with;
-    returns it. Call on one process."""
-    out_dir, sd_path = Path(out_dir), Path(sd_path)
-    missing = [name for name in COPIED_COMPONENTS if not (sd_path / name).is_dir()]
-    if missing:
-        raise FileNotFoundError(f"{sd_path} has no {', '.join(missing)}: cannot assemble a LayerDiff model folder")
+def _replace_with(out_dir: Path, write) -> Path:
+    """Runs `write(staging)` on a fresh folder beside `out_dir`, then renames it into place."""
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    for name in COPIED_COMPONENTS:
-        shutil.copytree(sd_path / name, staging / name, copy_function=_link_or_copy)
-    save_layerdiff(staging, model, params, scheduler)
+    write(staging)
     previous = out_dir.with_name(out_dir.name + ".previous")
     if out_dir.exists():
         shutil.rmtree(previous, ignore_errors=True)
@@ -59,3 +56,46 @@ def export_model(
     staging.rename(out_dir)
     shutil.rmtree(previous, ignore_errors=True)
     return out_dir
+
+
+def _check_components(sd_path: Path, names, what: str) -> None:
+    missing = [name for name in names if not (sd_path / name).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{sd_path} has no {', '.join(missing)}: cannot assemble {what}")
+
+
+def export_model(
+    out_dir: str | os.PathLike, sd_path: str | os.PathLike, model: LayerDiffUNet, params: Any, scheduler: SchedulerConfig
+) -> Path:
+    """Writes `out_dir` (replacing an earlier export) from host params and the schedule they were trained with;
+    returns it. Call on one process."""
+    sd_path = Path(sd_path)
+    _check_components(sd_path, COPIED_COMPONENTS, "a LayerDiff model folder")
+
+    def write(staging: Path) -> None:
+        for name in COPIED_COMPONENTS:
+            shutil.copytree(sd_path / name, staging / name, copy_function=_link_or_copy)
+        save_layerdiff(staging, model, params, scheduler)
+
+    return _replace_with(Path(out_dir), write)
+
+
+def export_text_to_image(
+    out_dir: str | os.PathLike, sd_path: str | os.PathLike, model: TextToImageModel, params: Any, scheduler: SchedulerConfig
+) -> Path:
+    """Writes `out_dir` as an SD folder: the trained text encoder and UNet (`params`), `sd_path`'s VAE and
+    tokenizer, and the schedule they were trained with. Call on one process."""
+    sd_path = Path(sd_path)
+    _check_components(sd_path, ("vae", TOKENIZER_DIR), "an SD folder")
+    vae = load_vae(sd_path / "vae")
+    components = {
+        "unet": (UNet2DConditionModel(model.unet_config), params["unet"]),
+        "vae": vae,
+        "text_encoder": (CLIPTextTransformer(model.text_config), params["text_encoder"]),
+    }
+
+    def write(staging: Path) -> None:
+        save_converted(staging, components, source=sd_path, tokenizer_dir=sd_path / TOKENIZER_DIR, overwrite=True)
+        save_scheduler_config(staging, scheduler)
+
+    return _replace_with(Path(out_dir), write)

@@ -14,7 +14,8 @@ fix each latent to one posterior sample. Per micro-batch:
    `diffusion.prediction_type`; the noise optionally with per-image offset noise) of the image and mask
    latents, over valid layers.
 
-Gradients of `grad_accum_steps` micro-batches are averaged in a `lax.scan`, then clipped and applied
+The toy base's pretraining uses the same step with SD's own objective on flat images
+(`text_to_image_micro_loss`). Gradients of `grad_accum_steps` micro-batches are averaged in a `lax.scan`, then clipped and applied
 once by the optimizer, and the EMA (if on) follows the new parameters.
 """
 
@@ -39,6 +40,7 @@ from layerdiff_jax.diffusion.schedules import (
 )
 from layerdiff_jax.models.clip_text import CLIPTextTransformer
 from layerdiff_jax.models.layerdiff import LayerDiffUNet
+from layerdiff_jax.models.text_to_image import TextToImageModel
 from layerdiff_jax.models.vae import AutoencoderKL
 from layerdiff_jax.training.mesh import BATCH_AXES, mesh_rules
 from layerdiff_jax.training.state import TrainState, learning_rate_schedule
@@ -120,50 +122,87 @@ def diffusion_loss(
     return (loss_image + loss_mask) / 2, {"loss_image": loss_image, "loss_mask": loss_mask}
 
 
-def make_train_step(
-    model: LayerDiffUNet,
-    encoders: FrozenEncoders,
-    tx: optax.GradientTransformation,
-    config: ml_collections.ConfigDict,
-    mesh: Mesh,
-    state_shardings: TrainState,
-    frozen_shardings: Any,
-) -> Callable[[TrainState, Batch, Any, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-    """`step(state, batch, frozen_params, empty_context) -> (state, metrics)`, jitted with the state donated.
+# micro_loss(params, micro_batch, rng, frozen_params, empty_prompt) -> (loss, metrics): one micro-batch's loss.
+MicroLoss = Callable[[Any, Batch, jax.Array, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
-    `batch` arrays are (grad_accum_steps, global micro-batch, ...) split over data x fsdp on axis 1;
-    `empty_context` is the empty prompt's embedding (T, D); metrics are replicated float32 scalars.
-    """
+
+def layerdiff_micro_loss(model: LayerDiffUNet, encoders: FrozenEncoders, config: ml_collections.ConfigDict) -> MicroLoss:
+    """LayerDiff's loss on a micro-batch of layered samples (steps 1-4 of the module docstring);
+    `empty_prompt` is the empty prompt's embedding (T, D)."""
     train, schedule = config.train, scheduler_from_config(config.diffusion).make_schedule()
-    lr_schedule = learning_rate_schedule(train)
 
-    def micro_step(params, micro_batch, rng, frozen, empty_context):
+    def micro_loss(params, micro_batch, rng, frozen, empty_prompt):
         k_latent, k_drop, k_loss = jax.random.split(rng, 3)
         latents = encode_latents(
             encoders, frozen["vae"], micro_batch["images"], micro_batch["masks"], k_latent if train.sample_posterior else None
         )
         global_context, layer_context = encode_prompts(encoders, frozen["text_encoder"], micro_batch["global_ids"], micro_batch["layer_ids"])
         global_context, layer_context = drop_prompts(
-            k_drop, global_context, layer_context, empty_context, train.global_prompt_dropout, train.layer_prompt_dropout
+            k_drop, global_context, layer_context, empty_prompt, train.global_prompt_dropout, train.layer_prompt_dropout
         )
-        loss_fn = lambda p: diffusion_loss(  # noqa: E731
-            model, p, latents, global_context, layer_context, micro_batch["layer_valid"], k_loss, schedule,
+        return diffusion_loss(
+            model, params, latents, global_context, layer_context, micro_batch["layer_valid"], k_loss, schedule,
             config.diffusion.p_shared_timestep, config.diffusion.noise_offset, config.diffusion.prediction_type,
         )
+
+    return micro_loss
+
+
+def text_to_image_micro_loss(model: TextToImageModel, vae: AutoencoderKL, config: ml_collections.ConfigDict) -> MicroLoss:
+    """Plain text-to-image loss (SD's pretraining objective) on a micro-batch of flat images and their token ids:
+    the VAE (frozen, `frozen["vae"]`) encodes the images, the model's own text encoder embeds the prompts, and
+    `global_prompt_dropout` of the prompts become `empty_prompt`, the empty prompt's token ids (T,)."""
+    train, diffusion = config.train, config.diffusion
+    schedule = scheduler_from_config(diffusion).make_schedule()
+
+    def micro_loss(params, micro_batch, rng, frozen, empty_prompt):
+        k_latent, k_drop, k_t, k_noise = jax.random.split(rng, 4)
+        images, ids = micro_batch["images"], micro_batch["ids"]
+        latents = vae.apply({"params": frozen["vae"]}, images, k_latent if train.sample_posterior else None, method=AutoencoderKL.encode_latents)
+        drop = jax.random.bernoulli(k_drop, train.global_prompt_dropout, (ids.shape[0], 1))
+        ids = jnp.where(drop, empty_prompt, ids)
+        timesteps = jax.random.randint(k_t, (images.shape[0],), 0, schedule.num_train_timesteps)
+        noise = sample_noise(k_noise, latents.shape, diffusion.noise_offset)
+        pred = model.apply({"params": params}, add_noise(schedule, latents, noise, timesteps), timesteps, ids)
+        target = training_target(schedule, latents, noise, timesteps, diffusion.prediction_type)
+        loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
+        return loss, {}
+
+    return micro_loss
+
+
+def make_train_step(
+    micro_loss: MicroLoss,
+    tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    state_shardings: TrainState,
+    frozen_shardings: Any,
+) -> Callable[[TrainState, Batch, Any, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+    """`step(state, batch, frozen_params, empty_prompt) -> (state, metrics)`, jitted with the state donated.
+
+    `batch` arrays are (grad_accum_steps, global micro-batch, ...) split over data x fsdp on axis 1;
+    `empty_prompt` is what `micro_loss` puts in place of a dropped prompt; metrics are replicated float32 scalars.
+    """
+    train = config.train
+    lr_schedule = learning_rate_schedule(train)
+
+    def micro_step(params, micro_batch, rng, frozen, empty_prompt):
+        loss_fn = lambda p: micro_loss(p, micro_batch, rng, frozen, empty_prompt)  # noqa: E731
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return grads, {"loss": loss, **metrics}
 
-    def train_step(state: TrainState, batch: Batch, frozen, empty_context):
+    def train_step(state: TrainState, batch: Batch, frozen, empty_prompt):
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
         accum = batch["images"].shape[0]
 
         def accumulate(grad_sum, inputs):
             micro_batch, micro_rng = inputs
-            grads, metrics = micro_step(state.params, micro_batch, micro_rng, frozen, empty_context)
+            grads, metrics = micro_step(state.params, micro_batch, micro_rng, frozen, empty_prompt)
             return jax.tree.map(jnp.add, grad_sum, grads), metrics
 
         if accum == 1:  # XLA:CPU runs a loop body several times slower than the same code unrolled
-            grads, metrics = micro_step(state.params, jax.tree.map(lambda x: x[0], batch), step_rng, frozen, empty_context)
+            grads, metrics = micro_step(state.params, jax.tree.map(lambda x: x[0], batch), step_rng, frozen, empty_prompt)
             metrics = jax.tree.map(lambda x: x[None], metrics)
         else:
             zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -191,8 +230,8 @@ def make_train_step(
         donate_argnums=(0,),
     )
 
-    def step(state, batch, frozen_params, empty_context):
+    def step(state, batch, frozen_params, empty_prompt):
         with mesh_rules(mesh):
-            return jitted(state, batch, frozen_params, empty_context)
+            return jitted(state, batch, frozen_params, empty_prompt)
 
     return step

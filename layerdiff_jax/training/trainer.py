@@ -1,7 +1,8 @@
 """`train(config, workdir)`: the LayerDiff training loop, in the order it runs.
 
 1. mesh        devices -> (data, fsdp, tensor) mesh; batch sizes checked against it
-2. model       SD folder (or the toy SD) -> frozen VAE + text encoder, LayerDiff module, tokenizer
+2. model       SD folder (or the toy SD) -> frozen VAE + text encoder, LayerDiff module, tokenizer; or, with
+               config.model.kind "text_to_image", SD's UNet and text encoder trained on flat images
 3. data        grain loader over the built (or synthetic) dataset; one loader batch = one step's micro-batches
 4. state       abstract state -> shardings; restored from the latest checkpoint, or initialised from SD
 5. step        the jitted train step (`step.py`)
@@ -35,24 +36,33 @@ from tqdm import tqdm
 
 from layerdiff_jax.convert.clip_text import load_text_encoder
 from layerdiff_jax.convert.core import read_config
+from layerdiff_jax.convert.layerdiff import load_scheduler_config
 from layerdiff_jax.convert.pipeline import CONVERSION_RECORD
 from layerdiff_jax.convert.unet import load_unet
 from layerdiff_jax.convert.vae import load_vae
-from layerdiff_jax.data.pipeline import make_dataloader
+from layerdiff_jax.data.pipeline import make_dataloader, parse_flat_views
 from layerdiff_jax.data.synthetic import parse_layer_mix
 from layerdiff_jax.data.tfds_builders import build_synthetic, find_dataset_dir
 from layerdiff_jax.data.tokenizer import load_tokenizer
 from layerdiff_jax.models.layerdiff import LayerDiffConfig, LayerDiffUNet, init_from_sd
+from layerdiff_jax.models.text_to_image import TextToImageModel
 from layerdiff_jax.models.unet import UNetConfig
-from layerdiff_jax.toy import make_toy_sd
+from layerdiff_jax.toy import fit_toy_vae, make_toy_sd
+from layerdiff_jax.training.autoencoder import VAEFitConfig
 from layerdiff_jax.training.checkpoint import Checkpointer, StopRequest
 from layerdiff_jax.training.config import SYNTHETIC_DATA, TOY_SD, ConfigError, validate_config
-from layerdiff_jax.training.export import export_model, gather_to_host
+from layerdiff_jax.training.export import export_model, export_text_to_image, gather_to_host
 from layerdiff_jax.training.mesh import batch_size_divisor, global_batch, logical_shardings, make_mesh, put_global
 from layerdiff_jax.training.metric_writer import MetricWriter
 from layerdiff_jax.training.samples import data_requests, write_sample_grid
 from layerdiff_jax.training.state import abstract_boxed_state, abstract_state, create_train_state, make_optimizer
-from layerdiff_jax.training.step import FrozenEncoders, make_train_step, scheduler_from_config
+from layerdiff_jax.training.step import (
+    FrozenEncoders,
+    layerdiff_micro_loss,
+    make_train_step,
+    scheduler_from_config,
+    text_to_image_micro_loss,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +76,7 @@ class TrainResult:
     step: int  # optimizer updates done
     stopped_early: bool  # by SIGTERM / preemption, after saving a checkpoint
     out_of_time: bool  # stopped at config.train.time_limit_s, after saving a checkpoint
-    model_dir: Path | None  # the exported LayerDiff model folder (None on processes other than the main one)
+    model_dir: Path | None  # the exported LayerDiff model (or SD) folder; None on processes other than the main one
     state: Any  # the final TrainState (global arrays on the mesh)
 
 
@@ -75,12 +85,24 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def prepare_sd(sd_path: str, workdir: Path) -> Path:
-    """The SD folder to train from; "toy" writes (once) a toy SD folder in the workdir."""
+def prepare_sd(config: ml_collections.ConfigDict, workdir: Path) -> Path:
+    """The SD folder to train from; "toy" writes (once) a toy SD folder in the workdir, its VAE fitted on the
+    synthetic world when config.model.toy_vae.steps > 0."""
+    sd_path = config.model.sd_path
     if sd_path == TOY_SD:
         folder = workdir / "toy_sd"
         if jax.process_index() == 0 and not (folder / CONVERSION_RECORD).is_file():
-            make_toy_sd(folder, overwrite=True)
+            fit, vae = config.model.toy_vae, {}
+            if fit.steps:
+                fit_config = VAEFitConfig(
+                    steps=fit.steps, batch_size=fit.batch_size, crop=fit.crop, min_content=fit.min_content,
+                    learning_rate=fit.learning_rate, kl_weight=fit.kl_weight, seed=config.seed,
+                )
+                params, scale = fit_toy_vae(
+                    fit_config, num_samples=fit.num_samples, data_seed=config.data.synthetic.seed, resolution=config.data.resolution
+                )
+                vae = {"params": {"vae": params}, "vae_scaling_factor": scale}
+            make_toy_sd(folder, seed=config.seed, overwrite=True, **vae)
         _sync("toy_sd")
         return folder
     folder = Path(sd_path)
@@ -130,9 +152,20 @@ def _check_sizes(config: ml_collections.ConfigDict, mesh, unet_config: UNetConfi
         )
 
 
+def _check_scheduler(sd_path: Path, scheduler) -> None:
+    """Warns when the SD folder was trained to predict something else than the config asks for: fine-tuning
+    then has to relearn the output before it learns anything new."""
+    base = load_scheduler_config(sd_path)
+    if base.prediction_type != scheduler.prediction_type:
+        log.warning(
+            "%s was trained with prediction_type=%r, config.diffusion.prediction_type is %r",
+            sd_path, base.prediction_type, scheduler.prediction_type,
+        )
+
+
 def _micro_batches(batch: dict[str, np.ndarray], accum: int, resolution: int) -> dict[str, np.ndarray]:
     """A loader batch of accum x per-host samples -> arrays (accum, per-host batch, ...)."""
-    size = batch["images"].shape[2:4]
+    size = batch["images"].shape[-3:-1]
     if size != (resolution, resolution):
         raise ConfigError(f"the data's images are {size[0]}x{size[1]}, config.data.resolution is {resolution}")
     return {key: value.reshape(accum, -1, *value.shape[1:]) for key, value in batch.items()}
@@ -163,17 +196,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     mesh = make_mesh(config.mesh.shape)
     log.info("mesh %s over %d device(s) in %d process(es)", dict(mesh.shape), mesh.size, jax.process_count())
 
-    # 2. Model: frozen VAE and text encoder, the LayerDiff module, the tokenizer.
-    sd_path = prepare_sd(config.model.sd_path, workdir)
+    # 2. Model: the VAE and text encoder (frozen, except a text-to-image model's text encoder), the trained
+    # module (LayerDiff, or SD's UNet with its text encoder), the tokenizer.
+    sd_path = prepare_sd(config, workdir)
     dtype = jnp.dtype(config.model.compute_dtype)
     impl = config.model.attention_impl
     vae, vae_params = load_vae(sd_path / "vae", dtype=dtype, attention_impl=impl)
     text_encoder, text_params = load_text_encoder(sd_path / "text_encoder", dtype=dtype, attention_impl=impl)
-    encoders = FrozenEncoders(vae, text_encoder)
     unet_config = UNetConfig.from_diffusers_config(read_config(sd_path / "unet"))
-    model = LayerDiffUNet(unet_config, LayerDiffConfig(**config.model.layerdiff), dtype=dtype, attention_impl=impl, remat=config.model.remat)
+    layered = config.model.kind == "layerdiff"
+    if layered:
+        model = LayerDiffUNet(unet_config, LayerDiffConfig(**config.model.layerdiff), dtype=dtype, attention_impl=impl, remat=config.model.remat)
+    else:
+        model = TextToImageModel(unet_config, text_encoder.config, dtype=dtype, attention_impl=impl, remat=config.model.remat)
     tokenizer = load_tokenizer(sd_path)
     scheduler = scheduler_from_config(config.diffusion)  # recorded with the model, so sampling matches training
+    _check_scheduler(sd_path, scheduler)
     _check_sizes(config, mesh, unet_config, vae.config.downsample_factor)
 
     # 3. Data: each loader batch holds one step's micro-batches for this host.
@@ -186,6 +224,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
         seed=config.seed,
         split=config.data.split,
         worker_count=config.data.worker_count,
+        flat_views=None if layered else parse_flat_views(config.data.flat_views),
     )
     data_iterator = iter(loader)
 
@@ -193,14 +232,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     tx = make_optimizer(train_cfg)
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
     abstract, state_shardings = abstract_state(abstract_boxed_state(model, tx, ema=train_cfg.ema), mesh)
-    frozen_boxed = {
-        "vae": _boxed_params(vae, jnp.zeros((1, vae.config.downsample_factor, vae.config.downsample_factor, 3))),
-        "text_encoder": _boxed_params(text_encoder, jnp.zeros((1, tokenizer.max_length), jnp.int32)),
-    }
+    frozen_boxed = {"vae": _boxed_params(vae, jnp.zeros((1, vae.config.downsample_factor, vae.config.downsample_factor, 3)))}
+    frozen_params = {"vae": vae_params}
+    if layered:
+        frozen_boxed["text_encoder"] = _boxed_params(text_encoder, jnp.zeros((1, tokenizer.max_length), jnp.int32))
+        frozen_params["text_encoder"] = text_params
     frozen_shardings = logical_shardings(frozen_boxed, mesh)
-    frozen = put_global({"vae": vae_params, "text_encoder": text_params}, frozen_shardings)
-    empty_context = jax.jit(text_encoder.apply)({"params": text_params}, tokenizer([""]))[0]
-    empty_context = put_global(np.asarray(empty_context), NamedSharding(mesh, PartitionSpec()))
+    frozen = put_global(frozen_params, frozen_shardings)
+    # What a dropped prompt becomes: the empty prompt's embedding, or its token ids for a trained text encoder.
+    empty_prompt = jax.jit(text_encoder.apply)({"params": text_params}, tokenizer([""]))[0] if layered else tokenizer([""])[0]
+    empty_prompt = put_global(np.asarray(empty_prompt), NamedSharding(mesh, PartitionSpec()))
 
     checkpointer = Checkpointer(
         workdir / "checkpoints", max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save
@@ -214,7 +255,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     else:
         start = 0
         unet, unet_params = load_unet(sd_path / "unet", dtype=dtype, attention_impl=impl, remat=config.model.remat)
-        _, params = init_from_sd(unet, unet_params, model.config, init_rng)
+        if layered:
+            _, params = init_from_sd(unet, unet_params, model.config, init_rng)
+        else:
+            params = {"text_encoder": text_params, "unet": unet_params}
         del unet_params
         rng_data = np.asarray(jax.random.key_data(train_rng))  # a constant of the jitted initialiser
         create = functools.partial(create_train_state, rng=rng_data, tx=tx, ema=train_cfg.ema)
@@ -222,7 +266,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
         del params
 
     # 5. Step.
-    train_step = make_train_step(model, encoders, tx, config, mesh, state_shardings, frozen_shardings)
+    if layered:
+        micro_loss = layerdiff_micro_loss(model, FrozenEncoders(vae, text_encoder), config)
+    else:
+        micro_loss = text_to_image_micro_loss(model, vae, config)
+    train_step = make_train_step(micro_loss, tx, config, mesh, state_shardings, frozen_shardings)
 
     # 6. Loop. The loss of step n is read after step n+1 is dispatched, so the host never stalls the
     # devices, except before a checkpoint or a sample grid, made only from a state whose loss was finite.
@@ -280,7 +328,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
         with StopRequest(checkpointer) as stop_requested:
             while step < train_cfg.num_steps:
                 batch = _micro_batches(next(data_iterator), train_cfg.grad_accum_steps, config.data.resolution)
-                state, metrics = train_step(state, global_batch(batch, mesh, sample_axis=1), frozen, empty_context)
+                state, metrics = train_step(state, global_batch(batch, mesh, sample_axis=1), frozen, empty_prompt)
                 step += 1
                 progress.update(1)
                 if unchecked is not None:
@@ -307,7 +355,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
         # 7. Finish: wait for the checkpoint, export the model folder.
         checkpointer.wait()
         params = gather_to_host(state.ema_params if train_cfg.ema else state.params)
-        model_dir = export_model(workdir / "model", sd_path, model, params, scheduler) if is_main else None
+        export = export_model if layered else export_text_to_image
+        model_dir = export(workdir / "model", sd_path, model, params, scheduler) if is_main else None
         _sync("export")
         if is_main:
             log.info("model folder written: %s", model_dir)
