@@ -1,15 +1,16 @@
-"""The main job: a tiny LayerDiff trained on CPU on the synthetic layered dataset, then sampled and scored.
+"""The main job: LayerDiff fine-tuned on CPU from the shipped toy base, then sampled and scored.
 
   python scripts/demo.py                      # this config; writes everything under outputs/demo/
   python scripts/demo.py --config.time_budget_s=300 --config.sample.per_layer_count=4   # a quick look
-  python scripts/demo.py --config.time_budget_s=0 --config.train.train.num_steps=450    # a fixed step count
+  python scripts/demo.py --config.base=scratch   # from a random toy SD instead (VAE fitted first), to compare
 
-Stages: build the synthetic dataset (64x64, 2-4 layers) -> fit the toy VAE on its layers and masks ->
-write the toy SD folder (VAE, CLIP text encoder, UNet, toy tokenizer) -> train LayerDiff from it
-(configs/shapes_cpu.py, with the fields below) -> sample fixed requests with 2, 3 and 4 layers (prompts of
-held-out synthetic samples) -> evaluate prompt following. The job keeps to a time budget: training stops (with a
-checkpoint) when what is left is what sampling needs, so the number of steps depends on the machine (a rerun
-resumes training for another budget). What to expect on a 2-core CPU: README, "Demo".
+Stages (layerdiff_jax/demo.py): build the synthetic dataset (64x64, 2-4 layers) -> take the base (the toy SD
+pretrained as plain text-to-image, layerdiff_jax/assets/toy_base, as a user takes converted SD-1.5) -> score
+LayerDiff initialised from it before any fine-tuning (step 0) -> fine-tune with the real trainer
+(configs/shapes_cpu.py with the fields below) -> sample fixed requests with 2, 3 and 4 layers (prompts of
+held-out synthetic samples) -> evaluate prompt following. The job keeps to a time budget: fine-tuning stops
+(with a checkpoint) when what is left is what sampling needs, so the number of steps depends on the machine (a
+rerun resumes for another budget). What to expect on a 2-core CPU: README, "Demo".
 """
 
 import importlib.util
@@ -28,6 +29,9 @@ def _shapes_cpu():
 def get_config():
     c = ml_collections.ConfigDict()
     c.out_dir = "outputs/demo"
+    # What fine-tuning starts from: "shipped" (the pretrained toy base), "scratch" (a random toy SD whose VAE is
+    # fitted first, as train.model.toy_vae says), or the path of any SD folder.
+    c.base = "shipped"
     c.time_budget_s = 15 * 60.0  # the whole job; training gets what the other stages leave. 0: num_steps
     c.sampling_reserve_s = 90.0  # kept back for sampling and evaluation (they took 45 s on a 2-core CPU)
 
@@ -37,16 +41,8 @@ def get_config():
     c.data.layer_mix = "2:0.34,3:0.33,4:0.33"
     c.data.seed = 0
 
-    c.vae = ml_collections.ConfigDict()  # fitting the toy VAE (layerdiff_jax/training/autoencoder.py)
-    c.vae.num_samples = 600  # synthetic samples whose layers and masks it sees
-    c.vae.steps = 1000
-    c.vae.batch_size = 16
-    c.vae.crop = 32  # random 32x32 crops of the 64x64 images
-    c.vae.min_content = 0.05  # crops with this share of non-black pixels are drawn 10x as often as the rest
-    c.vae.learning_rate = 3e-3
-    c.vae.kl_weight = 1e-6
-
     c.train = _shapes_cpu()  # model.sd_path and data.path are filled in by the demo
+    c.train.model.toy_vae.steps = 1000  # base "scratch" only: fit the toy VAE first
     c.train.train.num_steps = 1500  # at most: on a 2-core CPU the time budget stops training near step 600
     c.train.train.per_host_batch_size = 8
     # 3x shapes_cpu's rate: on a GPU (same recipe, 48 requests) colour after 500 steps was 0.52 at 3e-3 against

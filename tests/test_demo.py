@@ -1,4 +1,4 @@
-"""The main job end to end, shortened: every stage runs and every output exists and re-imports."""
+"""The main job end to end, shortened: every stage runs from the shipped base and every output exists and re-imports."""
 
 import json
 import subprocess
@@ -7,6 +7,7 @@ from pathlib import Path
 
 from layerdiff_jax.convert.layerdiff import load_scheduler_config
 from layerdiff_jax.data.layers import list_sample_folders, read_sample_folder
+from layerdiff_jax.toy import TOY_BASE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -16,8 +17,6 @@ def test_shortened_demo_writes_every_output(tmp_path):
     overrides = {
         "out_dir": str(out),
         "data.num_train": 24,
-        "vae.num_samples": 8,
-        "vae.steps": 3,
         "train.train.num_steps": 2,
         "train.train.per_host_batch_size": 2,
         "train.checkpoint.every_steps": 1,
@@ -43,3 +42,8 @@ def test_shortened_demo_writes_every_output(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["groups"]) == {"2", "3", "4", "overall"}
     assert metrics["demo"]["timings_s"]["total_s"] > 0
+    assert metrics["demo"]["base"] == str(TOY_BASE)
+    # The score before fine-tuning sits beside the final one, from its own samples.
+    assert set(metrics["step0"]["groups"]) == {"2", "3", "4", "overall"}
+    assert len(list_sample_folders(out / "step0" / "samples")) == 3
+    assert "before fine-tuning (step 0)" in result.stdout

@@ -6,7 +6,8 @@ import numpy as np
 
 from layerdiff_jax.convert.layerdiff import load_layerdiff, load_scheduler_config
 from layerdiff_jax.diffusion.schedules import SchedulerConfig
-from layerdiff_jax.training.trainer import read_metrics, train
+from layerdiff_jax.training.metric_writer import read_metrics
+from layerdiff_jax.training.trainer import train
 from train_support import load_config
 
 STEPS = 80  # the full 300-step run: README

@@ -28,7 +28,8 @@ LR = 1e-4
 RUNNER = r"""
 import json, shutil, sys
 import jax
-from layerdiff_jax.training.trainer import read_metrics, train
+from layerdiff_jax.training.metric_writer import read_metrics
+from layerdiff_jax.training.trainer import train
 from train_support import micro_config
 LR = %r
 

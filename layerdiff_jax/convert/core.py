@@ -11,13 +11,18 @@ exactly once; anything else is a `ConversionError` listing the offending names.
 from __future__ import annotations
 
 import json
+import logging
 import re
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import flax
 import flax.linen as nn
+import jax
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 # File names, in order of preference, that hold a component's PyTorch weights.
 TORCH_WEIGHT_FILES = (
@@ -26,6 +31,7 @@ TORCH_WEIGHT_FILES = (
     "diffusion_pytorch_model.bin",
     "pytorch_model.bin",
 )
+COMPONENTS = ("unet", "vae", "text_encoder")  # an SD folder's model components
 FLAX_PARAMS_FILE = "flax_params.safetensors"  # what scripts/convert_weights.py writes
 CONFIG_FILE = "config.json"
 
@@ -189,3 +195,13 @@ def load_params(folder: str | Path, target: Mapping, rename: Callable[[str], str
     if (folder / FLAX_PARAMS_FILE).is_file():
         return load_flax_params(folder / FLAX_PARAMS_FILE, target)
     return convert_state_dict(read_torch_weights(folder), target, rename, source=str(folder))
+
+
+def log_loaded(name: str, params: Mapping, start: float) -> None:
+    """A progress line: the component, its parameter count, and the seconds since `start`."""
+    logger.info("%s: %s parameters (%.1f s)", name, f"{count_params(params):,}", time.perf_counter() - start)
+
+
+def count_params(params: Mapping) -> int:
+    """The number of scalars in a parameter tree (arrays or ShapeDtypeStructs)."""
+    return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree_util.tree_leaves(params)))

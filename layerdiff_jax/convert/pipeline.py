@@ -26,7 +26,8 @@ import jax.numpy as jnp
 
 from layerdiff_jax.convert import core
 from layerdiff_jax.convert.clip_text import load_text_encoder
-from layerdiff_jax.convert.single_file import COMPONENTS, count_params, load_single_file, log_loaded
+from layerdiff_jax.convert.core import COMPONENTS, count_params, log_loaded
+from layerdiff_jax.convert.single_file import load_single_file
 from layerdiff_jax.convert.unet import load_unet
 from layerdiff_jax.convert.vae import load_vae
 from layerdiff_jax.models.clip_text import CLIPTextConfig

@@ -30,12 +30,14 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from layerdiff_jax.convert import core
-from layerdiff_jax.convert.clip_text import abstract_text_encoder_params, rename_text_encoder_key
+from layerdiff_jax.convert.clip_text import (
+    abstract_text_encoder_params,
+    rename_text_encoder_key,
+)
 from layerdiff_jax.convert.unet import abstract_unet_params
 from layerdiff_jax.convert.unet import rename as rename_unet_key
 from layerdiff_jax.convert.vae import abstract_vae_params, rename_vae_key
@@ -46,7 +48,6 @@ from layerdiff_jax.models.vae import AutoencoderKL, VAEConfig
 logger = logging.getLogger(__name__)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-COMPONENTS = ("unet", "vae", "text_encoder")
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -340,21 +341,12 @@ def load_single_file(
     logger.info("read %s (%.1f s)", path, time.perf_counter() - start)
     loaded = {}
     prefixes = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": TEXT_PREFIX}
-    for name in COMPONENTS:
+    for name in core.COMPONENTS:
         start = time.perf_counter()
         source = f"{path} [{name}: keys under {prefixes[name]!r}, shown under diffusers names]"
         loaded[name] = convert_component(
             name, parts.pop(name), configs[name], dtype=dtype, attention_impl=attention_impl, source=source
         )
-        log_loaded(name, loaded[name][1], start)
+        core.log_loaded(name, loaded[name][1], start)
     return loaded
 
-
-def log_loaded(name: str, params: Mapping, start: float) -> None:
-    """A progress line: the component, its parameter count, and the seconds since `start`."""
-    logger.info("%s: %s parameters (%.1f s)", name, f"{count_params(params):,}", time.perf_counter() - start)
-
-
-def count_params(params: Mapping) -> int:
-    """The number of scalars in a parameter tree (arrays or ShapeDtypeStructs)."""
-    return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree_util.tree_leaves(params)))

@@ -39,3 +39,9 @@ class MetricWriter:
         if self.enabled:
             self._tensorboard.close()
             self._jsonl.close()
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+    """The rows of a run's metrics.jsonl; none when it has not written one."""
+    path = Path(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import time
@@ -50,12 +49,32 @@ from layerdiff_jax.models.unet import UNetConfig
 from layerdiff_jax.toy import fit_toy_vae, make_toy_sd
 from layerdiff_jax.training.autoencoder import VAEFitConfig
 from layerdiff_jax.training.checkpoint import Checkpointer, StopRequest
-from layerdiff_jax.training.config import SYNTHETIC_DATA, TOY_SD, ConfigError, validate_config
-from layerdiff_jax.training.export import export_model, export_text_to_image, gather_to_host
-from layerdiff_jax.training.mesh import batch_size_divisor, global_batch, logical_shardings, make_mesh, put_global
-from layerdiff_jax.training.metric_writer import MetricWriter
+from layerdiff_jax.training.config import (
+    SYNTHETIC_DATA,
+    TOY_SD,
+    ConfigError,
+    validate_config,
+)
+from layerdiff_jax.training.export import (
+    export_model,
+    export_text_to_image,
+    gather_to_host,
+)
+from layerdiff_jax.training.mesh import (
+    batch_size_divisor,
+    global_batch,
+    logical_shardings,
+    make_mesh,
+    put_global,
+)
+from layerdiff_jax.training.metric_writer import MetricWriter, read_metrics
 from layerdiff_jax.training.samples import data_requests, write_sample_grid
-from layerdiff_jax.training.state import abstract_boxed_state, abstract_state, create_train_state, make_optimizer
+from layerdiff_jax.training.state import (
+    abstract_boxed_state,
+    abstract_state,
+    create_train_state,
+    make_optimizer,
+)
 from layerdiff_jax.training.step import (
     FrozenEncoders,
     layerdiff_micro_loss,
@@ -183,6 +202,7 @@ def _time_limit(train_cfg: ml_collections.ConfigDict, log_every: int):
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: bool = True) -> TrainResult:
+    run_start = time.perf_counter()
     config = validate_config(config)
     out_of_time = _time_limit(config.train, config.log.every_steps)
     workdir = Path(workdir).absolute()
@@ -301,6 +321,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     progress = tqdm(total=train_cfg.num_steps, initial=start, disable=not is_main, desc="train", unit="step", dynamic_ncols=True)
     interval: list[dict[str, float]] = []  # host metrics of the steps since the last log line
     interval_start = time.perf_counter()
+    # Wall time of the whole run, resumed segments included: what the metrics rows call elapsed_s.
+    earlier = [row["elapsed_s"] for row in read_metrics(workdir) if row["step"] <= start and "elapsed_s" in row]
+    elapsed_before = earlier[-1] if earlier else 0.0
     unchecked: tuple[int, dict] | None = None  # (step, device metrics) not read yet
 
     def check_and_log(step: int, metrics: dict) -> None:
@@ -318,6 +341,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
         if step % config.log.every_steps == 0 or step == train_cfg.num_steps:
             means = {key: float(np.mean([v[key] for v in interval])) for key in values}
             means["steps_per_sec"] = len(interval) / max(time.perf_counter() - interval_start, 1e-9)
+            means["elapsed_s"] = round(elapsed_before + time.perf_counter() - run_start, 1)
             writer.write(step, means)
             progress.set_postfix(loss=f"{means['loss']:.4f}", steps_per_s=f"{means['steps_per_sec']:.2f}")
             interval.clear()
@@ -367,8 +391,3 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
         checkpointer.wait()
         checkpointer.close()
 
-
-def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
-    """The rows of a run's metrics.jsonl."""
-    path = Path(workdir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
