@@ -28,7 +28,7 @@ from layerdiff_jax.construction.build import build_stages
 from layerdiff_jax.construction.config import load_config
 from layerdiff_jax.construction.errors import ConstructionConfigError
 from layerdiff_jax.construction.oracle import oracle_stages
-from layerdiff_jax.construction.pipeline import construct, image_source, oracle_source
+from layerdiff_jax.construction.run import construct, image_source, oracle_source
 from layerdiff_jax.data.layers import DataError
 
 

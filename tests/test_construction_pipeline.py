@@ -12,7 +12,7 @@ import pytest
 
 from layerdiff_jax.construction.config import ConstructionConfig, Rules
 from layerdiff_jax.construction.oracle import OracleCaptioner, oracle_stages
-from layerdiff_jax.construction.pipeline import construct, image_key, image_source, oracle_source
+from layerdiff_jax.construction.run import construct, image_key, image_source, oracle_source
 from layerdiff_jax.data.layers import dilate_mask, list_sample_folders, read_sample_folder, write_sample_folder
 from layerdiff_jax.data.synthetic import background_prompt, generate_sample, global_prompt
 from layerdiff_jax.data.tfds_builders import build_from_folders, split_sizes

@@ -10,5 +10,5 @@ filter -> depth order -> 5x5-dilated foreground cuts -> inpainted background -> 
 - `config`: the models YAML and the rule settings, as dataclasses; `build`: the configured model stages,
   loaded; `errors`: what `config`, `build` and `hf_models` raise; `oracle`: ground-truth stages for
   synthetic data.
-- `pipeline`: batching, resume, per-image outcomes and the run summary.
+- `run`: the construction run: batching, resume, per-image outcomes and the summary.
 """
