@@ -24,9 +24,11 @@ import os
 import sys
 from pathlib import Path
 
-from layerdiff_jax.construction.config import ConfigError, build_stages, load_config
+from layerdiff_jax.construction.build import build_stages
+from layerdiff_jax.construction.config import load_config
+from layerdiff_jax.construction.errors import ConstructionConfigError
 from layerdiff_jax.construction.oracle import oracle_stages
-from layerdiff_jax.construction.pipeline import construct, image_source, oracle_source
+from layerdiff_jax.construction.run import construct, image_source, oracle_source
 from layerdiff_jax.data.layers import DataError
 
 
@@ -51,9 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: every load is local_files_only
     try:
         if not args.oracle and args.models is None:
-            raise ConfigError("--models is required (or --oracle)")
+            raise ConstructionConfigError("--models is required (or --oracle)")
         if args.out.resolve().is_relative_to(args.images.resolve()):
-            raise ConfigError("--out must not be inside --images (a rerun would read the samples as inputs)")
+            raise ConstructionConfigError(
+                "--out must not be inside --images (a rerun would read the samples as inputs)"
+            )
         config = load_config(args.models)
         if args.batch_size is not None:
             config = dataclasses.replace(config, batch_size=args.batch_size)
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             source = image_source(args.images, config.max_side)
             stages = build_stages(config)
         summary = construct(source, args.out, stages, config, workers=args.workers, progress=not args.no_progress)
-    except (ConfigError, DataError) as e:
+    except (ConstructionConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))

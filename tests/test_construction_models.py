@@ -14,7 +14,9 @@ import transformers
 import yaml
 
 from layerdiff_jax.construction import hf_models
-from layerdiff_jax.construction.config import ConfigError, build_stages, load_config
+from layerdiff_jax.construction.build import _STAGE_CLASSES, _stage_kwargs, build_stages
+from layerdiff_jax.construction.config import load_config
+from layerdiff_jax.construction.errors import ConstructionConfigError
 from layerdiff_jax.construction.stages import Frame
 from layerdiff_jax.data.layers import dilate_mask, list_sample_folders, read_sample_folder
 from layerdiff_jax.data.synthetic import generate_sample
@@ -353,13 +355,13 @@ def test_model_errors_name_the_stage_and_folder(models_yaml, tmp_path):
     bad = dict(MODELS_YAML, detector={"path": str(models_yaml.parent / "sam")})
     path = models_yaml.parent / "bad.yaml"
     path.write_text(yaml.safe_dump(bad))
-    with pytest.raises(ConfigError, match="detector: .*sam"):
+    with pytest.raises(ConstructionConfigError, match="detector: .*sam"):
         build_stages(load_config(path))
     path.write_text(yaml.safe_dump(dict(MODELS_YAML, depth={"path": "nowhere"})))
-    with pytest.raises(ConfigError, match="depth: model folder .*nowhere does not exist"):
+    with pytest.raises(ConstructionConfigError, match="depth: model folder .*nowhere does not exist"):
         build_stages(load_config(path))
     path.write_text(yaml.safe_dump(dict(MODELS_YAML, detector={"path": "owl", "treshold": 0.1})))
-    with pytest.raises(ConfigError, match=r"detector.\['treshold'\]"):
+    with pytest.raises(ConstructionConfigError, match=r"detector.\['treshold'\]"):
         build_stages(load_config(path))
     assert main(["--images", str(tmp_path), "--out", str(tmp_path / "o"), "--models", str(path)]) == 2
 
@@ -374,8 +376,6 @@ def test_runtime_picks_cuda_only_when_torch_sees_it():
 
 
 def test_example_config_matches_the_stage_classes():
-    from layerdiff_jax.construction.config import _STAGE_CLASSES, _stage_kwargs
-
     path = Path(__file__).resolve().parents[1] / "configs" / "construction_models.yaml"
     config = load_config(path)
     assert sorted(config.models) == sorted(_STAGE_CLASSES)

@@ -1,5 +1,5 @@
 """Data construction runs without weights: oracle mode on synthetic samples, rejection, resume,
-unreadable images, failing stages, and the CLI."""
+unreadable images, failing stages, the rule functions the run decides with, and the CLI."""
 
 import dataclasses
 import importlib.util
@@ -10,9 +10,10 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from layerdiff_jax.construction import run
 from layerdiff_jax.construction.config import ConstructionConfig, Rules
 from layerdiff_jax.construction.oracle import OracleCaptioner, oracle_stages
-from layerdiff_jax.construction.pipeline import construct, image_key, image_source, oracle_source
+from layerdiff_jax.construction.run import construct, image_key, image_source, oracle_source
 from layerdiff_jax.data.layers import dilate_mask, list_sample_folders, read_sample_folder, write_sample_folder
 from layerdiff_jax.data.synthetic import background_prompt, generate_sample, global_prompt
 from layerdiff_jax.data.tfds_builders import build_from_folders, split_sizes
@@ -226,6 +227,42 @@ def test_rules_come_from_the_config(tmp_path):
     for folder in list_sample_folders(tmp_path / "out"):
         sample = read_sample_folder(folder)
         assert sample.num_layers == 2 and sample.layer_prompts[0] == "a background"
+
+
+# Each decision of the run and the function of `rules` that makes it, replaced by one that rejects everything.
+REJECTING_RULES = {
+    "filter_phrases": (lambda phrases, stop_words: [], "no_phrases"),
+    "dedupe_detections": (lambda detections, iou_threshold: [], "no_detections"),
+    "keep_salient": (lambda masks, salient, min_overlap: np.zeros(len(masks), bool), "no_salient_masks"),
+    "inpainting_keeps_object": (lambda salient, hole, max_fraction: True, "inpainting_keeps_object"),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(REJECTING_RULES))
+def test_the_run_decides_with_the_rule_functions(tmp_path, monkeypatch, rule):
+    """So that the rule tests test what runs: the run calls `rules`' functions instead of restating them."""
+    _export(tmp_path / "in", 2)
+    replacement, reason = REJECTING_RULES[rule]
+    monkeypatch.setattr(run, rule, replacement)
+    assert _run(tmp_path / "in", tmp_path / "out")["rejections"] == {reason: 2}
+
+
+def test_the_run_orders_layers_with_the_rule_functions(tmp_path, monkeypatch):
+    _export(tmp_path / "in", 2)
+    called = set()
+
+    def spy(name, rule):
+        def call(*args):
+            called.add(name)
+            return rule(*args)
+
+        return call
+
+    names = {"mean_depths", "depth_order", "resolve_overlaps"}
+    for name in names:
+        monkeypatch.setattr(run, name, spy(name, getattr(run, name)))
+    assert _run(tmp_path / "in", tmp_path / "out")["samples_out"] == 2
+    assert called == names
 
 
 def test_cli_oracle_run(tmp_path, capsys):

@@ -1,15 +1,20 @@
-"""Data construction, the parts that are ours: phrases, the rules, the classical inpainter, the config."""
+"""Data construction, the parts that are ours: phrases, the rules, the classical inpainter, the config,
+and how the construction modules import each other."""
 
+import ast
+import graphlib
 import logging
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
 from layerdiff_jax.construction.classical import best_shifts, shift_fill
-from layerdiff_jax.construction.config import ConfigError, Rules, load_config
+from layerdiff_jax.construction.config import Rules, load_config
+from layerdiff_jax.construction.errors import ConstructionConfigError
 from layerdiff_jax.construction.phrases import HeuristicPhraseExtractor, SpacyPhraseExtractor, make_phrase_extractor
 from layerdiff_jax.construction.rules import (
     dedupe_detections,
@@ -185,10 +190,29 @@ def test_config_defaults_relative_paths_and_errors(tmp_path):
         ({"detector": "owl"}, "detector must be a mapping"),
     ]:
         path.write_text(yaml.safe_dump(bad))
-        with pytest.raises(ConfigError, match=message):
+        with pytest.raises(ConstructionConfigError, match=message):
             load_config(path)
     path.write_text("a: [")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConstructionConfigError, match="not valid YAML"):
         load_config(path)
-    with pytest.raises(ConfigError, match="models file not found"):
+    with pytest.raises(ConstructionConfigError, match="models file not found"):
         load_config(tmp_path / "none.yaml")
+
+
+def test_construction_modules_import_each_other_without_cycles():
+    """Every import between construction modules, the ones inside functions too, points one way."""
+    package = Path(__file__).resolve().parents[1] / "layerdiff_jax" / "construction"
+    modules = {path.stem for path in package.glob("*.py")}
+    graph = {}
+    for module in modules:
+        imported = set()
+        for node in ast.walk(ast.parse((package / f"{module}.py").read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:  # `from package import module` too
+                imported.add(node.module)
+                imported.update(f"{node.module}.{alias.name}" for alias in node.names)
+        graph[module] = {name.rsplit(".", 1)[-1] for name in imported if name.startswith("layerdiff_jax.construction.")}
+        graph[module] &= modules
+    assert graph["config"].isdisjoint({"build", "hf_models"})  # a YAML is read without building stages
+    list(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError on a cycle

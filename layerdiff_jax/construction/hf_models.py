@@ -33,14 +33,10 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from layerdiff_jax.construction.config import ConfigError
+from layerdiff_jax.construction.errors import ModelLoadError
 from layerdiff_jax.construction.stages import Detection, Frame
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class ModelLoadError(ConfigError):
-    """A stage's model folder is missing or holds the wrong kind of model; the message names both."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -74,7 +74,7 @@ class Inpainter(Protocol):
 
 @dataclasses.dataclass
 class Stages:
-    """One implementation per stage; `pipeline.construct` runs them."""
+    """One implementation per stage; `run.construct` runs them."""
 
     captioner: Captioner
     phrases: PhraseExtractor

@@ -43,6 +43,8 @@ from layerdiff_jax.construction.rules import (
     dedupe_detections,
     depth_order,
     filter_phrases,
+    inpainting_keeps_object,
+    keep_salient,
     mean_depths,
     resolve_overlaps,
     saliency_overlap,
@@ -64,14 +66,6 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".
 STATE_DIR = ".construction"
 SUMMARY_FILE = "summary.json"
 REJECTIONS_FILE = "rejections.jsonl"
-REASONS = (
-    "unreadable_image",
-    "no_phrases",
-    "no_detections",
-    "no_salient_masks",
-    "inpainting_keeps_object",
-    "stage_error",
-)
 
 
 class ImageLoadError(Exception):
@@ -278,9 +272,10 @@ def construct_batch(frames: Sequence[Frame], stages: Stages, rules: Rules) -> li
         w.masks = np.asarray(masks, bool)
 
     for w, smap in _run("saliency", works, saliency):
-        w.overlaps = saliency_overlap(w.masks, np.asarray(smap) > rules.saliency_threshold)
+        salient = np.asarray(smap) > rules.saliency_threshold
+        w.overlaps = saliency_overlap(w.masks, salient)  # for the metadata and the rejection detail
         overlaps = np.round(w.overlaps, 3).tolist()
-        w.keep(w.overlaps > rules.min_saliency_overlap)
+        w.keep(keep_salient(w.masks, salient, rules.min_saliency_overlap))
         w.keep(slice(rules.max_foregrounds))  # detections are sorted by score: the most confident stay
         if not w.detections:
             w.reject("no_salient_masks", f"saliency overlaps {overlaps} <= {rules.min_saliency_overlap}")
@@ -301,8 +296,9 @@ def construct_batch(frames: Sequence[Frame], stages: Stages, rules: Rules) -> li
         w.background = np.where(w.hole[..., None], np.asarray(filled), w.frame.image).astype(np.uint8)
 
     for w, smap in _run("saliency", works, background_saliency):
-        w.hole_salient = salient_fraction(np.asarray(smap) > rules.saliency_threshold, w.hole)
-        if w.hole_salient > rules.max_salient_in_hole:
+        salient = np.asarray(smap) > rules.saliency_threshold
+        w.hole_salient = salient_fraction(salient, w.hole)  # for the metadata and the rejection detail
+        if inpainting_keeps_object(salient, w.hole, rules.max_salient_in_hole):
             w.reject(
                 "inpainting_keeps_object",
                 f"{w.hole_salient:.3f} of the inpainted region is salient (max {rules.max_salient_in_hole})",
