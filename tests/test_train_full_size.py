@@ -7,20 +7,27 @@ full 1.1B-parameter state without allocating it. The per-device bytes are what t
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_support import load_config
 
 from layerdiff_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer
+from layerdiff_jax.models.init import abstract_params
 from layerdiff_jax.models.layerdiff import LayerDiffConfig, LayerDiffUNet
 from layerdiff_jax.models.unet import UNetConfig
 from layerdiff_jax.models.vae import AutoencoderKL, VAEConfig
 from layerdiff_jax.sharding import MESH_AXES
-from layerdiff_jax.training.mesh import logical_shardings, resolve_mesh_shape
-from layerdiff_jax.training.state import abstract_boxed_state, abstract_state, bytes_per_device, create_train_state, make_optimizer
-from train_support import load_config
+from layerdiff_jax.training.mesh import resolve_mesh_shape
+from layerdiff_jax.training.state import (
+    abstract_boxed_state,
+    abstract_state,
+    bytes_per_device,
+    frozen_param_shardings,
+    make_optimizer,
+    state_initializer,
+)
 
 GiB = 2**30
 # (config, devices it is laid out for): one GPU; a v4-32 slice (16 chips).
@@ -40,18 +47,17 @@ def build_abstract_state(name: str, num_devices: int):
     boxed = _boxed_state(tuple(sorted(config.model.layerdiff.items())), config.train.ema)
     mesh = jax.sharding.AbstractMesh(resolve_mesh_shape(config.mesh.shape, num_devices), MESH_AXES)
     abstract, shardings = abstract_state(boxed, mesh)
-    create = functools.partial(create_train_state, rng=np.zeros(2, np.uint32), tx=tx, ema=config.train.ema)
-    state = jax.eval_shape(jax.jit(create, out_shardings=shardings), abstract.params)
+    state = jax.eval_shape(state_initializer(shardings, jax.random.key(0), tx=tx, ema=config.train.ema), abstract.params)
     return config, mesh, state
 
 
 def _frozen_bytes_per_device(mesh):
-    boxed = {
-        "vae": jax.eval_shape(AutoencoderKL(VAEConfig.sd15()).init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"],
-        "text_encoder": jax.eval_shape(CLIPTextTransformer(CLIPTextConfig.sd15()).init, jax.random.key(0), jnp.zeros((1, 77), jnp.int32))["params"],
+    modules = {
+        "vae": (AutoencoderKL(VAEConfig.sd15()), (jnp.zeros((1, 8, 8, 3)),)),
+        "text_encoder": (CLIPTextTransformer(CLIPTextConfig.sd15()), (jnp.zeros((1, 77), jnp.int32),)),
     }
-    shapes = nn.meta.unbox(boxed)
-    shardings = logical_shardings(boxed, mesh)
+    shardings = frozen_param_shardings(modules, mesh)
+    shapes = {name: abstract_params(module, *example) for name, (module, example) in modules.items()}
     return bytes_per_device(jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings))
 
 

@@ -27,7 +27,6 @@ from tqdm import tqdm
 from layerdiff_jax.data.layers import LayeredSample, background_mask
 from layerdiff_jax.models.vae import AutoencoderKL
 
-
 NEAR_BLACK = 60  # uint8 level: a pixel whose brightest channel is at most this is "black" (no content)
 
 

@@ -7,14 +7,16 @@ averaged gradient per update and its schedule counts updates.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from layerdiff_jax.models.layerdiff import LayerDiffUNet
@@ -69,6 +71,21 @@ def abstract_boxed_state(model: LayerDiffUNet, tx: optax.GradientTransformation,
     boxed_params = jax.eval_shape(model.init, jax.random.key(0), *model.example_inputs())["params"]
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
     return jax.eval_shape(lambda p, r: create_train_state(p, r, tx=tx, ema=ema), boxed_params, rng)
+
+
+def state_initializer(shardings: TrainState, rng: jax.Array, *, tx: optax.GradientTransformation, ema: bool):
+    """`params -> TrainState` at step 0, jitted to place the state with `shardings`; `rng` is the training key.
+    Call it on global arrays, or under `jax.eval_shape` on `abstract_state`'s params."""
+    rng_data = np.asarray(jax.random.key_data(rng))  # a constant of the jitted initialiser
+    create = functools.partial(create_train_state, rng=rng_data, tx=tx, ema=ema)
+    return jax.jit(create, out_shardings=shardings)
+
+
+def frozen_param_shardings(modules: Mapping[str, tuple[nn.Module, tuple]], mesh) -> dict[str, Any]:
+    """{name: shardings of the module's parameters on `mesh`} for frozen components given as
+    {name: (module, example inputs)}; nothing is allocated."""
+    boxed = {name: jax.eval_shape(module.init, jax.random.key(0), *example)["params"] for name, (module, example) in modules.items()}
+    return logical_shardings(boxed, mesh)
 
 
 def abstract_state(boxed_state: TrainState, mesh) -> tuple[TrainState, TrainState]:

@@ -17,14 +17,12 @@ synthetic dataset.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import time
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -63,7 +61,6 @@ from layerdiff_jax.training.export import (
 from layerdiff_jax.training.mesh import (
     batch_size_divisor,
     global_batch,
-    logical_shardings,
     make_mesh,
     put_global,
 )
@@ -72,8 +69,9 @@ from layerdiff_jax.training.samples import data_requests, write_sample_grid
 from layerdiff_jax.training.state import (
     abstract_boxed_state,
     abstract_state,
-    create_train_state,
+    frozen_param_shardings,
     make_optimizer,
+    state_initializer,
 )
 from layerdiff_jax.training.step import (
     FrozenEncoders,
@@ -143,10 +141,6 @@ def prepare_data(data: ml_collections.ConfigDict, workdir: Path) -> Path:
         build_synthetic(root, num_train=s.num_train, num_test=0, resolution=data.resolution, seed=s.seed, layer_mix=parse_layer_mix(s.layer_mix))
     _sync("synthetic_data")
     return find_dataset_dir(root)
-
-
-def _boxed_params(module: nn.Module, *example) -> Any:
-    return jax.eval_shape(module.init, jax.random.key(0), *example)["params"]
 
 
 def _check_sizes(config: ml_collections.ConfigDict, mesh, unet_config: UNetConfig, vae_factor: int) -> None:
@@ -252,12 +246,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     tx = make_optimizer(train_cfg)
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
     abstract, state_shardings = abstract_state(abstract_boxed_state(model, tx, ema=train_cfg.ema), mesh)
-    frozen_boxed = {"vae": _boxed_params(vae, jnp.zeros((1, vae.config.downsample_factor, vae.config.downsample_factor, 3)))}
+    pixel = vae.config.downsample_factor
+    frozen_modules = {"vae": (vae, (jnp.zeros((1, pixel, pixel, 3)),))}
     frozen_params = {"vae": vae_params}
     if layered:
-        frozen_boxed["text_encoder"] = _boxed_params(text_encoder, jnp.zeros((1, tokenizer.max_length), jnp.int32))
+        frozen_modules["text_encoder"] = (text_encoder, (jnp.zeros((1, tokenizer.max_length), jnp.int32),))
         frozen_params["text_encoder"] = text_params
-    frozen_shardings = logical_shardings(frozen_boxed, mesh)
+    frozen_shardings = frozen_param_shardings(frozen_modules, mesh)
     frozen = put_global(frozen_params, frozen_shardings)
     # What a dropped prompt becomes: the empty prompt's embedding, or its token ids for a trained text encoder.
     empty_prompt = jax.jit(text_encoder.apply)({"params": text_params}, tokenizer([""]))[0] if layered else tokenizer([""])[0]
@@ -280,9 +275,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
         else:
             params = {"text_encoder": text_params, "unet": unet_params}
         del unet_params
-        rng_data = np.asarray(jax.random.key_data(train_rng))  # a constant of the jitted initialiser
-        create = functools.partial(create_train_state, rng=rng_data, tx=tx, ema=train_cfg.ema)
-        state = jax.jit(create, out_shardings=state_shardings)(put_global(params, state_shardings.params))
+        initialize = state_initializer(state_shardings, train_rng, tx=tx, ema=train_cfg.ema)
+        state = initialize(put_global(params, state_shardings.params))
         del params
 
     # 5. Step.
