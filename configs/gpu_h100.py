@@ -10,24 +10,15 @@ EMA) plus 0.8 GiB of frozen VAE and text encoder on one GPU, 2.1 + 0.1 GiB per G
 before activations; set XLA_PYTHON_CLIENT_MEM_FRACTION=.95 to give XLA the whole GPU.
 """
 
-from layerdiff_jax.training.config import base_config
+from configs import sd15_256
 
 
 def get_config():
-    config = base_config()
-    config.model.sd_path = "sd15_flax"
-    config.data.path = "data/layered"
-    config.data.resolution = 256
-    config.data.worker_count = 8
+    config = sd15_256.get_config()
     config.model.compute_dtype = "bfloat16"
     # XLA attention: cuDNN's fused kernel takes head widths up to 128, SD-1.5's deepest blocks use 160.
     config.model.attention_impl = "xla"
-    config.model.remat = True
-    config.train.num_steps = 100_000
     config.train.per_host_batch_size = 32
     config.train.grad_accum_steps = 1
     config.train.ema = True
-    config.mesh.shape = (1, -1, 1)
-    config.checkpoint.every_steps = 1000
-    config.log.every_steps = 50
     return config

@@ -5,7 +5,7 @@
   python scripts/train.py --config configs/sd15_256.py --workdir runs/sd15_256 \
       --config.model.sd_path=sd15_flax --config.data.path=data/layered
 
-Every SPEC "Training" value: SD's scaled-linear schedule (1000 steps, epsilon), 50/50 shared/independent
+Every training value of the paper: SD's scaled-linear schedule (1000 steps, epsilon), 50/50 shared/independent
 layer timesteps, 10% global and 10% layer prompt dropout, AdamW lr 1e-5 with weight decay 1e-4, 500
 warm-up steps then constant, 32 samples per update as 8 accumulated micro-batches of 4, frozen VAE and
 text encoder, float32 compute (the reference setting; configs/gpu_h100.py is the fast one). The state is

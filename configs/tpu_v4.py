@@ -6,29 +6,23 @@
 
 Mesh (data, fsdp, tensor) = (-1, 4, 1): parameters, optimizer state and EMA are sharded 4 ways (FSDP)
 and the remaining chips replicate them as data-parallel groups, so any slice with a multiple of 4 chips
-works. 8 samples per host per update (2 per chip on v4), so 32 on a v4-32 as in the SPEC, without
+works. 8 samples per host per update (2 per chip on v4), so 32 on a v4-32 as the paper trains, without
 accumulation. bfloat16 activations, float32 master weights and an EMA of them; UNet blocks
 rematerialised. What to expect: 4.1 GiB of train state (parameters, Adam moments, EMA) plus 0.2 GiB of
 frozen VAE and text encoder per chip (README), of a v4 chip's 32 GiB; the workdir must be shared by all
 hosts (a GCS bucket); the model folder is written to <workdir>/model by process 0.
 """
 
-from layerdiff_jax.training.config import base_config
+from configs import sd15_256
 
 
 def get_config():
-    config = base_config()
+    config = sd15_256.get_config()
     config.model.sd_path = "/mnt/sd15_flax"
     config.data.path = "/mnt/data/layered"
-    config.data.resolution = 256
-    config.data.worker_count = 8
     config.model.compute_dtype = "bfloat16"
-    config.model.remat = True
-    config.train.num_steps = 100_000
     config.train.per_host_batch_size = 8
     config.train.grad_accum_steps = 1
     config.train.ema = True
     config.mesh.shape = (-1, 4, 1)
-    config.checkpoint.every_steps = 1000
-    config.log.every_steps = 50
     return config

@@ -32,12 +32,62 @@ from layerdiff_jax.models.layerdiff import LayerDiffConfig, init_from_sd
 from layerdiff_jax.sampling.outputs import write_contact_sheet, write_sample
 from layerdiff_jax.sampling.sampler import LayerDiffPipeline, LayerRequest
 from layerdiff_jax.toy import TOY_BASE
-from layerdiff_jax.training.config import TOY_SD, validate_config
+from layerdiff_jax.training.config import (
+    TOY_SD,
+    ConfigError,
+    base_config,
+    check_fields,
+    validate_config,
+)
 from layerdiff_jax.training.export import export_model
 from layerdiff_jax.training.metric_writer import read_metrics
 from layerdiff_jax.training.trainer import prepare_sd, train
 
 SHIPPED, SCRATCH = "shipped", "scratch"  # config.base: the shipped toy base, or a random toy SD
+
+
+def demo_config() -> ml_collections.ConfigDict:
+    """Every field `run` reads; configs/demo.py starts from it. `finetune` is a training config
+    (`training.config.base_config()` schema) whose model.sd_path and data.path the demo fills in."""
+    c = ml_collections.ConfigDict()
+    c.out_dir = "outputs/demo"
+    # What fine-tuning starts from: "shipped" (the pretrained toy base), "scratch" (a random toy SD whose VAE is
+    # fitted first, as finetune.model.toy_vae says), or the path of any SD folder.
+    c.base = SHIPPED
+    c.time_budget_s = 15 * 60.0  # the whole job; fine-tuning gets what the other stages leave. 0: num_steps
+    c.sampling_reserve_s = 90.0  # kept back for sampling and evaluation
+
+    c.data = ml_collections.ConfigDict()  # the synthetic layered dataset fine-tuning reads
+    c.data.num_train = 4000
+    c.data.resolution = 64
+    c.data.layer_mix = "2:0.34,3:0.33,4:0.33"
+    c.data.seed = 0
+
+    c.finetune = base_config()
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.per_layer_count = 16  # requests with 2, 3 and 4 layers each
+    c.sample.request_seed = 1_000_000  # held-out synthetic samples: no training data uses this seed
+    c.sample.steps = 25  # DDIM steps
+    c.sample.guidance = 1.0
+    c.sample.eta = 0.0
+    c.sample.batch_size = 16
+    c.sample.seed = 0
+    return c
+
+
+def validate_demo_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` if its fields are `demo_config()`'s, typed alike, and `finetune` is a valid training config;
+    else ConfigError naming the field."""
+    reference = demo_config()
+    check_fields(config, reference)
+    try:
+        validate_config(config.finetune)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("config.", "config.finetune.", 1)) from None
+    if config.base not in (SHIPPED, SCRATCH) and not Path(config.base).is_dir():
+        raise ConfigError(f"config.base={config.base!r} is neither 'shipped', 'scratch' nor an SD folder")
+    return config
 
 
 class Stage:
@@ -126,7 +176,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     job_start = time.perf_counter()
     timings: dict[str, float] = {}
-    train_config = validate_config(config.train.copy_and_resolve_references())
+    validate_demo_config(config)
+    train_config = config.finetune.copy_and_resolve_references()
     train_config.data.resolution = config.data.resolution
     requests = held_out_requests(config.sample.per_layer_count, config.sample.request_seed, config.sample.seed, config.data.resolution)
     print(f"layerdiff_jax demo on {jax.device_count()} {jax.devices()[0].platform} device(s); writing to {out}")

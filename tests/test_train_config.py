@@ -9,13 +9,33 @@ from layerdiff_jax.training.config import ConfigError, base_config, validate_con
 from layerdiff_jax.training.mesh import resolve_mesh_shape
 from train_support import REPO, config_module, load_config, subprocess_env
 
-CONFIGS = ("shapes_cpu", "sd15_256", "tpu_v4", "gpu_h100")
+CONFIGS = ("shapes_cpu", "sd15_256", "tpu_v4", "gpu_h100", "toy_sd_pretrain")
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_shipped_configs_validate(name):
     assert f"configs/{name}.py" in config_module(name).__doc__, "the docstring gives the command"
     validate_config(load_config(name))
+
+
+def test_demo_config_validates_and_names_a_bad_field():
+    from layerdiff_jax.demo import validate_demo_config
+
+    assert "scripts/demo.py" in config_module("demo").__doc__
+    validate_demo_config(load_config("demo"))
+    config = load_config("demo")
+    with config.unlocked():
+        config.sample.guidence = 2.0
+    with pytest.raises(ConfigError, match=r"unknown config field\(s\): sample.guidence"):
+        validate_demo_config(config)
+    config = load_config("demo")
+    config.base = "/no/such/sd_folder"
+    with pytest.raises(ConfigError, match="config.base='/no/such/sd_folder' is neither"):
+        validate_demo_config(config)
+    config = load_config("demo")
+    config.finetune.train.learning_rate = 0.0
+    with pytest.raises(ConfigError, match=r"config\.finetune\.train\.learning_rate must be > 0"):
+        validate_demo_config(config)
 
 
 def test_base_config_needs_model_and_data():

@@ -7,7 +7,7 @@ tested with the real toy SD.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 import subprocess
 import sys
@@ -34,10 +34,7 @@ WIDTH, RESOLUTION = 32, 16
 
 def config_module(name: str):
     """The module configs/<name>.py."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"configs.{name}")
 
 
 def load_config(name: str):

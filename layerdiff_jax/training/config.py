@@ -229,7 +229,8 @@ def _same_type(value, reference) -> bool:
     return isinstance(value, type(reference))
 
 
-def _check_fields(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, prefix: str) -> None:
+def check_fields(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, prefix: str = "") -> None:
+    """ConfigError unless `config` has exactly `reference`'s fields, each of the same type (groups recursively)."""
     unknown = sorted(set(config.keys()) - set(reference.keys()))
     if unknown:
         raise ConfigError(f"unknown config field(s): {', '.join(prefix + k for k in unknown)}")
@@ -241,7 +242,7 @@ def _check_fields(config: ml_collections.ConfigDict, reference: ml_collections.C
         if isinstance(ref, ml_collections.ConfigDict):
             if not isinstance(value, ml_collections.ConfigDict):
                 raise ConfigError(f"config.{prefix}{key} must be a group of fields, got {value!r}")
-            _check_fields(value, ref, f"{prefix}{key}.")
+            check_fields(value, ref, f"{prefix}{key}.")
         elif not _same_type(value, ref):
             raise ConfigError(f"config.{prefix}{key} must be of type {type(ref).__name__}, got {value!r}")
 
@@ -254,7 +255,7 @@ def _get(config: ml_collections.ConfigDict, dotted: str):
 
 def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Returns `config` unchanged if every field is known, present, typed and in range; else ConfigError."""
-    _check_fields(config, base_config(), "")
+    check_fields(config, base_config(), "")
     for name, rule in RULES.items():
         value = _get(config, name)
         if not rule.check(value):
