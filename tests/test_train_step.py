@@ -82,3 +82,10 @@ def test_warmup_then_constant_learning_rate():
     np.testing.assert_allclose([float(schedule(s)) for s in (500, 501, 10_000)], [1e-5] * 3, rtol=1e-6)
     train.warmup_steps = 0
     assert float(learning_rate_schedule(train)(0)) == pytest.approx(1e-5)
+
+
+def test_ema_decay_warms_up_then_holds():
+    from layerdiff_jax.training.step import ema_decay
+
+    decays = [float(ema_decay(jnp.asarray(step), 0.999)) for step in (0, 10, 990, 100_000)]
+    np.testing.assert_allclose(decays, [0.1, 11 / 20, 0.991, 0.999], rtol=1e-6)

@@ -16,7 +16,7 @@ fix each latent to one posterior sample. Per micro-batch:
 
 The toy base's pretraining uses the same step with SD's own objective on flat images
 (`text_to_image_micro_loss`). Gradients of `grad_accum_steps` micro-batches are averaged in a `lax.scan`, then clipped and applied
-once by the optimizer, and the EMA (if on) follows the new parameters.
+once by the optimizer, and the EMA (if on) follows the new parameters, its decay warmed up over the first steps.
 """
 
 from __future__ import annotations
@@ -122,6 +122,12 @@ def diffusion_loss(
     return (loss_image + loss_mask) / 2, {"loss_image": loss_image, "loss_mask": loss_mask}
 
 
+def ema_decay(step: jax.Array, decay: float) -> jax.Array:
+    """The EMA's decay at `step` updates: `decay`, warmed up as (1 + step) / (10 + step) while that is smaller.
+    A constant 0.999 would leave 0.999^500 = 61% of the initial weights in the average after 500 steps."""
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
 # micro_loss(params, micro_batch, rng, frozen_params, empty_prompt) -> (loss, metrics): one micro-batch's loss.
 MicroLoss = Callable[[Any, Batch, jax.Array, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -212,7 +218,7 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         ema_params = state.ema_params
         if ema_params is not None:
-            decay = train.ema_decay
+            decay = ema_decay(state.step, train.ema_decay)
             ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
         metrics = {key: value.mean() for key, value in metrics.items()}
         metrics.update(grad_norm=optax.global_norm(grads), learning_rate=jnp.asarray(lr_schedule(state.step), jnp.float32))
