@@ -175,6 +175,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     out = Path(config.out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     job_start = time.perf_counter()
+    # Compiled programs persist under out/: the final sampling reuses step 0's, and a rerun all of them.
+    jax.config.update("jax_compilation_cache_dir", str(out / "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     timings: dict[str, float] = {}
     validate_demo_config(config)
     train_config = config.finetune.copy_and_resolve_references()

@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = read_metrics(args.run)
     steps = rows[-1]["step"] if rows else 0
     every = config["log"]["every_steps"]
-    wall = rows[-1].get("elapsed_s") if rows else None
-    if wall is None:  # runs that did not record elapsed time: the training steps' own time
-        wall = sum(every / r["steps_per_sec"] for r in rows if r.get("steps_per_sec"))
+    # Rows record the run's elapsed time; rows of a segment written before they did count their steps' own time.
+    timed = [r for r in rows if "elapsed_s" in r]
+    wall = (timed[-1]["elapsed_s"] if timed else 0.0) + sum(every / r["steps_per_sec"] for r in rows if "elapsed_s" not in r)
 
     scores, _ = evaluate_base(TextToImagePipeline.load(model_dir), count=args.count, guidances=GUIDANCES)
     print(format_base_table(scores))

@@ -47,3 +47,23 @@ def test_shortened_demo_writes_every_output(tmp_path):
     assert set(metrics["step0"]["groups"]) == {"2", "3", "4", "overall"}
     assert len(list_sample_folders(out / "step0" / "samples")) == 3
     assert "before fine-tuning (step 0)" in result.stdout
+
+
+def test_scratch_base_is_a_toy_sd_with_a_fitted_vae(tmp_path):
+    """--config.base=scratch: a random toy SD, its VAE fitted on the synthetic world first (as before the toy base)."""
+    from configs import demo
+    from layerdiff_jax.convert.pipeline import load_sd
+    from layerdiff_jax.demo import base_folder
+    from layerdiff_jax.toy import make_toy_sd
+
+    config = demo.get_config()
+    config.base = "scratch"
+    config.finetune.model.toy_vae.steps = 2
+    config.finetune.model.toy_vae.num_samples = 2
+    folder = base_folder(config, config.finetune, tmp_path)
+    assert folder == tmp_path / "toy_sd"
+    fitted = load_sd(folder)
+    random = load_sd(make_toy_sd(tmp_path / "random", seed=config.finetune.seed))
+    assert fitted["vae"][0].config.scaling_factor != random["vae"][0].config.scaling_factor
+    kernel = lambda sd: sd["vae"][1]["encoder"]["conv_in"]["kernel"]  # noqa: E731
+    assert not (kernel(fitted) == kernel(random)).all()
