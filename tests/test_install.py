@@ -58,7 +58,8 @@ def test_offline_install_from_a_folder_of_wheels(tmp_path):
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    shutil.copytree(ROOT / "layerdiff_jax", source / "layerdiff_jax", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("layerdiff_jax", "configs"):
+        shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     wheels = tmp_path / "wheels"
     built = _pip("wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(wheels), str(source))
     assert built.returncode == 0, built.stderr
@@ -80,7 +81,7 @@ def test_offline_install_from_a_folder_of_wheels(tmp_path):
     assert installed.returncode == 0, installed.stdout + installed.stderr
     assert f"Successfully installed layerdiff_jax-{wheel.name.split('-')[1]}" in installed.stdout
     imported = subprocess.run(
-        [str(python), "-c", "import layerdiff_jax.bench.check, layerdiff_jax; print(layerdiff_jax.__file__)"],
+        [str(python), "-c", "import configs.gpu_h100, layerdiff_jax.bench.check, layerdiff_jax; print(layerdiff_jax.__file__)"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert imported.returncode == 0, imported.stderr
