@@ -3,71 +3,140 @@
   python scripts/bench.py                  # CPU: mid-size SD-structure UNet, small SD pipeline, float32
   python scripts/bench.py --device gpu     # GPU: SD-1.5 sizes, bfloat16, cuDNN attention, torch with SDPA
   python scripts/bench.py --quick          # toy sizes: a smoke test that runs in well under a minute
+  python scripts/bench.py --device gpu --suite check --out DIR     # the accelerator check, at most 8 minutes
+  python scripts/bench.py --device cpu --suite check --quick --out DIR   # its CPU path (toy sizes; the tests)
 
-Rows: (1) UNet forward and forward+backward, ours vs diffusers' torch UNet with the same config and weights;
-(2) 50-step DDIM text-to-image with classifier-free guidance, ours (one jitted program) vs diffusers'
-StableDiffusionPipeline on the same weights; (3) the LayerDiff training step at L = 2, 3, 4, 8 layers;
-with each, memory per step and (on accelerators) FLOPs and MFU. Times are medians of warm calls; compile
-time is a separate column. The table is Markdown; --json writes every number (default under bench_results/).
+The standard suite's rows: (1) UNet forward and forward+backward, ours vs diffusers' torch UNet with the same
+config and weights; (2) 50-step DDIM text-to-image with classifier-free guidance, ours (one jitted program) vs
+diffusers' StableDiffusionPipeline on the same weights; (3) the LayerDiff training step at L = 2, 3, 4, 8
+layers; with each, memory per step and (on accelerators) FLOPs and MFU. Times are medians of warm calls;
+compile time is a separate column. The table is Markdown; --json writes every number (default under
+bench_results/). Every row records the load average before and after it: one measured while the load was
+above the core count is marked unreliable and never counts as meeting its target.
+
+The check (`--suite check`, layerdiff_jax/bench/check.py) measures, in order of value, correctness against
+torch, attention kernels, UNet forward speed, DDIM sampling, the train step at the largest batch that fits,
+then torch.compile; it writes DIR/check.json and DIR/check.md after every row and stops at the deadline.
+Exit status: 0 done; 1 a step failed (the row says why); 2 bad arguments or missing packages; 3 stopped at
+the deadline.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
+STARTED = time.monotonic()  # the check's deadline counts from here: imports and set-up are part of the slot
 DESCRIPTION = __doc__.split("\n\n")[0]
+if importlib.util.find_spec("layerdiff_jax") is None:  # a source checkout that was not pip-installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench.py", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="where both sides run (default cpu)")
+    parser.add_argument("--suite", choices=["standard", "check"], default="standard",
+                        help="standard: the rows below; check: the time-boxed accelerator check (writes to --out)")
     parser.add_argument("--quick", action="store_true", help="toy sizes and 2 repeats: checks that every row runs")
-    parser.add_argument("--json", type=Path, help="where to write the results (default bench_results/bench_<device>[_quick].json)")
-    parser.add_argument("--rows", default="unet,ddim,layers", help="comma-separated subset of unet,ddim,layers (default: all)")
-    parser.add_argument("--attention-impl", choices=["xla", "cudnn", "splash"], help="attention kernel (default: xla on CPU, cudnn on GPU)")
-    parser.add_argument("--repeats", type=int, help="timed warm calls per measurement (default 5 on CPU, 10 on GPU, 2 with --quick)")
+    parser.add_argument("--json", type=Path, help="standard suite: where to write the results (default bench_results/bench_<device>[_quick].json)")
+    parser.add_argument("--out", type=Path, help="check: the folder for check.json and check.md (default bench_results/check_<device>[_quick])")
+    parser.add_argument("--rows", default="unet,ddim,layers", help="standard suite: comma-separated subset of unet,ddim,layers (default: all)")
+    parser.add_argument("--attention-impl", choices=["xla", "cudnn", "splash"],
+                        help="attention kernel (standard: default xla on CPU, cudnn on GPU; check: the kernel compared with XLA, default cudnn)")
+    parser.add_argument("--repeats", type=int, help="standard suite: timed warm calls per measurement (default 5 on CPU, 10 on GPU, 2 with --quick)")
+    parser.add_argument("--deadline-min", type=float, default=8.0, help="check: stop after this many minutes, set-up included (default 8)")
+    parser.add_argument("--peak-tflops", type=float, help="the chip's dense bfloat16 peak in TFLOP/s for MFU (default: measure.BF16_PEAK_FLOPS by device kind)")
+    parser.add_argument("--train-batch", type=int, help="check: the train step's batch (default: the largest that fits)")
     return parser.parse_args(argv)
+
+
+def _configure_device(device: str) -> None:
+    if device == "gpu":  # JAX and torch share the GPU: no grabbing 75% of it up front, but most of it on demand
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.85")
+
+
+def _check_gpu(jax) -> str | None:
+    backend = jax.devices()[0].platform
+    if backend != "gpu":
+        return f"--device gpu: JAX has no GPU here (backend {backend}); install the CUDA plugin: pip install -e '.[cuda]' (README, 'On GPUs and TPUs')"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    if args.device == "gpu":  # JAX and torch share the GPU: no grabbing 75% of it up front
-        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    _configure_device(args.device)
+    from layerdiff_jax.bench.requirements import import_problem
+
+    modules = ["jax", "layerdiff_jax.bench.suite", "layerdiff_jax.bench.torch_reference"]
+    if args.suite == "check":
+        modules.append("layerdiff_jax.bench.check")
+    problem = import_problem(tuple(modules))
+    if problem:
+        print(f"bench.py: {problem}", file=sys.stderr)
+        return 2
     import jax
 
     if args.device == "cpu":
         jax.config.update("jax_platforms", "cpu")  # before any backend starts: the CPU even beside a GPU
+    elif _check_gpu(jax):
+        print(f"bench.py: {_check_gpu(jax)}", file=sys.stderr)
+        return 2
+    if args.repeats is not None and args.repeats < 1:
+        print(f"--repeats must be >= 1, got {args.repeats}", file=sys.stderr)
+        return 2
+    try:
+        if args.suite == "check":
+            return _run_check(args)
+        return _run_standard(args)
+    except (ValueError, RuntimeError) as error:  # settings that cannot run here, a torch without CUDA
+        print(f"bench.py: {error}", file=sys.stderr)
+        return 2
 
+
+def _run_standard(args: argparse.Namespace) -> int:
     import dataclasses
 
     from layerdiff_jax.bench.report import format_table, write_json
     from layerdiff_jax.bench.suite import BenchSettings, run_suite
 
-    if args.device == "gpu" and jax.devices()[0].platform != "gpu":
-        print(f"--device gpu: JAX has no GPU here (backend {jax.devices()[0].platform})", file=sys.stderr)
-        return 2
-    if args.repeats is not None and args.repeats < 1:
-        print(f"--repeats must be >= 1, got {args.repeats}", file=sys.stderr)
-        return 2
-    settings = BenchSettings.for_device(args.device, quick=args.quick, attention_impl=args.attention_impl)
+    settings = BenchSettings.for_device(args.device, quick=args.quick, attention_impl=args.attention_impl, peak_flops=_peak(args))
     if args.repeats is not None:
         settings = dataclasses.replace(settings, repeats=args.repeats)
     rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
-    try:
-        result = run_suite(settings, rows)
-    except ValueError as error:
-        print(f"bench.py: {error}", file=sys.stderr)
-        return 2
+    result = run_suite(settings, rows)
     json_path = args.json or Path("bench_results") / f"bench_{args.device}{'_quick' if args.quick else ''}.json"
     write_json(result, json_path)
     print(format_table(result))
     print(f"\nresults written to {json_path}")
     return 0
+
+
+def _peak(args: argparse.Namespace) -> float | None:
+    return None if args.peak_tflops is None else args.peak_tflops * 1e12
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    from layerdiff_jax.bench.check import CheckSettings, run_check
+    from layerdiff_jax.bench.report import format_table
+
+    if args.deadline_min <= 0:
+        raise ValueError(f"--deadline-min must be > 0, got {args.deadline_min}")
+    settings = CheckSettings.for_device(
+        args.device, quick=args.quick, deadline_s=args.deadline_min * 60, attention_impl=args.attention_impl,
+        peak_flops=_peak(args), train_batch=args.train_batch,
+    )
+    out = args.out or Path("bench_results") / f"check_{args.device}{'_quick' if args.quick else ''}"
+    status = run_check(settings, out, started=STARTED)
+    print((out / "check.md").read_text())
+    print(f"results written to {out / 'check.json'} and {out / 'check.md'} (exit status {status})")
+    return status
 
 
 if __name__ == "__main__":

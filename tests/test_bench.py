@@ -1,9 +1,11 @@
-"""scripts/bench.py in --quick mode (a smoke test: it runs and writes its JSON; no timing assertions), and the
-attention implementations it selects between, each with padded-key masking."""
+"""scripts/bench.py: the accelerator check's CPU path and the standard suite at toy sizes (smoke tests: they run
+and write their files; no timing assertions), the load marking, the check's time box and batch search, and the
+attention implementations the bench selects between, each with padded-key masking."""
 
 import importlib.util
 import json
 import logging
+import threading
 from pathlib import Path
 
 import jax
@@ -11,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from layerdiff_jax.bench import check, measure, report, requirements, suite
 from layerdiff_jax.models import attention
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,32 +26,174 @@ def _load_script():
     return module
 
 
-def test_bench_quick_runs_every_row_and_writes_json(tmp_path, capsys):
+def test_check_quick_runs_every_step_and_writes_json_and_markdown(tmp_path, capsys):
+    """The accelerator check's CPU path (toy sizes; cuDNN refuses and XLA runs): every step, in order, each row on
+    disk. The deadline is far off so that the watchdog (os._exit) cannot end the test session."""
+    out = tmp_path / "check"
+    assert _load_script().main(["--device", "cpu", "--suite", "check", "--quick", "--out", str(out), "--deadline-min", "30"]) == 0
+    result = json.loads((out / "check.json").read_text())
+    assert [(s["id"], s["status"]) for s in result["steps"]] == [
+        ("a1", "done"), ("a2", "done"), ("b", "done"), ("c", "done"), ("d", "done"), ("b'", "done")
+    ]
+    assert result["stopped"] is None and result["elapsed_s"] < result["deadline_s"]
+    rows = result["rows"]
+    assert all(r["status"] == "ok" and "load_before" in r and "load_after" in r for r in rows)
+    assert [r["row"] for r in rows] == sorted((r["row"] for r in rows), key=["a1", "a2", "b", "c", "d", "b'"].index)
+    by = lambda row_id, impl: next(r for r in rows if r["row"] == row_id and r["impl"] == impl)  # noqa: E731
+
+    # a1: the same weights on both sides agree; bfloat16 ours is as close to float32 as torch's bfloat16.
+    assert by("a1", "ours xla")["rel_err"] < 1e-5 and by("a1", "ours xla")["met"] is True
+    ours_bf16, torch_bf16 = by("a1", "ours cudnn"), by("a1", "torch")
+    assert ours_bf16["rel_err"] < 2 * torch_bf16["rel_err"] < 0.05
+    assert any("cuDNN needs an NVIDIA GPU" in f for f in ours_bf16["attention_fallbacks"])
+    # a2: every case ran XLA and the "kernel", which refused (the reason is in the row) and fell back.
+    attention_rows = [r for r in rows if r["row"] == "a2"]
+    assert len(attention_rows) == 2 * len(result["settings"]["attention_cases"])
+    for r in attention_rows:
+        assert r["ran"] == "xla" and r["rel_err"] < 1e-2 and r["grad_rel_err"] < 1e-2
+        assert (r["refusal"] is None) == (r["impl"] == "xla") and "load_before" in r and "load_after" in r
+    assert "cuDNN needs an NVIDIA GPU" in next(r for r in attention_rows if r["impl"] == "cudnn -> xla")["refusal"]
+    # b: both impls and torch eager, with the speed-up, MFU and compile targets (MFU n/a on a CPU).
+    for impl in ("ours xla", "ours cudnn"):
+        r = by("b", impl)
+        assert r["images_per_s"] > 0 and r["compile_s"] > 0 and r["flops"] > 0
+        assert [t["what"] for t in r["targets"]] == ["speed-up vs torch eager (SDPA)", "MFU", "compile"]
+    assert by("b", "torch eager (SDPA)")["images_per_s"] > 0
+    # c: DDIM, ours vs diffusers on the same weights (bfloat16 on both sides).
+    ddim = next(r for r in rows if r["row"] == "c" and r["impl"].startswith("ours"))
+    assert ddim["images_per_s"] > 0 and ddim["rel_err"] < 0.1 and by("c", "diffusers")["images_per_s"] > 0
+    # d: the train step at the quick batch (no memory limit to search against on a CPU).
+    (train,) = [r for r in rows if r["row"] == "d"]
+    assert train["samples_per_s"] > 0 and train["batch"] == 1 and train["remat"] is False and train["flops"] > 0
+    assert by("b'", "torch.compile")["images_per_s"] > 0
+
+    table = (out / "check.md").read_text()
+    assert table.count("\n| a2 |") == len(attention_rows) and "| d | LayerDiff train step, L=4" in table
+    assert "steps: a1 done, a2 done, b done, c done, d done, b' done" in table
+    assert table in capsys.readouterr().out
+
+
+def test_standard_suite_quick_unet_row_writes_json(tmp_path, capsys):
+    """The standard suite's UNet row at toy size (its DDIM and train-step code runs in the check above)."""
     out = tmp_path / "bench.json"
-    assert _load_script().main(["--quick", "--json", str(out)]) == 0
+    assert _load_script().main(["--quick", "--rows", "unet", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     rows = result["rows"]
-    assert {r["row"] for r in rows} == {"1a", "1b", "2", "3"}
-    assert {r["impl"] for r in rows} == {"ours", "torch", "diffusers"}
+    assert [(r["row"], r["impl"]) for r in rows] == [("1a", "ours"), ("1a", "torch"), ("1b", "ours"), ("1b", "torch")]
     for r in rows:
         assert r["median_s"] > 0 and len(r["times_s"]) == result["settings"]["repeats"]
-    ours = [r for r in rows if r["impl"] == "ours"]
-    assert all(r["compile_s"] is not None and r["rss_peak_bytes"] > 0 for r in ours)
-    # Same weights on both sides: the float32 outputs agree (the parity notes carry the numbers).
-    assert "max abs diff ours vs torch" in rows[0]["note"]
-    assert float(rows[0]["note"].split()[-1]) < 1e-4
-    ddim = next(r for r in ours if r["row"] == "2")
-    assert float(ddim["note"].split()[-1]) < 1e-3 and ddim["images_per_s"] > 0
-    assert [r["layers"] for r in rows if r["row"] == "3"] == [2]
+        assert {"load_before", "load_after", "reliable"} <= set(r)
+    # Same weights on both sides: the float32 outputs agree.
+    assert rows[0]["max_abs_err"] < 1e-4 and rows[0]["targets"][0]["what"] == "ours/torch time"
     env = result["environment"]
     assert env["versions"]["jax"] == jax.__version__ and env["torch_threads"] >= 1 and env["cpu_count"] >= 1
-    table = capsys.readouterr().out
-    assert table.count("\n| 1a |") == 2 and "LayerDiff train step, L=2" in table
+    assert capsys.readouterr().out.count("\n| 1a |") == 2
 
 
 def test_bench_rejects_unknown_rows(tmp_path, capsys):
     assert _load_script().main(["--quick", "--rows", "unet,nope", "--json", str(tmp_path / "x.json")]) == 2
     assert "unknown benchmark row(s) ['nope']" in capsys.readouterr().err
+
+
+def test_check_at_full_size_on_a_cpu_is_refused(tmp_path, capsys):
+    assert _load_script().main(["--suite", "check", "--out", str(tmp_path)]) == 2
+    assert "on a CPU pass --quick" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ load: a busy machine's rows are never "met"
+
+
+def test_rows_measured_above_the_core_count_are_unreliable_and_never_met(monkeypatch):
+    assert measure.load_fields(1.5, 2.0, cores=2)["reliable"] is True
+    busy = measure.load_fields(1.0, 2.5, cores=2)
+    assert busy["reliable"] is False and busy["unreliable"] == "load average 2.50 > 2 cores"
+
+    fast = {"row": "x", "name": "n", "impl": "ours", "median_s": 1.0, **measure.load_fields(0.5, 0.5, cores=2)}
+    slow = {"row": "x", "name": "n", "impl": "torch", "median_s": 3.0, **measure.load_fields(0.5, 0.5, cores=2)}
+    assert suite._compare(dict(fast), slow, higher_is_better=True, target=1.5, name="speed-up")["met"] is True
+    # The same numbers with the reference measured on a busy machine: not met, and the table says why.
+    row = suite._compare(dict(fast), {**slow, **busy}, higher_is_better=True, target=1.5, name="speed-up")
+    assert row["met"] is None and row["reliable"] is False and "torch side" in row["unreliable"]
+    assert report._met(row).startswith("unreliable: torch side: load average 2.50")
+    assert suite.add_target(row, "MFU", 0.9, 0.5, at_least=True)["met"] is None
+
+    # measured() records the load before and after every measurement.
+    loads = iter([(9.0, 0, 0), (1.0, 0, 0)])
+    monkeypatch.setattr(measure, "load_average", lambda: next(loads))
+    timing, fields = suite.measured(lambda: measure.Timing([0.1]))
+    assert (fields["load_before"], fields["load_after"], fields["reliable"]) == (9.0, 1.0, False)
+
+
+# ------------------------------------------------------------------- the check's time box and batch search
+
+
+def test_check_run_writes_every_row_at_once_and_stops_at_the_deadline(tmp_path):
+    exits, stopped = [], threading.Event()
+
+    def fake_exit(status):  # the real one is os._exit: what is on disk then is what the run leaves
+        exits.append((status, json.loads((tmp_path / "check.json").read_text())))
+        stopped.set()
+
+    env = {"date": "d", "host": "h", "cpu": "c", "cpu_count": 2, "jax_backend": "cpu", "device": "cpu", "device_count": 1,
+           "versions": {"jax": "0"}, "python": "3", "xla_flags": ""}
+    plan = [("x", "first"), ("y", "raises"), ("z", "runs past the deadline"), ("w", "after the deadline")]
+    run = check.CheckRun(tmp_path, 1.0, plan=plan, header={"environment": env, "settings": {"attention_impl": "xla"}}, exit=fake_exit)
+
+    def first(r):
+        r.add({"row": "x", "name": "first row", "impl": "ours", "median_s": 0.1})
+        on_disk = json.loads((tmp_path / "check.json").read_text())
+        assert [row["name"] for row in on_disk["rows"]] == ["first row"]  # written before the step ends
+
+    def raises(r):
+        raise RuntimeError("boom")
+
+    assert run.step("x", first) is True
+    assert run.step("y", raises) is False
+    run.step("z", lambda r: stopped.wait(10))
+    assert run.step("w", lambda r: pytest.fail("ran after the deadline")) is False
+    assert run.finish() == check.EXIT_DEADLINE
+
+    ((status, at_exit),) = exits
+    assert status == check.EXIT_DEADLINE and at_exit["stopped"] == "deadline (1 s) reached during step z"
+    assert [(s["id"], s["status"]) for s in at_exit["steps"]] == [("x", "done"), ("y", "failed"), ("z", "stopped"), ("w", "not run")]
+    assert [r["status"] for r in at_exit["rows"]] == ["ok", "failed"] and "RuntimeError: boom" in at_exit["rows"][1]["error"]
+    table = (tmp_path / "check.md").read_text()
+    assert "| y | raises; RuntimeError: boom |" in table and "stopped: deadline (1 s) reached during step z" in table
+
+
+def _fake_compiles(fixed: float, per_sample: float):
+    calls = []
+
+    def compile_at(batch):
+        calls.append(batch)
+        return f"program B={batch}", fixed + per_sample * batch, 1.0
+
+    return compile_at, calls
+
+
+def test_fit_batch_finds_the_largest_batch_that_fits():
+    # 10 GB fixed + 2 GB a sample, 100 GB free: 90% of it fits batch 40.
+    compile_at, calls = _fake_compiles(10, 2)
+    batch, program, tries = check.fit_batch(compile_at, 8, 100, time_left=lambda: 1e9)
+    assert (batch, program) == (40, "program B=40") and calls == [8, 24, 40] and len(tries) == 3
+    compile_at, calls = _fake_compiles(10, 2)  # starting too large: down to the fit, then stop
+    assert check.fit_batch(compile_at, 64, 100, time_left=lambda: 1e9)[0] == 40 and calls == [64, 40]
+    compile_at, calls = _fake_compiles(10, 2)  # no time for a second compile: the first batch, as it fits
+    assert check.fit_batch(compile_at, 8, 100, time_left=lambda: 1.0)[0] == 8 and calls == [8]
+    compile_at, calls = _fake_compiles(10, 2)  # no memory figure (CPU): the batch asked for
+    assert check.fit_batch(compile_at, 3, None, time_left=lambda: 1e9)[0] == 3 and calls == [3]
+    with pytest.raises(MemoryError, match="no train batch fits"):
+        check.fit_batch(_fake_compiles(95, 2)[0], 4, 100, time_left=lambda: 1e9)
+
+
+def test_missing_packages_are_named_with_the_offline_install_command(monkeypatch):
+    assert {"jax", "flax", "diffusers", "torch"} <= set(requirements.declared())
+    assert requirements.missing(["jax", "no-such-distribution"]) == ["no-such-distribution"]
+    assert requirements.import_problem(("json",)) is None
+    monkeypatch.setattr(requirements, "declared", lambda extras=(): ["jax", "no-such-distribution"])
+    problem = requirements.import_problem(("no_such_module",))
+    assert problem.startswith("cannot import no_such_module: No module named 'no_such_module'")
+    assert "pip install --no-index --find-links WHEELS no-such-distribution" in problem
 
 
 # ---------------------------------------------------------------- attention implementations and masking
@@ -117,3 +262,12 @@ def test_unknown_attention_impl_is_rejected():
     q, k, v = _qkv(5)
     with pytest.raises(ValueError, match="attention_impl must be one of"):
         attention.dot_product_attention(q, k, v, implementation="flash")
+    with pytest.raises(ValueError, match="attention_impl must be one of"):
+        attention.kernel_refusal("flash", q, k)
+
+
+def test_kernel_refusal_says_why_a_kernel_does_not_run_here():
+    q, k, _ = _qkv(6, dtype=jnp.bfloat16)
+    assert attention.kernel_refusal("xla", q, k) is None
+    assert "cuDNN needs an NVIDIA GPU" in attention.kernel_refusal("cudnn", q, k)
+    assert "splash attention needs a TPU" in attention.kernel_refusal("splash", q, k, mask=KEY_VALID)

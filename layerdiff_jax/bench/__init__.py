@@ -1,7 +1,5 @@
-"""The benchmark suite behind `scripts/bench.py`: rows in `suite`, timing and memory in `measure`, the
-PyTorch reference in `torch_reference` (imported only when a row runs), the table in `report`."""
+"""The benchmarks behind `scripts/bench.py`: the standard suite's rows in `suite`, the time-boxed accelerator
+check in `check`, timing and memory in `measure`, the PyTorch reference in `torch_reference` (imported only
+when a row runs), the table and JSON in `report`, what a run needs installed in `requirements`.
 
-from layerdiff_jax.bench.report import format_table, write_json
-from layerdiff_jax.bench.suite import BenchSettings, run_suite
-
-__all__ = ["BenchSettings", "format_table", "run_suite", "write_json"]
+Nothing is imported here, so that `requirements` can say what is missing before anything else is imported."""

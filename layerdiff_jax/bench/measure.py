@@ -12,6 +12,7 @@ import importlib.metadata
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -33,7 +34,10 @@ BF16_PEAK_FLOPS = {
     "TPU v6 lite": 918e12,
 }
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-_VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "diffusers", "transformers", "numpy")
+_VERSIONED_PACKAGES = (
+    "jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda13-plugin", "libtpu", "flax", "optax", "torch", "diffusers",
+    "transformers", "numpy",
+)
 
 
 @dataclasses.dataclass
@@ -63,11 +67,19 @@ def time_calls(call: Callable[[], Any], repeats: int, warmup: int = 1) -> Timing
     return Timing(times)
 
 
-def compile_jitted(jitted, *args) -> tuple[Any, float]:
-    """(the compiled executable, seconds spent lowering and compiling it)."""
+def lower_and_compile(jitted, *args, options: dict | None = None) -> tuple[Any, Any, float]:
+    """(the lowered program, its compiled executable, seconds spent lowering and compiling); `options` are XLA
+    compiler options. The lowered program's cost analysis counts the FLOPs before XLA's optimisations."""
     start = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
-    return compiled, time.perf_counter() - start
+    lowered = jitted.lower(*args)
+    compiled = lowered.compile(compiler_options=options)
+    return lowered, compiled, time.perf_counter() - start
+
+
+def compile_jitted(jitted, *args, options: dict | None = None) -> tuple[Any, float]:
+    """(the compiled executable, seconds spent lowering and compiling it)."""
+    _, compiled, seconds = lower_and_compile(jitted, *args, options=options)
+    return compiled, seconds
 
 
 def time_compiled(compiled, args: tuple, repeats: int, compile_s: float) -> Timing:
@@ -109,8 +121,33 @@ def device_peak_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
-def peak_bf16_flops(device: jax.Device) -> float | None:
+def peak_bf16_flops(device: jax.Device, override: float | None = None) -> float | None:
+    """The chip's dense bfloat16 peak: `override` if given, else the table's entry (None for CPUs and chips
+    not in the table, which then get no MFU)."""
+    if override is not None:
+        return override
     return BF16_PEAK_FLOPS.get(device.device_kind)
+
+
+def device_available_bytes() -> int | None:
+    """Bytes JAX can still allocate on the first device (None on CPU, or where the allocator keeps no limit).
+
+    The allocator's limit less what is in use; where torch shares the GPU, also no more than the device's
+    free memory plus what JAX holds unused, since torch's blocks are outside JAX's accounting."""
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return None
+    stats = device.memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return None
+    in_use = stats.get("bytes_in_use", 0)
+    available = stats["bytes_limit"] - in_use
+    torch = sys.modules.get("torch")  # torch holds GPU memory in this process only if something imported it
+    if device.platform == "gpu" and torch is not None and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        held_unused = max(stats.get("pool_bytes", in_use) - in_use, 0)
+        available = min(available, free + held_unused)
+    return int(available)
 
 
 def current_rss_bytes() -> int:
@@ -150,6 +187,21 @@ class RssPeak:
 
 def load_average() -> tuple[float, float, float]:
     return os.getloadavg()
+
+
+def cpu_cores() -> int:
+    return os.cpu_count() or 1
+
+
+def load_fields(before: float, after: float, cores: int | None = None) -> dict[str, Any]:
+    """The 1-minute load average before and after a measurement. Above the core count, other work shared the
+    cores while it ran: its time says little about this code, so the row is marked unreliable and none of its
+    targets can count as met."""
+    cores = cores or cpu_cores()
+    fields: dict[str, Any] = {"load_before": before, "load_after": after, "cores": cores, "reliable": max(before, after) <= cores}
+    if not fields["reliable"]:
+        fields["unreliable"] = f"load average {max(before, after):.2f} > {cores} cores"
+    return fields
 
 
 def _cpu_model() -> str:

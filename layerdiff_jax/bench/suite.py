@@ -6,14 +6,18 @@
 3. The LayerDiff training step (`layerdiff_jax.training.step.make_train_step`) at L = 2, 3, 4, 8 layers.
 4. Memory per step: XLA's planned peak per call, the allocator peak on accelerators, host RSS on CPU.
 5. Model FLOPs per step from XLA's cost analysis, and MFU against the chip's bfloat16 peak (accelerators).
+
+Every measurement records the load average before and after it (`measured`); a row measured above the core
+count is unreliable and meets no target (`add_target`). The accelerator check (`check.py`) is built from the
+same pieces: the UNet pair, the SD components, the DDIM row and the train-step helpers below.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import functools
 import logging
-import tempfile
+import time
 from typing import Any, Callable
 
 import jax
@@ -21,14 +25,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from layerdiff_jax.bench import measure
-from layerdiff_jax.convert import load_sd
+from layerdiff_jax.convert.clip_text import abstract_text_encoder_params, rename_text_encoder_key
 from layerdiff_jax.convert.core import convert_state_dict
 from layerdiff_jax.convert.unet import abstract_unet_params, rename
+from layerdiff_jax.convert.vae import abstract_vae_params, rename_vae_key
 from layerdiff_jax.data.tokenizer import PromptTokenizer, build_toy_tokenizer
 from layerdiff_jax.diffusion.ddim import ddim_sample, ddim_timesteps
 from layerdiff_jax.diffusion.guidance import guided_model_fn
 from layerdiff_jax.diffusion.schedules import make_schedule
-from layerdiff_jax.models.clip_text import CLIPTextConfig
+from layerdiff_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer
 from layerdiff_jax.models.layerdiff import LayerDiffConfig, init_from_sd
 from layerdiff_jax.models.unet import UNet2DConditionModel, UNetConfig
 from layerdiff_jax.models.vae import AutoencoderKL, VAEConfig
@@ -45,6 +50,7 @@ PROMPTS = (
 )
 GUIDANCE_SCALE = 7.5  # diffusers' StableDiffusionPipeline default
 LAYER_TARGET_RATIO = 4.4  # issue 9: step time at L = 8 at most 4.4x the time at L = 2
+DDIM_SPEEDUP_TARGET = 1.5  # issues 9 and 19: ours at least 1.5x diffusers' pipeline in images/s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,15 +92,23 @@ class BenchSettings:
     unet: UNetBench
     sd: SDBench
     layers: LayerBench
+    peak_flops: float | None = None  # the chip's bfloat16 peak for MFU; None: measure.BF16_PEAK_FLOPS's entry
 
     @classmethod
-    def for_device(cls, device: str, quick: bool = False, attention_impl: str | None = None) -> "BenchSettings":
+    def for_device(
+        cls, device: str, quick: bool = False, attention_impl: str | None = None, peak_flops: float | None = None
+    ) -> "BenchSettings":
         """CPU: a mid-size SD-structure UNet and a small SD; GPU: SD-1.5 sizes in bfloat16; quick: toy sizes."""
+        settings = cls._for_device(device, quick, attention_impl)
+        return dataclasses.replace(settings, peak_flops=peak_flops)
+
+    @classmethod
+    def _for_device(cls, device: str, quick: bool, attention_impl: str | None) -> "BenchSettings":
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
         vocab = build_toy_tokenizer().vocab_size
         if quick:
-            sd = _toy_sd(vocab)
+            sd = quick_sd(vocab)
             return cls(
                 device, True, "float32" if device == "cpu" else "bfloat16", attention_impl or _default_impl(device), 2,
                 UNetBench(sd.unet, batch=1, latent_size=8, context_length=77),
@@ -149,24 +163,23 @@ def _small_sd(vocab: int, *, width: int, image_size: int, batch: int, steps: int
 
 
 
-def _toy_sd(vocab: int) -> SDBench:
-    """The smallest SD-1.x-structured set (2-level UNet, 2x VAE, 1-layer CLIP): compiles in seconds, for --quick."""
+def quick_sd(vocab: int) -> SDBench:
+    """--quick's SD: a one-level UNet (a cross-attention down block, the mid block, a cross-attention up block), a
+    one-block VAE (no downsampling) and a one-layer CLIP. Every kind of module the rows run, with the fewest XLA
+    ops, as --quick only checks that every row runs: the LayerDiff train step, most of its time on a CPU,
+    compiles in a fraction of a two-level UNet's time."""
     return SDBench(
         unet=UNetConfig(
-            block_out_channels=(16, 32),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            layers_per_block=1,
-            num_attention_heads=2,
-            cross_attention_dim=16,
-            norm_num_groups=8,
+            block_out_channels=(16,), down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+            layers_per_block=1, num_attention_heads=2, cross_attention_dim=16, norm_num_groups=8,
         ),
-        vae=VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4),
+        vae=VAEConfig(block_out_channels=(8,), layers_per_block=1, norm_num_groups=4),
         text_encoder=CLIPTextConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
         image_size=16,
         batch=1,
         steps=2,
     )
+
 
 # ---------------------------------------------------------------------------------------------- helpers
 
@@ -179,87 +192,165 @@ def _row(row: str, name: str, impl: str, timing: measure.Timing | None, **fields
     return out
 
 
-def _with_memory(settings: BenchSettings, run: Callable[[], measure.Timing]) -> tuple[measure.Timing, dict[str, Any]]:
-    """Runs a measurement, recording host RSS (CPU) around it and the machine's load when it started."""
-    load = measure.load_average()[0]
+def measured(run: Callable[[], measure.Timing]) -> tuple[measure.Timing, dict[str, Any]]:
+    """Runs a measurement, recording host RSS (CPU) around it, the allocator peak (accelerators) and the
+    machine's load before and after it (`measure.load_fields`: a row measured on a busy machine is unreliable)."""
+    load_before = measure.load_average()[0]
     with measure.RssPeak() as rss:
         timing = run()
-    memory = {**rss.as_dict(), "load_1min": load}
+    fields = {**rss.as_dict(), **measure.load_fields(load_before, measure.load_average()[0])}
     peak = measure.device_peak_bytes()
     if peak is not None:
-        memory["device_peak_bytes"] = peak
-    return timing, memory
+        fields["device_peak_bytes"] = peak
+    return timing, fields
 
 
-def _flops_fields(flops: float | None, seconds: float, device: jax.Device) -> dict[str, Any]:
+def flops_fields(flops: float | None, seconds: float, device: jax.Device, peak_flops: float | None = None) -> dict[str, Any]:
+    """FLOPs of one call, their rate, and MFU against the chip's bfloat16 peak (`peak_flops` overrides the table)."""
     if flops is None:
         return {"flops": None, "achieved_flops_per_s": None, "mfu": None}
-    peak = measure.peak_bf16_flops(device) if device.platform != "cpu" else None
+    peak = measure.peak_bf16_flops(device, peak_flops) if device.platform != "cpu" else None
     rate = flops / seconds
     return {"flops": flops, "achieved_flops_per_s": rate, "mfu": rate / peak if peak else None}
 
 
+def add_target(row: Row, what: str, value: float | None, bound: float, *, at_least: bool, unit: str = "") -> Row:
+    """Adds a target to `row["targets"]` and recomputes `row["met"]`: True when every target is met, False when
+    one is missed, None when the row was measured on a busy machine (unreliable) or a value is missing.
+    `unit` "%" shows a fraction as a percentage."""
+    met = None if value is None else bool(value >= bound if at_least else value <= bound)
+    shown = f"{100 * bound:g}%" if unit == "%" else f"{bound:.3g}{unit}"
+    row.setdefault("targets", []).append(
+        {"what": what, "value": value, "target": f"{'>=' if at_least else '<='} {shown}", "met": met}
+    )
+    values = [t["met"] for t in row["targets"]]
+    row["met"] = None if not row.get("reliable", True) or None in values else all(values)
+    return row
+
+
 def _compare(row: Row, reference: Row, *, higher_is_better: bool, target: float, name: str) -> Row:
-    """Adds to `row` its ratio to `reference`: ours/torch time (target: at most), or speed-up (at least)."""
+    """Adds to `row` its ratio to `reference`, ours/torch time (target: at most) or speed-up (at least), as a
+    target; unreliable if either side was measured on a busy machine."""
     if higher_is_better:
         ratio = reference["median_s"] / row["median_s"]
-        met = ratio >= target
-        text = f">= {target:g}x"
     else:
         ratio = row["median_s"] / reference["median_s"]
-        met = ratio <= target
-        text = f"<= {target:g}"
-    row.update(ratio=ratio, ratio_name=name, target=text, met=bool(met))
-    return row
+    if not reference.get("reliable", True) and row.get("reliable", True):
+        row.update(reliable=False, unreliable=f"{reference['impl']} side: {reference['unreliable']}")
+    row.update(ratio=ratio, ratio_name=name)
+    return add_target(row, name, ratio, target, at_least=higher_is_better, unit="x" if higher_is_better else "")
 
 
 # ------------------------------------------------------------------------------------------ row 1: UNet
 
 
-def bench_unet(settings: BenchSettings) -> list[Row]:
+@dataclasses.dataclass
+class UNetPair:
+    """diffusers' torch UNet with random weights (float32, CPU), the same weights converted for ours (numpy
+    float32), and one set of random inputs (NHWC latents, timesteps, context)."""
+
+    config: UNetConfig
+    torch_unet: Any
+    params: dict
+    latents: np.ndarray
+    timesteps: np.ndarray
+    context: np.ndarray
+
+    def ours_args(self, dtype: str) -> tuple:
+        """(params, latents, timesteps, context) on the device in `dtype`: "bfloat16 on both sides" means the
+        torch module holds bfloat16 weights, so ours gets them too."""
+        dt = jnp.dtype(dtype)
+        params = jax.device_put(jax.tree.map(lambda p: jnp.asarray(p, dt), self.params))
+        return params, jnp.asarray(self.latents, dt), jnp.asarray(self.timesteps), jnp.asarray(self.context, dt)
+
+    def torch_args(self, torch_device, dtype: str) -> tuple:
+        import torch
+
+        from layerdiff_jax.bench import torch_reference as ref
+
+        t_dtype = ref.TORCH_DTYPES[dtype]
+        return (
+            torch.from_numpy(self.latents).permute(0, 3, 1, 2).contiguous().to(torch_device, t_dtype),
+            torch.from_numpy(self.timesteps).long().to(torch_device),
+            torch.from_numpy(self.context).to(torch_device, t_dtype),
+        )
+
+
+def build_unet_pair(config: UNetConfig, batch: int, latent_size: int, context_length: int, seed: int = 0) -> UNetPair:
     from layerdiff_jax.bench import torch_reference as ref
+
+    torch_unet = ref.build_unet(config, seed=seed)
+    params = convert_state_dict(ref.numpy_state_dict(torch_unet), abstract_unet_params(UNet2DConditionModel(config)), rename)
+    rng = np.random.default_rng(seed)
+    return UNetPair(
+        config, torch_unet, params,
+        latents=rng.standard_normal((batch, latent_size, latent_size, config.in_channels)).astype(np.float32),
+        timesteps=rng.integers(0, 1000, (batch,)).astype(np.int32),
+        context=rng.standard_normal((batch, context_length, config.cross_attention_dim)).astype(np.float32),
+    )
+
+
+def unet_forward(config: UNetConfig, dtype: str, attention_impl: str) -> Callable:
+    """forward(params, latents, timesteps, context) -> noise prediction, ours, to be jitted."""
+    unet = UNet2DConditionModel(config, dtype=jnp.dtype(dtype), attention_impl=attention_impl)
+    return lambda p, x, t, c: unet.apply({"params": p}, x, t, c)
+
+
+def torch_unet_call(torch_unet, args: tuple, torch_device) -> Callable[[], Any]:
+    """A blocking no-grad forward of the torch UNet on `args`."""
     import torch
 
+    from layerdiff_jax.bench import torch_reference as ref
+
+    def call():
+        with torch.inference_mode():
+            out = torch_unet(*args).sample
+        ref.synchronize(torch_device)
+        return out
+
+    return call
+
+
+def nhwc_numpy(torch_out) -> np.ndarray:
+    return torch_out.float().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def time_torch(call: Callable[[], Any], repeats: int, torch_device, warmup: int = 1) -> tuple[measure.Timing, dict[str, Any]]:
+    """`measured` for a torch call, with torch's own allocator peak on CUDA; torch's cached blocks are given
+    back afterwards so that JAX can allocate them again."""
+    import torch
+
+    if torch_device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    timing, fields = measured(lambda: measure.time_calls(call, repeats, warmup))
+    if torch_device.type == "cuda":
+        fields["device_peak_bytes"] = torch.cuda.max_memory_allocated()
+        torch.cuda.empty_cache()
+    return timing, fields
+
+
+def bench_unet(settings: BenchSettings) -> list[Row]:
+    from layerdiff_jax.bench import torch_reference as ref
+
     b = settings.unet
-    dtype = jnp.dtype(settings.dtype)
     device = jax.devices()[0]
     torch_device = ref.torch_device(settings.device)
-    torch_unet = ref.build_unet(b.config, seed=0)
-    unet = UNet2DConditionModel(b.config, dtype=dtype, attention_impl=settings.attention_impl)
-    params = convert_state_dict(ref.numpy_state_dict(torch_unet), abstract_unet_params(unet), rename)
-    # "bfloat16 on both sides": the torch module holds bfloat16 weights, so ours gets them too.
-    params = jax.device_put(jax.tree.map(lambda p: jnp.asarray(p, dtype), params))
-    torch_unet = ref.to_device(torch_unet, torch_device, settings.dtype)
-
-    rng = np.random.default_rng(0)
-    size, channels = b.latent_size, b.config.in_channels
-    latents = rng.standard_normal((b.batch, size, size, channels)).astype(np.float32)
-    timesteps = rng.integers(0, 1000, (b.batch,)).astype(np.int32)
-    context = rng.standard_normal((b.batch, b.context_length, b.config.cross_attention_dim)).astype(np.float32)
-    args = (params, jnp.asarray(latents, dtype), jnp.asarray(timesteps), jnp.asarray(context, dtype))
-
-    def forward(p, x, t, c):
-        return unet.apply({"params": p}, x, t, c)
+    pair = build_unet_pair(b.config, b.batch, b.latent_size, b.context_length)
+    args = pair.ours_args(settings.dtype)
+    torch_unet = ref.to_device(pair.torch_unet, torch_device, settings.dtype)
+    targs = pair.torch_args(torch_device, settings.dtype)
+    forward = unet_forward(b.config, settings.dtype, settings.attention_impl)
+    torch_forward = torch_unet_call(torch_unet, targs, torch_device)
 
     def loss(p, x, t, c):
         return jnp.mean(jnp.square(forward(p, x, t, c).astype(jnp.float32)))
 
-    t_dtype = ref.TORCH_DTYPES[settings.dtype]
-    tx = torch.from_numpy(latents).permute(0, 3, 1, 2).contiguous().to(torch_device, t_dtype)
-    tt = torch.from_numpy(timesteps).long().to(torch_device)
-    tc = torch.from_numpy(context).to(torch_device, t_dtype)
-
-    def torch_forward():
-        with torch.inference_mode():
-            out = torch_unet(tx, tt, tc).sample
-        ref.synchronize(torch_device)
-        return out
-
     def torch_forward_backward():
         torch_unet.zero_grad(set_to_none=True)
-        torch_unet(tx, tt, tc).sample.float().square().mean().backward()
+        torch_unet(*targs).sample.float().square().mean().backward()
         ref.synchronize(torch_device)
 
+    size = b.latent_size
     shape = f"B={b.batch}, {size}x{size} latents, {b.context_length}x{b.config.cross_attention_dim} context, {settings.dtype}"
     rows = []
     for label, program, torch_call, row_id in (
@@ -267,26 +358,30 @@ def bench_unet(settings: BenchSettings) -> list[Row]:
         ("UNet forward+backward", jax.jit(jax.grad(loss)), torch_forward_backward, "1b"),
     ):
         compiled, compile_s = measure.compile_jitted(program, *args)
-        timing, memory = _with_memory(settings, lambda: measure.time_compiled(compiled, args, settings.repeats, compile_s))
+        timing, memory = measured(lambda: measure.time_compiled(compiled, args, settings.repeats, compile_s))
         ours = _row(
             row_id, f"{label} ({shape})", "ours", timing,
             xla_step_bytes=measure.compiled_memory_bytes(compiled), **memory,
-            **_flops_fields(measure.cost_flops(compiled), timing.median, device),
+            **flops_fields(measure.cost_flops(compiled), timing.median, device, settings.peak_flops),
         )
-        if torch_device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        torch_timing, torch_memory = _with_memory(settings, lambda: measure.time_calls(torch_call, settings.repeats))
-        if torch_device.type == "cuda":
-            torch_memory["device_peak_bytes"] = torch.cuda.max_memory_allocated()
-            torch.cuda.empty_cache()  # give torch's cached blocks back before JAX allocates again
+        torch_timing, torch_memory = time_torch(torch_call, settings.repeats, torch_device)
         reference = _row(row_id, f"{label} ({shape})", "torch", torch_timing, **torch_memory)
         rows += [_compare(ours, reference, higher_is_better=False, target=1.0, name="ours/torch time"), reference]
 
     if settings.dtype == "float32":  # parity of the two forwards: the same network with the same weights
         ours_out = np.asarray(jax.jit(forward)(*args))
-        torch_out = torch_forward().float().permute(0, 2, 3, 1).cpu().numpy()
-        rows[0]["note"] = f"max abs diff ours vs torch {np.abs(ours_out - torch_out).max():.1e}"
+        rows[0].update(error_fields(ours_out, nhwc_numpy(torch_forward())))
     return rows
+
+
+def error_fields(got: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Max abs error, and relative error ||got - reference|| / ||reference|| (L2 over all elements)."""
+    got, reference = np.asarray(got, np.float64), np.asarray(reference, np.float64)
+    diff = got - reference
+    return {
+        "max_abs_err": float(np.abs(diff).max()),
+        "rel_err": float(np.linalg.norm(diff) / max(np.linalg.norm(reference), 1e-30)),
+    }
 
 
 # ---------------------------------------------------------------------------------- SD components (2, 3)
@@ -301,17 +396,35 @@ class SDComponents:
     pipeline: Any  # the diffusers StableDiffusionPipeline holding the same weights (float32, CPU)
 
 
-def build_sd(settings: BenchSettings) -> SDComponents:
-    """Random torch SD components saved as a diffusers folder, and ours loaded from that folder."""
+def build_sd(settings: BenchSettings, unet: UNetPair | None = None) -> SDComponents:
+    """diffusers' StableDiffusionPipeline with random components (`unet`'s, if given), and ours with the same
+    weights, converted in memory (float32 parameters; the modules compute in `settings.dtype`)."""
     from layerdiff_jax.bench import torch_reference as ref
 
     s = settings.sd
+    if unet is not None and unet.config != s.unet:
+        raise ValueError("build_sd: the UNet pair's config differs from settings.sd.unet")
     tokenizer = build_toy_tokenizer()
     configs = {"unet": s.unet, "vae": s.vae, "text_encoder": s.text_encoder}
-    with tempfile.TemporaryDirectory() as folder:
-        pipeline = ref.build_sd_pipeline(configs, tokenizer, folder, seed=0)
-        loaded = load_sd(folder, dtype=jnp.dtype(settings.dtype), attention_impl=settings.attention_impl)
-    loaded = {name: (module, jax.device_put(params)) for name, (module, params) in loaded.items()}
+    pipeline = ref.build_sd_pipeline(configs, tokenizer, seed=0, unet=None if unet is None else unet.torch_unet)
+    dtype, impl = jnp.dtype(settings.dtype), settings.attention_impl
+    modules = {
+        "unet": UNet2DConditionModel(s.unet, dtype=dtype, attention_impl=impl),
+        "vae": AutoencoderKL(s.vae, dtype=dtype, attention_impl=impl),
+        "text_encoder": CLIPTextTransformer(s.text_encoder, dtype=dtype, attention_impl=impl),
+    }
+    abstract = {
+        "unet": abstract_unet_params, "vae": abstract_vae_params, "text_encoder": abstract_text_encoder_params,
+    }
+    renames = {"unet": rename, "vae": rename_vae_key, "text_encoder": rename_text_encoder_key}
+    loaded = {}
+    for name, module in modules.items():
+        if name == "unet" and unet is not None:
+            params = unet.params
+        else:
+            torch_module = getattr(pipeline, name)
+            params = convert_state_dict(ref.numpy_state_dict(torch_module), abstract[name](module), renames[name], source=name)
+        loaded[name] = (module, jax.device_put(params))
     return SDComponents(loaded["unet"], loaded["vae"], loaded["text_encoder"], tokenizer, pipeline)
 
 
@@ -336,7 +449,7 @@ def txt2img_program(sd: SDComponents, num_steps: int, guidance_scale: float):
     return jax.jit(run)
 
 
-def bench_ddim(settings: BenchSettings, sd: SDComponents) -> list[Row]:
+def bench_ddim(settings: BenchSettings, sd: SDComponents, row: str = "2", compiler_options: dict | None = None) -> list[Row]:
     from layerdiff_jax.bench import torch_reference as ref
     import torch
 
@@ -344,15 +457,15 @@ def bench_ddim(settings: BenchSettings, sd: SDComponents) -> list[Row]:
     torch_device = ref.torch_device(settings.device)
     pipe = ref.to_device(sd.pipeline, torch_device, settings.dtype)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(s.batch)]
-    factor = 2 ** (len(s.vae.block_out_channels) - 1)
-    latent = s.image_size // factor
+    latent = s.image_size // s.vae.downsample_factor
     noise = np.random.default_rng(0).standard_normal((s.batch, latent, latent, s.vae.latent_channels)).astype(np.float32)
-    params = {"unet": sd.unet[1], "vae": sd.vae[1], "text_encoder": sd.text_encoder[1]}
+    dtype = jnp.dtype(settings.dtype)
+    # The pipeline holds weights in the compute dtype, so ours does too (the modules compute in it either way).
+    params = jax.tree.map(lambda p: p.astype(dtype), {"unet": sd.unet[1], "vae": sd.vae[1], "text_encoder": sd.text_encoder[1]})
 
     program = txt2img_program(sd, s.steps, GUIDANCE_SCALE)
-    dtype = jnp.dtype(settings.dtype)
     ids, uncond_ids = sd.tokenizer(prompts), sd.tokenizer([""] * len(prompts))
-    compiled, compile_s = measure.compile_jitted(program, params, ids, uncond_ids, jnp.asarray(noise, dtype))
+    compiled, compile_s = measure.compile_jitted(program, params, ids, uncond_ids, jnp.asarray(noise, dtype), options=compiler_options)
 
     def ours():  # prompts in, float images on the host out, like the pipeline call
         return np.asarray(compiled(params, sd.tokenizer(prompts), sd.tokenizer([""] * len(prompts)), jnp.asarray(noise, dtype)))
@@ -365,16 +478,17 @@ def bench_ddim(settings: BenchSettings, sd: SDComponents) -> list[Row]:
             latents=torch_noise, output_type="np",
         ).images
 
-    timing, memory = _with_memory(settings, lambda: measure.time_calls(ours, settings.repeats))
+    # First calls: the warm-up, and the images compared below.
+    ours_images, torch_images = ours(), diffusers_run()
+    timing, memory = measured(lambda: measure.time_calls(ours, settings.repeats, warmup=0))
     timing.compile_s = compile_s
-    torch_timing, torch_memory = _with_memory(settings, lambda: measure.time_calls(diffusers_run, settings.repeats))
+    torch_timing, torch_memory = time_torch(diffusers_run, settings.repeats, torch_device, warmup=0)
     name = f"DDIM {s.steps} steps + CFG {GUIDANCE_SCALE:g}, text-to-image (B={s.batch}, {s.image_size}x{s.image_size}, {settings.dtype})"
-    ours_row = _row("2", name, "ours", timing, images_per_s=s.batch / timing.median,
+    ours_row = _row(row, name, "ours", timing, images_per_s=s.batch / timing.median,
                     xla_step_bytes=measure.compiled_memory_bytes(compiled), **memory)
-    reference = _row("2", name, "diffusers", torch_timing, images_per_s=s.batch / torch_timing.median, **torch_memory)
-    if settings.dtype == "float32":
-        ours_row["note"] = f"max abs image diff ours vs diffusers {np.abs(ours() - diffusers_run()).max():.1e}"
-    return [_compare(ours_row, reference, higher_is_better=True, target=1.5, name="images/s ours/diffusers"), reference]
+    reference = _row(row, name, "diffusers", torch_timing, images_per_s=s.batch / torch_timing.median, **torch_memory)
+    ours_row.update(error_fields(ours_images, torch_images))
+    return [_compare(ours_row, reference, higher_is_better=True, target=DDIM_SPEEDUP_TARGET, name="images/s ours/diffusers"), reference]
 
 
 # -------------------------------------------------------------------------- row 3: LayerDiff train step
@@ -393,77 +507,137 @@ def _layer_batch(rng: np.random.Generator, batch: int, num_layers: int, size: in
     }
 
 
-def bench_layers(settings: BenchSettings, sd: SDComponents) -> list[Row]:
-    from layerdiff_jax.training.config import base_config
-    from layerdiff_jax.training.mesh import global_batch, logical_shardings, make_mesh, put_global
-    from layerdiff_jax.training.state import abstract_boxed_state, abstract_state, create_train_state, make_optimizer
-    from layerdiff_jax.training.step import FrozenEncoders, diffusion_loss, layerdiff_micro_loss, make_train_step, scheduler_from_config
+@dataclasses.dataclass
+class LayerTraining:
+    """A LayerDiff train state initialised from the SD components, and what its train steps take besides a batch.
+    Built once: the state's structure does not depend on remat or the batch, so every measured step shares it."""
 
-    b = settings.layers
+    model: Any  # LayerDiffUNet
+    sd: SDComponents
+    config: Any  # the training config (ml_collections)
+    tx: Any
+    mesh: Any
+    state_shardings: Any
+    frozen_shardings: Any
+    frozen: Any
+    empty_context: jax.Array
+    state: Any  # the latest state (steps donate it)
+
+    def make_step(self, remat: bool):
+        from layerdiff_jax.training.step import FrozenEncoders, layerdiff_micro_loss, make_train_step
+
+        (_, _), (vae, _), (text_encoder, _) = self.sd.unet, self.sd.vae, self.sd.text_encoder
+        micro_loss = layerdiff_micro_loss(self.model.clone(remat=remat), FrozenEncoders(vae, text_encoder), self.config)
+        return make_train_step(micro_loss, self.tx, self.config, self.mesh, self.state_shardings, self.frozen_shardings)
+
+    def batch(self, batch: int, num_layers: int, image_size: int, seed: int = 0) -> dict:
+        from layerdiff_jax.training.mesh import global_batch
+
+        local = _layer_batch(np.random.default_rng(seed), batch, num_layers, image_size, self.sd.tokenizer)
+        return global_batch(local, self.mesh, sample_axis=1)
+
+    def delete(self) -> None:
+        """Frees the train state on the device (the frozen parameters may be the SD components' own arrays)."""
+        for leaf in jax.tree.leaves(self.state):
+            if isinstance(leaf, jax.Array):
+                leaf.delete()
+
+
+def layer_training(sd: SDComponents, *, dtype: str, attention_impl: str, max_layers: int, enhancer_heads: int) -> LayerTraining:
+    """LayerDiff from the SD UNet (`init_from_sd`) with AdamW state, on a one-device mesh (grad_accum 1), built
+    with the trainer's functions."""
+    from layerdiff_jax.training.config import base_config
+    from layerdiff_jax.training.mesh import make_mesh, put_global
+    from layerdiff_jax.training.state import (
+        abstract_boxed_state,
+        abstract_state,
+        frozen_param_shardings,
+        make_optimizer,
+        state_initializer,
+    )
+
     device = jax.devices()[0]
     (unet, unet_params), (vae, vae_params), (text_encoder, text_params) = sd.unet, sd.vae, sd.text_encoder
     config = base_config()
-    config.train.per_host_batch_size = b.batch
     config.train.grad_accum_steps = 1
-    config.model.compute_dtype = settings.dtype
-    config.model.attention_impl = settings.attention_impl
-    config.model.remat = b.remat
+    config.model.compute_dtype = dtype
+    config.model.attention_impl = attention_impl
     mesh = make_mesh((1, 1, 1), devices=[device])
 
-    unet = unet.clone(remat=b.remat)
-    layer_config = LayerDiffConfig(max_layers=max(b.layer_counts), enhancer_heads=b.enhancer_heads)
+    layer_config = LayerDiffConfig(max_layers=max_layers, enhancer_heads=enhancer_heads)
     model, params = init_from_sd(unet, unet_params, layer_config, jax.random.key(0))
     tx = make_optimizer(config.train)
-    abstract, state_shardings = abstract_state(abstract_boxed_state(model, tx, ema=False), mesh)
-    rng_data = np.asarray(jax.random.key_data(jax.random.key(1)))
-    create = functools.partial(create_train_state, rng=rng_data, tx=tx, ema=False)
-    state = jax.jit(create, out_shardings=state_shardings)(put_global(params, state_shardings.params))
+    _, state_shardings = abstract_state(abstract_boxed_state(model, tx, ema=False), mesh)
+    state = state_initializer(state_shardings, jax.random.key(1), tx=tx, ema=False)(put_global(params, state_shardings.params))
+    del params
     factor = vae.config.downsample_factor
-    frozen_boxed = {
-        "vae": jax.eval_shape(vae.init, jax.random.key(0), jnp.zeros((1, factor, factor, 3)))["params"],
-        "text_encoder": jax.eval_shape(text_encoder.init, jax.random.key(0), jnp.zeros((1, 77), jnp.int32))["params"],
-    }
-    frozen_shardings = logical_shardings(frozen_boxed, mesh)
+    frozen_shardings = frozen_param_shardings(
+        {"vae": (vae, (jnp.zeros((1, factor, factor, 3)),)), "text_encoder": (text_encoder, (jnp.zeros((1, 77), jnp.int32),))}, mesh
+    )
     frozen = put_global({"vae": vae_params, "text_encoder": text_params}, frozen_shardings)
     empty_context = jax.jit(text_encoder.apply)({"params": text_params}, sd.tokenizer([""]))[0]
-    micro_loss = layerdiff_micro_loss(model, FrozenEncoders(vae, text_encoder), config)
-    step = make_train_step(micro_loss, tx, config, mesh, state_shardings, frozen_shardings)
-    schedule = scheduler_from_config(config.diffusion).make_schedule()
+    return LayerTraining(model, sd, config, tx, mesh, state_shardings, frozen_shardings, frozen, empty_context, state)
 
-    rows, rng = [], np.random.default_rng(0)
-    latent = b.image_size // factor
+
+@dataclasses.dataclass
+class CompiledStep:
+    compiled: Any
+    compile_s: float
+    lowered: Any
+    batch: dict
+    samples: int
+
+    @property
+    def memory_bytes(self) -> int | None:
+        return measure.compiled_memory_bytes(self.compiled)
+
+
+def compile_layer_step(training: LayerTraining, step, batch: dict, compiler_options: dict | None = None) -> CompiledStep:
+    """Lowers and compiles a train step for `batch` (the state's shapes do not change between steps)."""
+    start = time.perf_counter()
+    lowered = step.lower(training.state, batch, training.frozen, training.empty_context)
+    compiled = lowered.compile(compiler_options=compiler_options)
+    return CompiledStep(compiled, time.perf_counter() - start, lowered, batch, samples=batch["images"].shape[1])
+
+
+def time_layer_step(training: LayerTraining, step: CompiledStep, repeats: int) -> tuple[measure.Timing, dict[str, Any]]:
+    """Runs the compiled step `repeats` times after one warm-up, each blocking on the new state and metrics."""
+
+    def call():
+        training.state, metrics = step.compiled(training.state, step.batch, training.frozen, training.empty_context)
+        jax.block_until_ready((training.state, metrics))
+
+    timing, fields = measured(lambda: measure.time_calls(call, repeats))
+    timing.compile_s = step.compile_s
+    return timing, fields
+
+
+def bench_layers(settings: BenchSettings, sd: SDComponents) -> list[Row]:
+    b = settings.layers
+    device = jax.devices()[0]
+    training = layer_training(
+        sd, dtype=settings.dtype, attention_impl=settings.attention_impl, max_layers=max(b.layer_counts),
+        enhancer_heads=b.enhancer_heads,
+    )
+    step = training.make_step(b.remat)
+    rows = []
     for num_layers in b.layer_counts:
-        batch = global_batch(_layer_batch(rng, b.batch, num_layers, b.image_size, sd.tokenizer), mesh, sample_axis=1)
-        holder = {"state": state}
-
-        def call():
-            holder["state"], metrics = step(holder["state"], batch, frozen, empty_context)
-            jax.block_until_ready((holder["state"], metrics))
-
-        first = measure.time_calls(call, repeats=1, warmup=0).median  # compiles
-        timing, memory = _with_memory(settings, lambda: measure.time_calls(call, settings.repeats))
-        timing.compile_s = max(first - timing.median, 0.0)  # the first call's extra time
-        state = holder["state"]
-        # Model FLOPs: the LayerDiff loss forward+backward on this batch (encoders and optimizer excluded).
-        latents = jnp.zeros((b.batch, num_layers, latent, latent, 2 * vae.config.latent_channels), jnp.float32)
-        ctx_width = text_encoder.config.hidden_size
-        loss_grad = jax.jit(jax.grad(lambda p, *a: diffusion_loss(model, p, *a, schedule, 0.5)[0]))
-        lowered = loss_grad.lower(
-            state.params, latents, jnp.zeros((b.batch, 77, ctx_width), settings.dtype),
-            jnp.zeros((b.batch, num_layers, 77, ctx_width), settings.dtype), jnp.ones((b.batch, num_layers), bool), jax.random.key(0),
-        )
-        flops = measure.cost_flops(lowered)
+        compiled = compile_layer_step(training, step, training.batch(b.batch, num_layers, b.image_size))
+        timing, fields = time_layer_step(training, compiled, settings.repeats)
+        # FLOPs of the whole step from XLA's cost analysis: frozen encoders and optimizer included; with remat
+        # on, the recomputed forward is counted too.
+        flops = measure.cost_flops(compiled.lowered)
         rows.append(_row(
             "3", f"LayerDiff train step, L={num_layers} (B={b.batch}, {b.image_size}x{b.image_size}, AdamW, {settings.dtype})",
-            "ours", timing, layers=num_layers, samples_per_s=b.batch / timing.median, **memory,
-            **_flops_fields(flops, timing.median, device),
+            "ours", timing, layers=num_layers, samples_per_s=b.batch / timing.median,
+            xla_step_bytes=compiled.memory_bytes, **fields, **flops_fields(flops, timing.median, device, settings.peak_flops),
         ))
     by_layers = {r["layers"]: r for r in rows}
     low = min(by_layers)
     for r in rows[1:]:
         r.update(ratio=r["median_s"] / by_layers[low]["median_s"], ratio_name=f"step time vs L={low}")
     if {2, 8} <= set(by_layers):  # the issue's target: L = 8 at most 4.4x the step time of L = 2
-        by_layers[8].update(target=f"<= {LAYER_TARGET_RATIO:g}", met=bool(by_layers[8]["ratio"] <= LAYER_TARGET_RATIO))
+        add_target(by_layers[8], "step time L=8 / L=2", by_layers[8]["ratio"], LAYER_TARGET_RATIO, at_least=False)
     return rows
 
 
@@ -473,28 +647,42 @@ def bench_layers(settings: BenchSettings, sd: SDComponents) -> list[Row]:
 ROWS = ("unet", "ddim", "layers")
 
 
+def suite_environment(settings: BenchSettings) -> dict[str, Any]:
+    """The machine and versions (`measure.environment`) and torch's thread count: on CPU, torch gets as many
+    intra-op threads as XLA's CPU client uses cores, for a like-for-like comparison."""
+    torch_threads = None
+    if settings.device == "cpu":
+        from layerdiff_jax.bench import torch_reference as ref
+
+        torch_threads = ref.set_cpu_threads()
+    return {**measure.environment(), "torch_threads": torch_threads}
+
+
+@contextlib.contextmanager
+def quick_compilation(quick: bool):
+    """--quick only checks that every row runs: compile without XLA's expensive passes (about half the compile
+    time on CPU), which makes its times meaningless."""
+    were_disabled = bool(jax.config.read("jax_disable_most_optimizations"))
+    jax.config.update("jax_disable_most_optimizations", quick or were_disabled)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", were_disabled)
+
+
 def run_suite(settings: BenchSettings, rows: tuple[str, ...] = ROWS, progress: Callable[[str], None] = log.info) -> dict[str, Any]:
     """Every requested row, in this process; returns {"environment", "settings", "rows", "load_average"}."""
     unknown = sorted(set(rows) - set(ROWS))
     if unknown:
         raise ValueError(f"unknown benchmark row(s) {unknown}; choose from {ROWS}")
-    if settings.device == "cpu":
-        from layerdiff_jax.bench import torch_reference as ref
-
-        torch_threads = ref.set_cpu_threads()
-    else:
-        torch_threads = None
     result: dict[str, Any] = {
-        "environment": {**measure.environment(), "torch_threads": torch_threads},
+        "suite": "standard",
+        "environment": suite_environment(settings),
         "settings": settings.as_dict(),
         "load_average": {"start": measure.load_average()},
         "rows": [],
     }
-    # --quick only checks that every row runs: compile without XLA's expensive passes (about half the
-    # compile time on CPU), which makes its times meaningless.
-    optimizations_were_disabled = bool(jax.config.read("jax_disable_most_optimizations"))
-    jax.config.update("jax_disable_most_optimizations", settings.quick or optimizations_were_disabled)
-    try:
+    with quick_compilation(settings.quick):
         if "unet" in rows:
             progress("row 1: UNet forward / forward+backward, ours vs torch")
             result["rows"] += bench_unet(settings)
@@ -506,7 +694,5 @@ def run_suite(settings: BenchSettings, rows: tuple[str, ...] = ROWS, progress: C
             if "layers" in rows:
                 progress("row 3: LayerDiff train step over layer counts")
                 result["rows"] += bench_layers(settings, sd)
-    finally:
-        jax.config.update("jax_disable_most_optimizations", optimizations_were_disabled)
     result["load_average"]["end"] = measure.load_average()
     return result

@@ -7,7 +7,6 @@ torch pipeline is saved to), so both sides run the same network with the same nu
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -65,15 +64,16 @@ def ddim_scheduler() -> DDIMScheduler:
 
 
 def build_sd_pipeline(
-    configs: Mapping[str, Any], tokenizer: PromptTokenizer, folder: str | Path, seed: int
+    configs: Mapping[str, Any], tokenizer: PromptTokenizer, seed: int, unet: TorchUNet | None = None
 ) -> StableDiffusionPipeline:
-    """A diffusers StableDiffusionPipeline from random components of the given architectures, saved to
-    `folder` (a diffusers SD folder that `layerdiff_jax.convert.load_sd` reads) and returned, float32 on CPU."""
+    """A diffusers StableDiffusionPipeline, float32 on CPU, from random components of the given architectures
+    (`unet`, if given, instead of a new one: a full-size UNet is 3.4 GB)."""
     unet_config: UNetConfig = configs["unet"]
     vae_config: VAEConfig = configs["vae"]
     text_config: CLIPTextConfig = configs["text_encoder"]
     torch.manual_seed(seed)
-    unet = TorchUNet.from_config(unet_config.to_diffusers_config())
+    if unet is None:
+        unet = TorchUNet.from_config(unet_config.to_diffusers_config())
     vae = TorchAutoencoderKL.from_config(vae_config.to_diffusers_config())
     hf = tokenizer.hf_tokenizer
     text_encoder = CLIPTextModel(
@@ -101,7 +101,6 @@ def build_sd_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(os.fspath(folder), safe_serialization=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -20,6 +20,7 @@ per reason.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from typing import Any
@@ -37,12 +38,27 @@ ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 _SPLASH_BLOCK = 128  # TPU lane width: splash pads sequence lengths and the head dim to multiples of it
 _fallbacks_logged: set[tuple[str, str]] = set()
+_fallback_recorders: list[list[str]] = []
 
 
 def _fall_back(implementation: str, reason: str) -> None:
+    for recorder in _fallback_recorders:
+        recorder.append(f"{implementation}: {reason}")
     if (implementation, reason) not in _fallbacks_logged:
         _fallbacks_logged.add((implementation, reason))
         log.warning("attention_impl=%r: %s; those calls use XLA attention", implementation, reason)
+
+
+@contextlib.contextmanager
+def recorded_fallbacks():
+    """Yields a list that collects every fallback to XLA attention traced inside the block ("impl: reason",
+    logged or not), so that a benchmark can say which kernel its program really runs."""
+    found: list[str] = []
+    _fallback_recorders.append(found)
+    try:
+        yield found
+    finally:
+        _fallback_recorders.remove(found)
 
 
 def _xla_attention(query, key, value, mask, is_causal):
@@ -143,6 +159,28 @@ def _splash_unsupported(query, key, mask, is_causal) -> str | None:
     return None
 
 
+def _as_4d_mask(mask):
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask, bool)
+    return mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+
+
+def kernel_refusal(
+    implementation: str, query: jax.Array, key: jax.Array, *, mask: jax.Array | None = None, is_causal: bool = False
+) -> str | None:
+    """Why `implementation`'s kernel would not take this call, so that `dot_product_attention` runs XLA
+    attention instead (None: the kernel runs; always None for "xla")."""
+    if implementation not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {implementation!r}")
+    mask = _as_4d_mask(mask)
+    if implementation == "cudnn":
+        return _cudnn_unsupported(query, key, mask)
+    if implementation == "splash":
+        return _splash_unsupported(query, key, mask, is_causal)
+    return None
+
+
 def dot_product_attention(
     query: jax.Array,
     key: jax.Array,
@@ -156,22 +194,15 @@ def dot_product_attention(
 
     `mask` is boolean, broadcastable to (batch, heads, q_len, kv_len); True means "may attend".
     """
-    if implementation not in ATTENTION_IMPLS:
-        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {implementation!r}")
-    if mask is not None:
-        mask = jnp.asarray(mask, bool)
-        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    mask = _as_4d_mask(mask)
+    reason = kernel_refusal(implementation, query, key, mask=mask, is_causal=is_causal)
+    if reason is not None:
+        _fall_back(implementation, reason)
+    if implementation == "xla" or reason is not None:
+        return _xla_attention(query, key, value, mask, is_causal)
     if implementation == "cudnn":
-        reason = _cudnn_unsupported(query, key, mask)
-        if reason is None:
-            return _cudnn_attention(query, key, value, mask, is_causal)
-        _fall_back(implementation, reason)
-    elif implementation == "splash":
-        reason = _splash_unsupported(query, key, mask, is_causal)
-        if reason is None:
-            return _splash_attention(query, key, value, mask, is_causal)
-        _fall_back(implementation, reason)
-    return _xla_attention(query, key, value, mask, is_causal)
+        return _cudnn_attention(query, key, value, mask, is_causal)
+    return _splash_attention(query, key, value, mask, is_causal)
 
 
 class Attention(nn.Module):

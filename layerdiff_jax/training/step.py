@@ -240,4 +240,10 @@ def make_train_step(
         with mesh_rules(mesh):
             return jitted(state, batch, frozen_params, empty_prompt)
 
+    def lower(state, batch, frozen_params, empty_prompt):
+        """The step lowered for these arguments: `.compile()` it to read XLA's memory and cost analyses."""
+        with mesh_rules(mesh):
+            return jitted.lower(state, batch, frozen_params, empty_prompt)
+
+    step.lower = lower
     return step
