@@ -1,20 +1,15 @@
 """scripts/bench.py: the accelerator check's CPU path and the standard suite at toy sizes (smoke tests: they run
-and write their files; no timing assertions), the load marking, the check's time box and batch search, and the
-attention implementations the bench selects between, each with padded-key masking."""
+and write their files; no timing assertions), the load marking, the check's time box and batch search."""
 
 import importlib.util
 import json
-import logging
 import threading
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from layerdiff_jax.bench import check, measure, report, requirements, suite
-from layerdiff_jax.models import attention
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,77 +192,3 @@ def test_missing_packages_are_named_with_the_offline_install_command(monkeypatch
 
 
 # ---------------------------------------------------------------- attention implementations and masking
-
-
-def _qkv(seed, batch=2, q_len=12, kv_len=5, heads=2, head_dim=8, dtype=jnp.float32):
-    rng = np.random.default_rng(seed)
-    return [jnp.asarray(rng.standard_normal((batch, n, heads, head_dim)), dtype) for n in (q_len, kv_len, kv_len)]
-
-
-KEY_VALID = jnp.array([[True, True, False, True, False], [True, False, False, False, False]])
-
-
-def _reference(q, k, v, mask=None, is_causal=False):
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="xla")
-
-
-@pytest.mark.parametrize("mask", [None, KEY_VALID[:, None, None, :]])
-def test_xla_attention_matches_jax_with_and_without_key_mask(mask):
-    q, k, v = _qkv(0)
-    got = attention.dot_product_attention(q, k, v, mask=mask)
-    np.testing.assert_allclose(got, _reference(q, k, v, mask), atol=1e-6)
-    grad = jax.grad(lambda q: jnp.sum(attention.dot_product_attention(q, k, v, mask=mask) ** 2))(q)
-    ref_grad = jax.grad(lambda q: jnp.sum(_reference(q, k, v, mask) ** 2))(q)
-    np.testing.assert_allclose(grad, ref_grad, atol=1e-5)
-
-
-def test_masked_keys_have_no_influence():
-    q, k, v = _qkv(1)
-    out = attention.dot_product_attention(q, k, v, mask=KEY_VALID[:, None, None, :])
-    changed = v.at[:, 2].set(100.0).at[:, 4].set(-100.0)  # keys 2 and 4 are padding in both samples
-    np.testing.assert_allclose(attention.dot_product_attention(q, k, changed, mask=KEY_VALID[:, None, None, :]), out, atol=1e-6)
-
-
-def test_xla_causal_attention_matches_jax():
-    q, _, _ = _qkv(2, q_len=7, kv_len=7)
-    np.testing.assert_allclose(attention.dot_product_attention(q, q, q, is_causal=True), _reference(q, q, q, is_causal=True), atol=1e-6)
-
-
-def test_splash_kernel_wiring_matches_xla_in_interpret_mode():
-    """The TPU splash path (padding to 128, key mask as segment ids), run by Pallas' interpreter on CPU."""
-    q, k, v = _qkv(3, q_len=20, kv_len=5, head_dim=8)
-    mask = KEY_VALID[:, None, None, :]
-    got = attention._splash_attention(q, k, v, mask, False, interpret=True)
-    np.testing.assert_allclose(got, _reference(q, k, v, mask), atol=1e-5)
-    grad = jax.grad(lambda q: jnp.sum(attention._splash_attention(q, k, v, mask, False, interpret=True)))(q)
-    np.testing.assert_allclose(grad, jax.grad(lambda q: jnp.sum(_reference(q, k, v, mask)))(q), atol=1e-5)
-    causal = attention._splash_attention(q, q, q, None, True, interpret=True)
-    np.testing.assert_allclose(causal, _reference(q, q, q, is_causal=True), atol=1e-5)
-
-
-@pytest.mark.parametrize("impl", ["cudnn", "splash"])
-def test_kernels_fall_back_to_xla_off_their_hardware_with_one_log_line(impl, caplog):
-    q, k, v = _qkv(4)
-    mask = KEY_VALID[:, None, None, :]
-    attention._fallbacks_logged.clear()
-    with caplog.at_level(logging.WARNING, logger=attention.__name__):
-        first = attention.dot_product_attention(q, k, v, mask=mask, implementation=impl)
-        attention.dot_product_attention(q, k, v, mask=mask, implementation=impl)
-    np.testing.assert_allclose(first, _reference(q, k, v, mask), atol=1e-6)
-    lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 1 and f"attention_impl={impl!r}" in lines[0] and "XLA attention" in lines[0]
-
-
-def test_unknown_attention_impl_is_rejected():
-    q, k, v = _qkv(5)
-    with pytest.raises(ValueError, match="attention_impl must be one of"):
-        attention.dot_product_attention(q, k, v, implementation="flash")
-    with pytest.raises(ValueError, match="attention_impl must be one of"):
-        attention.kernel_refusal("flash", q, k)
-
-
-def test_kernel_refusal_says_why_a_kernel_does_not_run_here():
-    q, k, _ = _qkv(6, dtype=jnp.bfloat16)
-    assert attention.kernel_refusal("xla", q, k) is None
-    assert "cuDNN needs an NVIDIA GPU" in attention.kernel_refusal("cudnn", q, k)
-    assert "splash attention needs a TPU" in attention.kernel_refusal("splash", q, k, mask=KEY_VALID)

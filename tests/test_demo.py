@@ -5,11 +5,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from layerdiff_jax.convert.layerdiff import load_scheduler_config
 from layerdiff_jax.data.layers import list_sample_folders, read_sample_folder
 from layerdiff_jax.toy import TOY_BASE
 
 ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow  # end-to-end runs (see pyproject.toml)
 
 
 def test_shortened_demo_writes_every_output(tmp_path):

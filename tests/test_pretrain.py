@@ -83,6 +83,7 @@ def test_flat_views_config_is_checked():
         validate_config(config)
 
 
+@pytest.mark.slow
 def test_pretraining_config_trains_the_unet_and_text_encoder_and_exports_an_sd_folder(tmp_path):
     sd = make_micro_sd(tmp_path / "sd")
     config = load_config("toy_sd_pretrain")

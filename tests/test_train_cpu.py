@@ -3,6 +3,7 @@
 import flax
 import jax
 import numpy as np
+import pytest
 
 from layerdiff_jax.convert.layerdiff import load_layerdiff, load_scheduler_config
 from layerdiff_jax.diffusion.schedules import SchedulerConfig
@@ -10,6 +11,8 @@ from layerdiff_jax.training.metric_writer import read_metrics
 from layerdiff_jax.training.trainer import train
 from train_support import load_config
 
+
+pytestmark = pytest.mark.slow  # end-to-end runs (see pyproject.toml)
 STEPS = 80  # the full 300-step run: README
 
 

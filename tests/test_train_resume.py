@@ -23,6 +23,8 @@ from layerdiff_jax.convert.layerdiff import load_layerdiff
 from layerdiff_jax.training.trainer import train
 from train_support import make_micro_data, make_micro_sd, micro_config, restore_checkpoint, subprocess_env, train_command, wait_for
 
+
+pytestmark = pytest.mark.slow  # end-to-end runs (see pyproject.toml)
 STEPS = 12
 
 

@@ -14,12 +14,6 @@ from __future__ import annotations
 import numpy as np
 
 
-def gaussian_fit(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(N, D) features -> mean (D,) and covariance (D, D), float64. Needs N >= 2."""
-    features = _check_features(features)
-    return features.mean(axis=0), np.cov(features, rowvar=False)
-
-
 def _check_features(features: np.ndarray) -> np.ndarray:
     features = np.asarray(features, np.float64)
     if features.ndim != 2 or features.shape[0] < 2:
@@ -38,16 +32,6 @@ def _distance(mu1, f1, mu2, f2) -> float:
     diff = mu1 - mu2
     tr_sqrt = np.linalg.svd(f1.T @ f2, compute_uv=False).sum()
     return float(diff @ diff + np.sum(f1**2) + np.sum(f2**2) - 2.0 * tr_sqrt)
-
-
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """FID from Gaussian statistics (means (D,), covariances (D, D))."""
-    mu1, mu2, sigma1, sigma2 = (np.asarray(a, np.float64) for a in (mu1, mu2, sigma1, sigma2))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(
-            f"mismatched statistics: means {mu1.shape}, {mu2.shape}; covariances {sigma1.shape}, {sigma2.shape}"
-        )
-    return _distance(mu1, _psd_sqrt(sigma1), mu2, _psd_sqrt(sigma2))
 
 
 def _mean_and_factor(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
