@@ -124,7 +124,6 @@ def _peak(args: argparse.Namespace) -> float | None:
 
 def _run_check(args: argparse.Namespace) -> int:
     from layerdiff_jax.bench.check import CheckSettings, run_check
-    from layerdiff_jax.bench.report import format_table
 
     if args.deadline_min <= 0:
         raise ValueError(f"--deadline-min must be > 0, got {args.deadline_min}")
