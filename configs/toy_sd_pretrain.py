@@ -34,11 +34,12 @@ def get_config():
     config.diffusion.prediction_type = "v_prediction"
     config.diffusion.noise_offset = 0.3
 
-    config.train.num_steps = 40_000
+    config.train.num_steps = 3_700
     config.train.per_host_batch_size = 32
     config.train.grad_accum_steps = 1
     config.train.learning_rate = 1e-3
     config.train.warmup_steps = 200
+    config.train.cooldown_steps = 1_000  # the learning rate falls linearly to 0 over the last 1,000 steps
     config.train.weight_decay = 0.0
     config.train.global_prompt_dropout = 0.1  # the unconditional branch classifier-free guidance needs
     config.train.sample_posterior = False  # the toy VAE's variance is untrained (training/autoencoder.py)

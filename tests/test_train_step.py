@@ -84,6 +84,16 @@ def test_warmup_then_constant_learning_rate():
     assert float(learning_rate_schedule(train)(0)) == pytest.approx(1e-5)
 
 
+def test_cooldown_decays_linearly_to_zero_over_the_last_steps():
+    train = base_config().train
+    train.num_steps, train.warmup_steps, train.cooldown_steps = 3_700, 200, 1_000
+    schedule = learning_rate_schedule(train)
+    got = [float(schedule(s)) for s in (100, 200, 2_700, 3_200, 3_700)]
+    np.testing.assert_allclose(got, [0.5e-5, 1e-5, 1e-5, 0.5e-5, 0.0], rtol=1e-6, atol=1e-12)
+    train.warmup_steps, train.cooldown_steps = 0, 3_700  # all decay
+    np.testing.assert_allclose([float(learning_rate_schedule(train)(s)) for s in (0, 1_850)], [1e-5, 0.5e-5], rtol=1e-6)
+
+
 def test_ema_decay_warms_up_then_holds():
     from layerdiff_jax.training.step import ema_decay
 

@@ -86,6 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.grad_accum_steps = 8
     c.train.learning_rate = 1e-5
     c.train.warmup_steps = 500  # linear from 0, then constant
+    c.train.cooldown_steps = 0  # then linear to 0 over the last this many of num_steps (0: constant to the end)
     c.train.weight_decay = 1e-4
     c.train.adam_b1 = 0.9
     c.train.adam_b2 = 0.999
@@ -197,6 +198,7 @@ RULES: dict[str, _Rule] = {
     "train.grad_accum_steps": _POSITIVE,
     "train.learning_rate": _POSITIVE,
     "train.warmup_steps": _NON_NEGATIVE,
+    "train.cooldown_steps": _NON_NEGATIVE,
     "train.weight_decay": _NON_NEGATIVE,
     "train.adam_b1": _Rule(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
     "train.adam_b2": _Rule(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),

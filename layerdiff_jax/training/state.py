@@ -33,11 +33,21 @@ class TrainState:
 
 
 def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warm-up from 0 over `warmup_steps` updates, then constant `learning_rate`."""
-    if train.warmup_steps == 0:
-        return optax.constant_schedule(train.learning_rate)
-    warmup = optax.linear_schedule(0.0, train.learning_rate, train.warmup_steps)
-    return optax.join_schedules([warmup, optax.constant_schedule(train.learning_rate)], [train.warmup_steps])
+    """Linear warm-up from 0 over `warmup_steps` updates, then constant `learning_rate`; with `cooldown_steps`,
+    a linear decay to 0 over the last that many of `num_steps` (warm-up, stable, decay)."""
+    peak = train.learning_rate
+    pieces, boundaries = [], []
+    if train.warmup_steps:
+        pieces.append(optax.linear_schedule(0.0, peak, train.warmup_steps))
+        boundaries.append(train.warmup_steps)
+    decay_start = max(train.num_steps - train.cooldown_steps, train.warmup_steps)
+    if not train.cooldown_steps or decay_start > train.warmup_steps:
+        pieces.append(optax.constant_schedule(peak))
+    if train.cooldown_steps:
+        if len(pieces) > len(boundaries):
+            boundaries.append(decay_start)
+        pieces.append(optax.linear_schedule(peak, 0.0, max(train.num_steps - decay_start, 1)))
+    return optax.join_schedules(pieces, boundaries) if len(pieces) > 1 else pieces[0]
 
 
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
