@@ -4,12 +4,11 @@
 
 On the first run the toy SD (a 4x VAE, a 2-layer CLIP text encoder, a 2-level UNet, all random:
 `layerdiff_jax.toy`) is written to <workdir>/toy_sd and the synthetic dataset (64x64, 2 to 4 layers) to
-<workdir>/data. What to expect on a 2-core CPU (measured 2026-11-25, nothing else running, when the toy UNet's
-transformers were at 16x16; at 8x8 since 2026-11-26, a step is cheaper, the losses not re-measured): about a
-minute of set-up and compilation, then about 2 steps/s, 3.7 minutes and 2.4 GiB in all; the loss (mean over
-10 steps) starts at 1.18, is 0.56 by step 100 (the image-noise part learns first) and 0.14 by step 300,
-once the zero-initialised mask gate has opened and the mask-noise part learns too. Checkpoints every 100 steps;
-the model folder lands in <workdir>/model.
+<workdir>/data. What to expect on a 2-core CPU: about a minute of set-up and compilation, then a few steps per
+second, a few minutes and ~2.5 GiB in all; the loss falls by half within 100 steps (the image-noise part learns
+first) and much further by step 300, once the zero-initialised mask gate has opened and the mask-noise part
+learns too (tests/test_train_cpu.py checks a shortened run; docs/experiments.md has measured runs). Checkpoints
+every 100 steps; the model folder lands in <workdir>/model.
 """
 
 from layerdiff_jax.training.config import base_config

@@ -1,10 +1,9 @@
 """Host memory: glibc malloc backed by transparent huge pages, for XLA on CPU.
 
-A LayerDiff training step of the demo on CPU took ~100k minor page faults (XLA's buffers, touched 4 KiB at a
-time), a third of its time spent in the kernel on a 2-core CPU. Raising malloc's mmap threshold did not change
-that; with `glibc.malloc.hugetlb=1` malloc asks for transparent huge pages (madvise) and the faults drop ~100x
-(measured 2026-11-26: step 0.9 s -> 0.7 s, system time 0.30 s -> 0.10 s). glibc reads the tunable only at
-process start, hence the re-exec.
+XLA allocates each step's buffers afresh, and with 4 KiB pages a CPU training step spends much of its time in
+the kernel on minor page faults. Raising malloc's mmap threshold does not help; with `glibc.malloc.hugetlb=1`
+malloc asks for transparent huge pages (madvise) and the faults all but vanish (docs/experiments.md has the
+numbers). glibc reads the tunable only at process start, hence the re-exec.
 """
 
 from __future__ import annotations

@@ -36,9 +36,9 @@ TOY_BASE = Path(__file__).resolve().parent / "assets" / "toy_base"  # the pretra
 
 def toy_configs(vocab_size: int) -> dict[str, object]:
     """SD-1.x architectures at toy size: a 4x VAE (64x64 images -> 16x16x4 latents; SD's is 8x, but at 64x64 an
-    8x latent leaves the smallest synthetic shapes about one latent pixel, too few for their outline), a 2-layer
-    CLIP, a 2-level UNet with its transformers (and so LayerDiff's layer blocks) at the 8x8 level: at 16x16 their
-    attention was half the FLOPs of a LayerDiff training step, and moving them halved its time on a 2-core CPU."""
+    8x latent leaves the synthetic shapes a few latent pixels, too few for their outline), a 2-layer CLIP, a
+    2-level UNet with its transformers (and so LayerDiff's layer blocks) at the 8x8 level: at 16x16 their
+    attention would be about half the FLOPs of a LayerDiff training step."""
     return {
         "unet": UNetConfig(
             block_out_channels=(32, 64),

@@ -1,4 +1,4 @@
-"""The benchmark rows (issue 9), each measured warm in this process, and their settings per device.
+"""The benchmark rows, each measured warm in this process, and their settings per device.
 
 1. SD-1.5-structure UNet forward and forward+backward: ours vs diffusers' torch UNet, same config and weights.
 2. 50-step DDIM text-to-image with classifier-free guidance: ours (one jitted program) vs diffusers'
@@ -49,7 +49,7 @@ PROMPTS = (
     "a blue triangle on a white background",
 )
 GUIDANCE_SCALE = 7.5  # diffusers' StableDiffusionPipeline default
-LAYER_TARGET_RATIO = 4.4  # issue 9: step time at L = 8 at most 4.4x the time at L = 2
+LAYER_TARGET_RATIO = 4.4  # step time at L = 8 at most 4.4x the time at L = 2: layers cost about linearly
 DDIM_SPEEDUP_TARGET = 1.5  # issues 9 and 19: ours at least 1.5x diffusers' pipeline in images/s
 
 

@@ -4,10 +4,9 @@ That single function is where the kernel is chosen, so switching it for every mo
 `attention_impl`:
 
 - "xla": plain XLA ops, any backend. Computed heads-major: (B, T, N, H) is transposed to (B, N, T, H) before
-  the two matmuls, so they are batched matmuls over leading axes. On XLA:CPU that runs the benchmark's UNet
-  (widths 64-256, 32x32 latents, batch 4) forward 1.9x and forward+backward 1.6x faster than
-  `jax.nn.dot_product_attention`, whose einsums over (B, T, N, H) XLA:CPU lowers with large transposes and
-  a materialised broadcast of the logits' scale (issue 9).
+  the two matmuls, so they are batched matmuls over leading axes: XLA:CPU lowers
+  `jax.nn.dot_product_attention`'s einsums over (B, T, N, H) with large transposes and a materialised
+  broadcast of the logits' scale, and runs a UNet markedly slower with them (docs/experiments.md).
 - "cudnn": cuDNN flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`) on NVIDIA GPUs.
 - "splash": the Pallas splash-attention kernel on TPUs (`jax.experimental.pallas.ops.tpu.splash_attention`).
 

@@ -1,10 +1,9 @@
 """Parameters of a module: their shapes, or random initial values compiled cheaply.
 
 `abstract_params` traces `module.init` without running it. A jitted `module.init` draws every parameter with
-its own threefry program, and on CPU XLA spent ~20 s compiling the toy LayerDiff's init at full optimisation
-(measured on a 2-core Xeon). Initialisation runs once, so its program is compiled without backend optimisation
-(3 s), and parameters the caller will overwrite (`keep`) are dropped before compilation so XLA never sees
-their initialisers.
+its own threefry program, which XLA:CPU is slow to compile at full optimisation. Initialisation runs once, so
+its program is compiled without backend optimisation, and parameters the caller will overwrite (`keep`) are
+dropped before compilation so XLA never sees their initialisers.
 """
 
 from __future__ import annotations
@@ -15,7 +14,8 @@ import flax
 import flax.linen as nn
 import jax
 
-# DebugOptions are XLA's, not a backend's, but only CPU compilation was measured: elsewhere the defaults stay.
+# DebugOptions are XLA's, not a backend's, but only CPU compilation is slow enough to matter: elsewhere the
+# defaults stay.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 

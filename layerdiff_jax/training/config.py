@@ -1,7 +1,6 @@
 """The training config: its schema, the paper's values, and validation that names the bad field.
 
-`base_config()` lists every field the trainer reads, set to the paper's training settings (SPEC
-"Training"); `configs/*.py` start from it and change what differs. `validate_config` runs before anything
+`base_config()` lists every field the trainer reads, set to the paper's training settings; `configs/*.py` start from it and change what differs. `validate_config` runs before anything
 is loaded or compiled: an unknown or missing field, a value of the wrong type or out of range raises
 `ConfigError` naming the field (`config.train.learning_rate must be > 0, got -1.0`).
 
@@ -81,7 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 100_000  # optimizer updates
-    # SPEC: "batch 32 with 8 steps of gradient accumulation", read as 32 samples per update.
+    # The paper: "batch 32 with 8 steps of gradient accumulation", read as 32 samples per update.
     c.train.per_host_batch_size = 4  # samples per micro-batch on each host
     c.train.grad_accum_steps = 8
     c.train.learning_rate = 1e-5

@@ -1,4 +1,4 @@
-"""The training loss and the jitted, sharded train step (SPEC "Training").
+"""The training loss and the jitted, sharded train step (the paper's training objective).
 
 The frozen VAE and text encoder run inside the step on the batch as the data pipeline delivers it (pixels
 and token ids), not from a cache of latents and embeddings: a cache would save their forward passes (the
