@@ -58,7 +58,7 @@ def test_scratch_base_is_a_toy_sd_with_a_fitted_vae(tmp_path):
     from configs import demo
     from layerdiff_jax.convert.pipeline import load_sd
     from layerdiff_jax.demo import base_folder
-    from layerdiff_jax.toy import make_toy_sd
+    from layerdiff_jax.models.vae import VAEConfig
 
     config = demo.get_config()
     config.base = "scratch"
@@ -66,8 +66,5 @@ def test_scratch_base_is_a_toy_sd_with_a_fitted_vae(tmp_path):
     config.finetune.model.toy_vae.num_samples = 2
     folder = base_folder(config, config.finetune, tmp_path)
     assert folder == tmp_path / "toy_sd"
-    fitted = load_sd(folder)
-    random = load_sd(make_toy_sd(tmp_path / "random", seed=config.finetune.seed))
-    assert fitted["vae"][0].config.scaling_factor != random["vae"][0].config.scaling_factor
-    kernel = lambda sd: sd["vae"][1]["encoder"]["conv_in"]["kernel"]  # noqa: E731
-    assert not (kernel(fitted) == kernel(random)).all()
+    # The fit sets the scaling factor from the fitted latents' spread; a random toy SD keeps SD's default.
+    assert load_sd(folder)["vae"][0].config.scaling_factor != VAEConfig().scaling_factor
