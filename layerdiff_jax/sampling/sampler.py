@@ -115,7 +115,7 @@ def read_request_file(path: str | Path) -> list[LayerRequest]:
     """A `--spec` file: a JSON list of request objects (or {"requests": [...]})."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RequestError(f"{path}: no such request file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
