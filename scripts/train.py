@@ -76,6 +76,7 @@ def main(argv: list[str]) -> int:
         return 2
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
+    from layerdiff_jax.convert.core import ConversionError
     from layerdiff_jax.data.layers import DataError
     from layerdiff_jax.training.checkpoint import CheckpointRestoreError
     from layerdiff_jax.training.trainer import NonFiniteLossError, train
@@ -85,8 +86,8 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"bad config: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError, CheckpointRestoreError, DataError) as e:
-        # a missing SD folder or dataset, damaged data, checkpoints with --noresume, none that restores
+    except (FileNotFoundError, FileExistsError, ConversionError, CheckpointRestoreError, DataError) as e:
+        # a missing or unreadable SD folder or dataset, checkpoints with --noresume, none that restores
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
