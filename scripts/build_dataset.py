@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             path, skipped = build_from_folders(args.samples, args.out, skip_bad=args.skip_bad, name=args.name)
         except DataError as e:
-            print(f"error: {e}\n(use --skip-bad to skip bad samples)", file=sys.stderr)
+            print(f"error: {e}" + ("" if args.skip_bad else "\n(use --skip-bad to skip bad samples)"), file=sys.stderr)
             return 1
         _print_built(path)
         print(f"skipped: {len(skipped)}")

@@ -18,6 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+from layerdiff_jax.diffusion.settings import RequestError, check_sampling_settings
+from layerdiff_jax.fileio import output_folder_problem
+
 DESCRIPTION = __doc__.split("\n\n")[0]
 EPILOG = """\
 --sample is a folder in the layered exchange format (what sample.py writes, or build_dataset.py's
@@ -55,12 +58,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--sample {args.sample} is not a layered sample folder (no sample.json)")
     if args.out.resolve() == args.sample.resolve():
         parser.error("--out must differ from --sample (the source sample is kept)")
-    if args.out.exists() and (not args.out.is_dir() or (any(args.out.iterdir()) and not args.overwrite)):
-        parser.error(f"--out {args.out} exists and is not an empty folder (use --overwrite to write into it)")
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
-    if not 0 <= args.seed < 2**32:
-        parser.error(f"--seed must be in [0, 2**32), got {args.seed}")
+    problem = output_folder_problem(args.out, overwrite=args.overwrite)
+    if problem:
+        parser.error(f"--out {problem}")
+    try:
+        check_sampling_settings(
+            steps=args.steps, guidance=args.guidance, eta=args.eta, seed=args.seed, strength=getattr(args, "strength", None)
+        )
+    except RequestError as e:
+        parser.error(f"--{e}")
     return args
 
 
@@ -71,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     package_logger = logging.getLogger("layerdiff_jax")
     package_logger.addHandler(handler)
 
-    from layerdiff_jax.data.layers import DataError, read_sample_folder
-    from layerdiff_jax.sampling import CheckpointError, LayerDiffPipeline, RequestError, inpaint_layer, restyle_layer, write_sample
+    from layerdiff_jax.data.layers import DataError, ExtraFileError, read_sample_folder
+    from layerdiff_jax.sampling import CheckpointError, LayerDiffPipeline, inpaint_layer, restyle_layer, write_sample
 
     try:
         sample = read_sample_folder(args.sample)
@@ -84,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             edited = restyle_layer(pipe, sample, args.layer, args.style, strength=args.strength, **settings)
         write_sample(edited, args.out, formats=args.formats)
-    except (CheckpointError, RequestError, DataError) as e:
+    except (CheckpointError, RequestError, DataError, ExtraFileError) as e:
         print(f"edit.py: error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -9,7 +9,8 @@ Prints a table per layer count (and overall) of prompt following for the synthet
 writes every number, per-sample details and the rules' thresholds to --out. FID needs --inception
 (a local copy of torch-fidelity's weights-inception-2015-12-05-6726825d.pth) and --reference (sample
 folders or a folder of images); CLIP score needs --clip (a local transformers CLIP checkpoint folder).
-Without them those metrics are reported as skipped.
+Without them those metrics are reported as skipped. An incomplete sample folder (a write that did not
+finish, a layered file cut short) stops the evaluation, naming it; --skip-bad skips and lists it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from layerdiff_jax.convert.core import ConversionError
 from layerdiff_jax.data.layers import DataError
 from layerdiff_jax.evaluation.report import evaluate_samples, format_table
+from layerdiff_jax.fileio import output_folder_problem
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         if path is not None and not (path.is_dir() if want_dir else path.is_file()):
             print(f"error: {flag} {path}: no such {'folder' if want_dir else 'file'}", file=sys.stderr)
             return 1
+    problem = f"{args.out} is a folder" if args.out.is_dir() else output_folder_problem(args.out.parent, overwrite=True)
+    if problem:  # found now, not after the metrics are computed
+        print(f"error: --out {problem}", file=sys.stderr)
+        return 1
     try:
         metrics = evaluate_samples(
             args.samples,

@@ -6,7 +6,8 @@
 
 Each sample gets a folder in the layered exchange format (composite.png, background.png, layer_NN.png
 RGBA with the mask as alpha, mask_NN.png, sample.json) plus layers.ora and layers.psd; the run gets
-contact_sheet.png.
+contact_sheet.png. Samples are written as each batch finishes, each folder all at once (a killed run
+keeps the finished samples and leaves no half-written folder under its name).
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import logging
 import sys
 import time
 from pathlib import Path
+
+from layerdiff_jax.diffusion.settings import RequestError, check_sampling_settings
+from layerdiff_jax.fileio import output_folder_problem
 
 DESCRIPTION = __doc__.split("\n\n")[0]
 EPILOG = """\
@@ -56,7 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta, 0 = deterministic (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="first seed of the run (default 0)")
     parser.add_argument("--batch-size", type=int, help="samples per compiled batch (default: the number of devices)")
-    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="image size (default: the checkpoint's, else 256 256)")
+    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                        help="image size (default: the size the model was trained at; another size is allowed, with a warning)")
     parser.add_argument("--formats", nargs="*", default=["ora", "psd"], choices=["ora", "psd"], help="layered files per sample (default: ora psd)")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     parser.add_argument("--distributed", action="store_true", help="multi-host run: call jax.distributed.initialize() first")
@@ -69,16 +74,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--spec replaces --prompt/--layer-prompt: give one or the other")
     if args.prompt is not None and not args.layer_prompt:
         parser.error("no layer prompt: give at least one --layer-prompt (a foreground layer)")
-    for name in ("num_samples", "steps", "batch_size"):
+    for name in ("num_samples", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if not 0 <= args.seed < 2**32:
-        parser.error(f"--seed must be in [0, 2**32), got {args.seed}")
-    if args.eta < 0:
-        parser.error(f"--eta must be >= 0, got {args.eta}")
-    if args.out.exists() and (not args.out.is_dir() or (any(args.out.iterdir()) and not args.overwrite)):
-        parser.error(f"--out {args.out} exists and is not an empty folder (use --overwrite to write into it)")
+    try:
+        check_sampling_settings(steps=args.steps, guidance=args.guidance, eta=args.eta, seed=args.seed)
+    except RequestError as e:
+        parser.error(f"--{e}")
+    problem = output_folder_problem(args.out, overwrite=args.overwrite)
+    if problem:
+        parser.error(f"--out {problem}")
     return args
 
 
@@ -93,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     from layerdiff_jax.data.layers import DataError
-    from layerdiff_jax.sampling import CheckpointError, LayerDiffPipeline, LayerRequest, RequestError, read_request_file
-    from layerdiff_jax.sampling.sampler import data_parallel_mesh
+    from layerdiff_jax.sampling import CheckpointError, LayerDiffPipeline, LayerRequest, read_request_file
     from layerdiff_jax.sampling.outputs import CONTACT_SHEET, write_contact_sheet, write_sample
+    from layerdiff_jax.sampling.sampler import data_parallel_mesh
 
     try:
         if args.distributed:
@@ -112,22 +118,36 @@ def main(argv: list[str] | None = None) -> int:
             print(f"loaded {args.checkpoint} in {time.perf_counter() - start:.1f} s; {sum(r.num_samples for r in requests)} sample(s) "
                   f"on {jax.device_count()} device(s)")
         start = time.perf_counter()
-        samples = pipe.generate(
+        samples, failures = [], []
+        generated = pipe.iter_generate(
             requests, steps=args.steps, guidance=args.guidance, eta=args.eta, seed=args.seed,
             batch_size=args.batch_size or jax.device_count(), size=tuple(args.size) if args.size else None,
             progress=writer and not args.quiet,
         )
+        for i, sample in enumerate(generated):  # written as each batch finishes
+            samples.append(sample)
+            if writer:  # a sample that cannot be written must not lose the others
+                failures += _attempt(write_sample, sample, args.out / f"sample_{i:04d}", formats=args.formats)
         if writer:
-            for i, sample in enumerate(samples):
-                write_sample(sample, args.out / f"sample_{i:04d}", formats=args.formats)
-            write_contact_sheet(samples, args.out / CONTACT_SHEET)
+            failures += _attempt(write_contact_sheet, samples, args.out / CONTACT_SHEET)
             print(f"{len(samples)} sample(s) in {time.perf_counter() - start:.1f} s -> {args.out}")
     except (CheckpointError, RequestError, DataError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 1
     finally:
         package_logger.removeHandler(handler)
-    return 0
+    for failure in failures:
+        print(f"sample.py: error: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _attempt(write, *args, **kwargs) -> list[str]:
+    """Runs one output writer; returns [] or [what failed], so that one failure does not stop the others."""
+    try:
+        write(*args, **kwargs)
+    except (OSError, ValueError) as e:  # ExtraFileError and DataError name the file, OSError its path
+        return [str(e)]
+    return []
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ Override any config field with --config.<field>=<value>. A run resumes from the 
 workdir unless --noresume. Several processes: jax.distributed starts from --coordinator_address,
 --num_processes, --process_id (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), or by
 itself on a multi-host Cloud TPU slice or a SLURM job. Exit status: 0 when the run finished, or stopped on
-SIGTERM or at config.train.time_limit_s after its checkpoint, 1 on a non-finite loss, 2 on a bad config or a
-missing input.
+SIGTERM or at config.train.time_limit_s after its checkpoint, 1 on a non-finite loss, 2 on a bad config
+(a missing --config file, an unknown field, a bad value) or a missing or unreadable input.
 """
 
 from __future__ import annotations
@@ -28,6 +28,33 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (multi-process runs)")
 
 
+def _config_problem(error: BaseException) -> str:
+    """One line for a --config file that does not load or an override that does not apply (ml_collections
+    raises chained KeyErrors, AttributeErrors and OSErrors, some of many lines)."""
+    chain = [error]
+    while chain[-1].__context__ is not None and len(chain) < 10:
+        chain.append(chain[-1].__context__)
+    for e in chain:  # the outermost KeyError holds the field name and ml_collections' "Did you mean"
+        if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str):
+            field, *hint = e.args[0].splitlines()
+            return f"no config field {field}" + (f" ({' '.join(hint)})" if hint else "")
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = next((line for line in reversed(lines) if "Errno" in line), lines[-1] if lines else type(error).__name__)
+    return f"the --config file does not load: {reason}" if isinstance(error, OSError) else reason
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, but a bad flag or config override is one line and exit status 2, not a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        message = str(e)
+    except (KeyError, AttributeError, TypeError, ValueError, OSError) as e:
+        message = f"bad config: {_config_problem(e)}"
+    print(f"train.py: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -44,8 +71,14 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"bad config: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the --config file is missing or does not run
+        print(f"bad config: {_config_problem(e)}", file=sys.stderr)
+        return 2
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
+    from layerdiff_jax.convert.core import ConversionError
+    from layerdiff_jax.data.layers import DataError
+    from layerdiff_jax.training.checkpoint import CheckpointRestoreError
     from layerdiff_jax.training.trainer import NonFiniteLossError, train
 
     try:
@@ -53,7 +86,8 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"bad config: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError) as e:  # a missing SD folder or dataset; checkpoints with --noresume
+    except (FileNotFoundError, FileExistsError, ConversionError, CheckpointRestoreError, DataError) as e:
+        # a missing or unreadable SD folder or dataset, checkpoints with --noresume, none that restores
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
@@ -68,4 +102,4 @@ if __name__ == "__main__":
     from layerdiff_jax.hostmem import reexec_with_huge_page_malloc
 
     reexec_with_huge_page_malloc()
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -8,6 +8,7 @@ output depends on the inputs, prompts and timesteps.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -24,7 +25,7 @@ from layerdiff_jax.models.unet import UNet2DConditionModel
 from layerdiff_jax.models.vae import AutoencoderKL
 from layerdiff_jax.toy import TEXT_WIDTH, make_toy_sd, toy_configs
 
-SIZE = 32  # image side used by the tests: 8x8 latents with the toy's 4x VAE
+SIZE = 32  # image side used by the tests: 8x8 latents with the toy's 4x VAE (factor 4, as `trained_size` assumes)
 MAX_LAYERS = 3
 
 
@@ -46,9 +47,15 @@ def random_params(abstract, seed: int):
 
 
 def make_random_layerdiff(
-    folder: str | Path, *, max_layers: int = MAX_LAYERS, seed: int = 0, scheduler: SchedulerConfig = SchedulerConfig()
+    folder: str | Path,
+    *,
+    max_layers: int = MAX_LAYERS,
+    seed: int = 0,
+    scheduler: SchedulerConfig = SchedulerConfig(),
+    trained_size: int | None = None,
 ) -> Path:
-    """Writes a toy LayerDiff model folder (vae/, text_encoder/, tokenizer/, unet/, layerdiff/, scheduler/)."""
+    """Writes a toy LayerDiff model folder (vae/, text_encoder/, tokenizer/, unet/, layerdiff/, scheduler/),
+    recording `trained_size` (an image side) as the training resolution, as training's export does."""
     configs = toy_configs(build_toy_tokenizer().vocab_size)
     unet = UNet2DConditionModel(configs["unet"])
     vae = AutoencoderKL(configs["vae"])
@@ -59,6 +66,7 @@ def make_random_layerdiff(
         "text_encoder": random_params(abstract_params(text, jnp.zeros((1, 77), jnp.int32)), seed + 2),
     }
     folder = make_toy_sd(folder, params=sd_params, overwrite=True)
-    model = LayerDiffUNet(configs["unet"], LayerDiffConfig(max_layers=max_layers, enhancer_heads=4))
+    unet_config = configs["unet"] if trained_size is None else dataclasses.replace(configs["unet"], sample_size=trained_size // 4)
+    model = LayerDiffUNet(unet_config, LayerDiffConfig(max_layers=max_layers, enhancer_heads=4))
     save_layerdiff(folder, model, random_params(abstract_params(model, *model.example_inputs()), seed + 3), scheduler)
     return folder

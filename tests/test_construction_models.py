@@ -3,6 +3,7 @@ the real stage classes, `construct_layers.py`, resume, and TFDS ingestion of the
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import diffusers
@@ -390,3 +391,17 @@ def test_classical_inpainter_from_the_yaml(models_yaml):
     path.write_text(yaml.safe_dump(dict(MODELS_YAML, inpainter={"kind": "classical", "max_shift": 8})))
     inpainter = build_stages(load_config(path)).inpainter
     assert isinstance(inpainter, ShiftFillInpainter) and inpainter.max_shift == 8
+
+
+def test_without_torch_the_error_names_the_extra_to_install(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(MODELS_YAML))
+    import layerdiff_jax.construction as construction
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails, as where it is not installed
+    monkeypatch.delitem(sys.modules, "layerdiff_jax.construction.hf_models")
+    monkeypatch.delattr(construction, "hf_models")
+    with pytest.raises(ConstructionConfigError, match=r'need PyTorch and diffusers .*the "torch" extra \(pip install -e ".\[torch\]"'):
+        build_stages(load_config(path))
+    assert main(["--images", str(tmp_path), "--out", str(tmp_path / "o"), "--models", str(path)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from layerdiff_jax.convert.clip_text import load_text_encoder
+from layerdiff_jax.convert.core import ConversionError, load_torch_file
 from layerdiff_jax.convert.pipeline import load_sd, save_converted
 from layerdiff_jax.convert.unet import load_unet
 from layerdiff_jax.convert.vae import load_vae
@@ -146,3 +148,39 @@ def test_errors(tiny, tmp_path, capsys):
     # Without --config the architecture is SD 1.5's, which the tiny file does not have (4 VAE blocks, not 2).
     assert convert_weights.main(["--source", str(single), "--output", str(tmp_path / "o")]) == 1
     assert "first_stage_model.encoder.down.3.block.0.*" in capsys.readouterr().err
+
+
+def test_output_checks_keep_what_a_user_put_there(tiny, tmp_path, capsys):
+    folder, single, _, _ = tiny
+    out = tmp_path / "out"
+    assert convert_weights.main(["--source", str(folder), "--output", str(out)]) == 0
+    (out / "unet" / "notes.txt").write_text("mine")
+    (out / "tokenizer" / "extra").mkdir()
+    (out / "tokenizer" / "extra" / "vocab.bak").write_text("mine")
+    capsys.readouterr()
+    assert convert_weights.main(["--source", str(folder), "--output", str(out), "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert "would delete files a conversion did not write: tokenizer/extra/vocab.bak, unet/notes.txt" in err
+    assert (out / "unet" / "notes.txt").read_text() == "mine"
+    (out / "unet" / "notes.txt").unlink()
+    shutil.rmtree(out / "tokenizer" / "extra")
+    assert convert_weights.main(["--source", str(folder), "--output", str(out), "--overwrite"]) == 0
+
+    inside = folder / "converted"
+    assert convert_weights.main(["--source", str(folder), "--output", str(inside)]) == 1
+    assert f"is inside the input folder {folder}" in capsys.readouterr().err and not inside.exists()
+
+    (tmp_path / "file").write_text("")
+    assert convert_weights.main(["--source", str(single), "--config", str(folder), "--output", str(tmp_path / "file" / "o")]) == 1
+    assert f"{tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_pickled_checkpoint_without_torch_names_the_extra(tiny, tmp_path, monkeypatch, capsys):
+    _, _, _, models = tiny
+    ckpt = write_ldm_file(tmp_path / "model.ckpt", ldm_state_dict(models))
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails, as where it is not installed
+    with pytest.raises(ConversionError, match=r'pickled PyTorch checkpoint: reading it needs PyTorch, from the "torch" extra'):
+        load_torch_file(ckpt)
+    assert convert_weights.main(["--source", str(ckpt), "--output", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert 'the "torch" extra (pip install -e ".[torch]"' in err and err.count("\n") == 1

@@ -1,6 +1,7 @@
 """TFDS builders (no TensorFlow): exact round-trips, bad sample folders, and the build script."""
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -134,3 +135,33 @@ def test_build_script(tmp_path, capsys):
     assert script.main(["grid", "--out", str(grid), "--num", "3", "--resolution", "32"]) == 0
     width, height = PIL.Image.open(grid).size
     assert width > 3 * 32 and height > 3 * 32
+
+
+def test_a_damaged_array_record_file_is_named(synthetic_dir, tmp_path):
+    from layerdiff_jax.data.pipeline import make_dataloader
+    from layerdiff_jax.data.tokenizer import build_toy_tokenizer
+
+    copy = shutil.copytree(synthetic_dir, tmp_path / "copy")
+    damaged = sorted(copy.glob("*train.array_record*"))[0]
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    with pytest.raises(DataError, match=f"{damaged}: record .* cannot be read .*rebuild the dataset"):
+        record_to_sample(open_data_source(copy)[0])
+    loader = make_dataloader(copy, batch_size=2, max_layers=4, tokenizer=build_toy_tokenizer(), seed=0)
+    with pytest.raises(DataError, match=str(damaged)):
+        next(iter(loader))
+
+
+def test_folder_build_with_nothing_to_build_says_so(tmp_path, capsys):
+    script = _load_script()
+    (tmp_path / "empty").mkdir()
+    args = ["folder", "--samples", str(tmp_path / "empty"), "--out", str(tmp_path / "ds"), "--skip-bad"]
+    assert script.main(args) == 1
+    assert f"{tmp_path / 'empty'}: no sample folders in it" in capsys.readouterr().err
+    _export(tmp_path / "bad", 2)
+    for folder in (tmp_path / "bad").iterdir():
+        (folder / "sample.json").write_text("{")
+    args = ["folder", "--samples", str(tmp_path / "bad"), "--out", str(tmp_path / "ds"), "--skip-bad"]
+    assert script.main(args) == 1
+    err = capsys.readouterr().err
+    assert "no readable sample in a split" in err and "2 skipped" in err and "--skip-bad" not in err
+    assert "sample_00000/sample.json: not valid JSON" in err and "sample_00001/sample.json: not valid JSON" in err

@@ -85,3 +85,28 @@ def test_clip_tokenizer_from_an_sd_folder(tmp_path):
 def test_unknown_tokenizer_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer found"):
         load_tokenizer(tmp_path)
+
+
+def test_words_outside_the_vocabulary_are_named_once(caplog):
+    tok = build_toy_tokenizer()
+    with caplog.at_level(logging.WARNING, logger="layerdiff_jax.data.tokenizer"):
+        ids = tok(["a red zebra 🔴", "a red zebra", "a blue circle"])
+        tok(["a zebra", "a quokka"])
+    unk = tok.hf_tokenizer.unk_token_id
+    assert ids[0].tolist().count(unk) == 2 and ids[2].tolist().count(unk) == 0
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == [
+        "word(s) outside the tokenizer's vocabulary, read as <unk>: 'zebra', '🔴'",
+        "word(s) outside the tokenizer's vocabulary, read as <unk>: 'quokka'",
+    ]
+
+
+def test_a_long_prompt_is_warned_about_once_and_shortened(caplog):
+    tok = build_toy_tokenizer(max_length=8)
+    long = "a red circle and " * 20
+    with caplog.at_level(logging.WARNING):
+        tok([long, long, "a red circle"])
+        tok([long])
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and warnings[0].startswith("1 prompt(s) longer than 8 tokens truncated: 'a red circle and a red")
+    assert warnings[0].endswith("...' (82 tokens)")  # 80 words + BOS + EOS, the prompt cut to 60 characters

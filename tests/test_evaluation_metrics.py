@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 import types
@@ -27,7 +28,9 @@ from layerdiff_jax.evaluation.inception import (
     load_inception,
     resize_bilinear_tf1,
 )
+from layerdiff_jax.fileio import partial_path
 from layerdiff_jax.models.init import abstract_params
+from layerdiff_jax.sampling.outputs import write_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -235,3 +238,31 @@ def test_cli_with_weights_computes_fid_and_clip_score(tmp_path, inception_file, 
     # Missing weights are an error, not a silent skip.
     assert main([*args[:3], "--inception", str(tmp_path / "nope.pth"), "--reference", str(samples)]) == 1
     assert "--inception" in capsys.readouterr().err
+
+
+def test_cli_refuses_incomplete_sample_folders(tmp_path, capsys):
+    """A folder a kill cut short is refused by name; --skip-bad skips and lists it."""
+    samples = tmp_path / "samples"
+    for i in range(2):
+        write_sample(generate_sample(0, i, 32), samples / f"sample_{i:04d}")
+    # What a kill left with in-place writing: sample.json, a truncated layers.ora, no layers.psd.
+    cut = samples / "sample_0001"
+    (cut / "layers.psd").unlink()
+    (cut / "layers.ora").write_bytes((cut / "layers.ora").read_bytes()[:200])
+    # What a kill leaves now: a staging folder that was never renamed into place.
+    shutil.copytree(samples / "sample_0000", partial_path(samples / "sample_0002"))
+    evaluate = _evaluate_main()
+    out = tmp_path / "metrics.json"
+    assert evaluate([str(samples), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert ".sample_0002.partial: an incomplete sample folder" in err and "--skip-bad" in err and not out.exists()
+    shutil.rmtree(partial_path(samples / "sample_0002"))
+    assert evaluate([str(samples), "--out", str(out)]) == 1
+    assert "sample_0001/layers.ora: not a readable OpenRaster file" in capsys.readouterr().err and not out.exists()
+
+    shutil.copytree(samples / "sample_0000", partial_path(samples / "sample_0002"))
+    assert evaluate([str(samples), "--out", str(out), "--skip-bad"]) == 0
+    printed = capsys.readouterr().out
+    assert "unreadable sample folders skipped: 2" in printed
+    assert "sample_0001/layers.ora" in printed and ".sample_0002.partial" in printed
+    assert json.loads(out.read_text())["groups"]["overall"]["num_samples"] == 1

@@ -1,4 +1,5 @@
-"""Layered files re-open with the right layers: OpenRaster by unzipping it, PSD with psd-tools (and PIL)."""
+"""Layered files re-open with the right layers: OpenRaster by unzipping it, PSD with psd-tools (and PIL); any
+prompt survives in both; a sample folder is written all at once and a failing format loses nothing else."""
 
 import io
 import zipfile
@@ -9,11 +10,13 @@ import PIL.Image
 import pytest
 from psd_tools import PSDImage
 
-from layerdiff_jax.data.layers import LayeredSample, read_sample_folder
+from layerdiff_jax.data.layers import DataError, ExtraFileError, LayeredSample, read_sample_folder
+from layerdiff_jax.sampling import outputs
 from layerdiff_jax.sampling.outputs import (
     CONTACT_SHEET,
     ORA_FILE,
     PSD_FILE,
+    check_layered_files,
     layer_names,
     write_contact_sheet,
     write_ora,
@@ -119,3 +122,64 @@ def test_write_sample_folder_with_layered_files_and_contact_sheet(sample, tmp_pa
     sheet = write_contact_sheet([sample, sample], tmp_path / CONTACT_SHEET, cell=32)
     with PIL.Image.open(sheet) as img:
         assert img.size[0] > 4 * 32 and img.size[1] > 2 * 32
+
+
+def test_any_prompt_survives_in_both_layered_files(sample, tmp_path):
+    """Emoji and CJK prompts: the PSD's Unicode layer names carry them in full, its legacy names are ASCII."""
+    sample.layer_prompts = ["背景 the background", "a red circle 🔴", "a blue square ✨"]
+    folder = write_sample(sample, tmp_path / "s")
+    names = layer_names(sample)
+    psd = PSDImage.open(folder / PSD_FILE)
+    assert [layer.name for layer in psd] == names and len(psd) == 3
+    with PIL.Image.open(folder / PSD_FILE) as img:  # PIL reads the legacy Pascal-string names
+        assert [name for name, *_ in img.layers] == ["background: ?? the background", "layer 01: a red circle ?", "layer 02: a blue square ?"]
+    with zipfile.ZipFile(folder / ORA_FILE) as zf:
+        stack = ElementTree.fromstring(zf.read("stack.xml")).find("stack")
+        assert [l.get("name") for l in stack.findall("layer")] == names[::-1]
+    assert read_sample_folder(folder).layer_prompts == sample.layer_prompts
+
+
+def test_a_failing_layered_format_loses_nothing_else(sample, tmp_path, monkeypatch):
+    def broken(sample, path):
+        path.write_bytes(b"half a file")
+        raise UnicodeEncodeError("macroman", "🔴", 0, 1, "simulated")
+
+    monkeypatch.setitem(outputs._WRITERS, "psd", (PSD_FILE, broken))
+    with pytest.raises(ExtraFileError, match=r"s: written without layers.psd \(UnicodeEncodeError"):
+        write_sample(sample, tmp_path / "s")
+    files = {p.name for p in (tmp_path / "s").iterdir()}
+    assert ORA_FILE in files and "sample.json" in files and PSD_FILE not in files
+    assert read_sample_folder(tmp_path / "s").layer_prompts == sample.layer_prompts
+    check_layered_files(tmp_path / "s")
+
+
+def test_a_kill_while_writing_leaves_no_partial_folder(sample, tmp_path, monkeypatch):
+    """A folder is written under a staging name and renamed when complete: a write stopped inside a writer
+    (KeyboardInterrupt stands in for a kill) leaves no folder under the sample's name, and an earlier
+    complete folder of that name stays as it was."""
+    def killed(sample, path):
+        path.write_bytes(b"PK\x03\x04 truncated")
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(outputs._WRITERS, "ora", (ORA_FILE, killed))
+    with pytest.raises(KeyboardInterrupt):
+        write_sample(sample, tmp_path / "new")
+    assert list(tmp_path.iterdir()) == []
+
+    write_sample(sample, tmp_path / "old", formats=("psd",))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()}
+    with pytest.raises(KeyboardInterrupt):
+        write_sample(sample, tmp_path / "old")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["old"]
+
+
+def test_check_layered_files_finds_a_file_cut_short(sample, tmp_path):
+    folder = write_sample(sample, tmp_path / "s")
+    check_layered_files(folder)
+    for name in (ORA_FILE, PSD_FILE):
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[: len(data) // 2])
+        with pytest.raises(DataError, match=name):
+            check_layered_files(folder)
+        (folder / name).write_bytes(data)

@@ -1,5 +1,6 @@
 """The LayerDiff sampler: compiles once per shape, padding-independent, layer-aware guidance end to end,
-clear errors; sharded sampling on 8 simulated devices equals single-device sampling (and inpainting runs there)."""
+clear errors; sharded sampling on 8 simulated devices equals single-device sampling (and inpainting runs there);
+the size training recorded, settings checked by the library, model folders' config fields checked."""
 
 import contextlib
 import json
@@ -17,10 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from layerdiff_jax.convert.layerdiff import load_layerdiff
+from layerdiff_jax.data.synthetic import generate_sample
 from layerdiff_jax.diffusion.ddim import ddim_sample, ddim_timesteps
 from layerdiff_jax.diffusion.guidance import classifier_free_guidance
 from layerdiff_jax.diffusion.schedules import SchedulerConfig
+from layerdiff_jax.diffusion.settings import check_sampling_settings
+from layerdiff_jax.sampling.editing import inpaint_layer, restyle_layer
 from layerdiff_jax.sampling.sampler import CheckpointError, LayerDiffPipeline, LayerRequest, RequestError, read_request_file
+from layerdiff_jax.training.export import export_model
 from sampling_toy import SIZE, make_random_layerdiff
 
 REQUESTS = [
@@ -278,3 +284,87 @@ def test_sharded_sampling_matches_single_device(checkpoint):
     assert result["image_diff"] <= 1 and result["mask_diff"] <= 1, result  # uint8 rounding at most
     assert result["layers"] == [2] * 3 + [3] * 5
     assert result["edit_kept"] and result["edit_changed"], result  # inpainting on the mesh too
+
+
+def test_sampling_defaults_to_the_size_training_recorded(checkpoint, tmp_path, caplog):
+    """Training's export records its resolution; sampling and editing default to it and warn at another size."""
+    unrecorded = LayerDiffPipeline.load(checkpoint)
+    with caplog.at_level(logging.WARNING, logger="layerdiff_jax"):
+        assert unrecorded.trained_size is None and unrecorded.image_size() == (256, 256)
+    assert "does not record its training resolution: sampling at 256x256" in caplog.text
+
+    model, params = load_layerdiff(checkpoint)
+    exported = LayerDiffPipeline.load(export_model(tmp_path / "model", checkpoint, model, params, SchedulerConfig(), sample_size=SIZE // 4))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="layerdiff_jax"):
+        assert exported.trained_size == (SIZE, SIZE) and exported.image_size() == (SIZE, SIZE)
+        assert exported.image_size((SIZE, SIZE)) == (SIZE, SIZE)
+    assert caplog.text == ""
+    with caplog.at_level(logging.WARNING, logger="layerdiff_jax"):
+        assert exported.image_size((2 * SIZE, SIZE)) == (2 * SIZE, SIZE)
+    assert f"sampling at {2 * SIZE}x{SIZE}, but {tmp_path / 'model'} was trained at {SIZE}x{SIZE}" in caplog.text
+    caplog.clear()
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args):  # the edit's first step after its checks
+        raise Stop
+
+    exported.encode = stop
+    sample = generate_sample(0, 0, resolution=2 * SIZE, layer_mix={2: 1.0})
+    with caplog.at_level(logging.WARNING, logger="layerdiff_jax"), pytest.raises(Stop):
+        inpaint_layer(exported, sample, 1, "a red circle")
+    assert f"sampling at {2 * SIZE}x{2 * SIZE}, but {tmp_path / 'model'} was trained at {SIZE}x{SIZE}" in caplog.text
+
+
+def test_settings_are_checked_by_the_library(pipe, checkpoint):
+    for settings, message in [
+        ({"guidance": float("nan")}, "guidance must be a finite number"),
+        ({"guidance": float("inf")}, "guidance must be a finite number"),
+        ({"eta": float("nan")}, r"eta must be a number in \[0, 1\]"),
+        ({"eta": -2.0}, r"eta must be a number in \[0, 1\]"),
+        ({"seed": -1}, "seed must be an integer"),
+        ({"steps": 2.5}, "steps must be an integer"),
+    ]:
+        with pytest.raises(RequestError, match=message):
+            pipe.generate(REQUESTS, size=(SIZE, SIZE), progress=False, **settings)
+        with pytest.raises(RequestError, match=message):
+            check_sampling_settings(**settings)
+    sample = generate_sample(0, 0, resolution=SIZE, layer_mix={2: 1.0})
+    with pytest.raises(RequestError, match="guidance must be a finite number"):
+        inpaint_layer(pipe, sample, 1, "a blue square", guidance=float("nan"))
+    with pytest.raises(RequestError, match=r"eta must be a number in \[0, 1\]"):
+        restyle_layer(pipe, sample, 1, "striped", eta=-2.0)
+    with pytest.raises(RequestError, match="strength 0.001 leaves none of the 100 steps"):
+        restyle_layer(pipe, sample, 1, "striped", strength=0.001)
+    check_sampling_settings(steps=1, guidance=0.0, eta=1.0, seed=2**32 - 1, strength=1.0, num_train_timesteps=1000)
+
+
+def test_a_wrong_typed_config_field_is_named_with_its_file(checkpoint, tmp_path):
+    for component, section, field, value, message in [
+        ("layerdiff", "layerdiff", "max_layers", "4", "max_layers must be int, got '4'"),
+        ("layerdiff", "unet", "block_out_channels", 32, r"block_out_channels must be tuple\[int, ...\], got 32"),
+        ("vae", None, "scaling_factor", "0.2", "scaling_factor must be float, got '0.2'"),
+        ("text_encoder", None, "hidden_size", [64], r"hidden_size must be int, got \[64\]"),
+    ]:
+        folder = shutil.copytree(checkpoint, tmp_path / f"{component}_{field}")
+        path = folder / component / "config.json"
+        config = json.loads(path.read_text())
+        (config[section] if section else config)[field] = value
+        path.write_text(json.dumps(config))
+        with pytest.raises(CheckpointError, match=f"{path}: {message}"):
+            LayerDiffPipeline.load(folder)
+
+
+def test_max_layers_raised_above_training_warns(checkpoint, tmp_path, caplog):
+    folder = shutil.copytree(checkpoint, tmp_path / "raised")
+    path = folder / "layerdiff" / "config.json"
+    config = json.loads(path.read_text())
+    config["layerdiff"]["max_layers"] = 6
+    path.write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING, logger="layerdiff_jax"):
+        assert LayerDiffPipeline.load(checkpoint).max_layers == 3
+        assert caplog.text == ""
+        assert LayerDiffPipeline.load(folder).max_layers == 6
+    assert f"{path}: max_layers=6, but the weights were trained with max_layers=3" in caplog.text

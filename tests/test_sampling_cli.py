@@ -1,4 +1,5 @@
-"""scripts/sample.py and scripts/edit.py end to end on a toy checkpoint, and their errors."""
+"""scripts/sample.py and scripts/edit.py end to end on a toy checkpoint, and their errors: bad settings and
+outputs refused before any work; any prompt written; one output failing, or a kill, loses nothing else."""
 
 import importlib.util
 import json
@@ -7,7 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from psd_tools import PSDImage
+
 from layerdiff_jax.data.layers import read_sample_folder
+from layerdiff_jax.sampling import outputs
+from layerdiff_jax.sampling.outputs import CONTACT_SHEET, PSD_FILE, check_layered_files
+from layerdiff_jax.sampling.sampler import LayerDiffPipeline
 from sampling_toy import SIZE, make_random_layerdiff
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -25,7 +31,8 @@ sample_script, edit_script = load_script("sample"), load_script("edit")
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return make_random_layerdiff(tmp_path_factory.mktemp("toy_layerdiff"))
+    """Recording SIZE as its training resolution, so a run without --size compiles what the others do."""
+    return make_random_layerdiff(tmp_path_factory.mktemp("toy_layerdiff"), trained_size=SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +90,7 @@ def test_sample_cli_errors(checkpoint, tmp_path, capsys):
 
     usage_error(["--prompt", "a red circle"], "no layer prompt")
     usage_error([], "give --prompt")
-    usage_error(["--prompt", "a", "--layer-prompt", "b", "--steps", "0"], "--steps must be >= 1")
+    usage_error(["--prompt", "a", "--layer-prompt", "b", "--steps", "0"], "--steps must be an integer >= 1, got 0")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
     with pytest.raises(SystemExit):
@@ -102,8 +109,122 @@ def test_edit_cli_errors(run, checkpoint, tmp_path, capsys):
     common = ["--checkpoint", str(checkpoint), "--sample", str(run / "sample_0000"), "--out", str(tmp_path / "o")]
     assert edit_script.main(["restyle", *common, "--layer", "5", "--style", "striped"]) == 1
     assert "target layer 5 does not exist" in capsys.readouterr().err
-    assert edit_script.main(["restyle", *common, "--layer", "0", "--style", "striped", "--strength", "0"]) == 1
-    assert "strength" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        edit_script.main(["restyle", *common, "--layer", "0", "--style", "striped", "--strength", "0"])
+    assert exit_.value.code == 2 and "--strength must be a number in (0, 1], got 0.0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         edit_script.main(["inpaint", *common[:2], "--sample", str(tmp_path), "--layer", "1", "--prompt", "a", "--out", str(tmp_path / "o")])
     assert "not a layered sample folder" in capsys.readouterr().err
+
+
+def _spec(folder, requests):
+    path = folder / "requests.json"
+    path.write_text(json.dumps(requests, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+# Two requests, the larger with 3 layers, in batches of 2 at SIZE: the shapes the `run` fixture compiled.
+UNICODE_REQUESTS = [
+    {"prompt": "shapes ✨", "layer_prompts": ["a red circle 🔴"], "num_samples": 2},
+    {"prompt": "二つの形", "layer_prompts": ["a green square", "a red circle 🔴"]},
+]
+
+
+def _sample(checkpoint, spec, out, *extra):
+    return sample_script.main(["--checkpoint", str(checkpoint), "--spec", str(spec), "--steps", "2", "--batch-size", "2",
+                               "--quiet", "--out", str(out), *extra])
+
+
+def test_unicode_prompts_are_written_with_every_sample(run, checkpoint, tmp_path, capsys):
+    out = tmp_path / "samples"
+    assert _sample(checkpoint, _spec(tmp_path, UNICODE_REQUESTS), out) == 0
+    assert sorted(p.name for p in out.iterdir()) == [CONTACT_SHEET, "sample_0000", "sample_0001", "sample_0002"]
+    psd = PSDImage.open(out / "sample_0002" / PSD_FILE)
+    assert [layer.name for layer in psd] == ["background: the background", "layer 01: a green square", "layer 02: a red circle 🔴"]
+    assert read_sample_folder(out / "sample_0002").global_prompt == "二つの形"
+    err = capsys.readouterr().err
+    assert "outside the tokenizer's vocabulary" in err and "'🔴'" in err and err.count("🔴") == 1  # warned once
+    # No --size: the size the model records it was trained at, without a warning.
+    assert all(read_sample_folder(p).size == (SIZE, SIZE) for p in out.glob("sample_*")) and "trained at" not in err
+
+
+def test_an_output_that_fails_loses_no_other(run, checkpoint, tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def psd_failing_once(sample, path):
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError("simulated write failure")
+        outputs.write_psd(sample, path)
+
+    monkeypatch.setitem(outputs._WRITERS, "psd", (PSD_FILE, psd_failing_once))
+    out = tmp_path / "samples"
+    assert _sample(checkpoint, _spec(tmp_path, UNICODE_REQUESTS), out) == 1
+    assert "sample_0000: written without layers.psd (OSError: simulated write failure)" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [CONTACT_SHEET, "sample_0000", "sample_0001", "sample_0002"]
+    assert not (out / "sample_0000" / PSD_FILE).exists() and (out / "sample_0001" / PSD_FILE).is_file()
+    for folder in out.glob("sample_*"):
+        read_sample_folder(folder)
+        check_layered_files(folder)
+
+
+def test_samples_are_written_as_each_batch_finishes(run, checkpoint, tmp_path, monkeypatch):
+    """A run killed during its second batch (KeyboardInterrupt stands in for the kill) keeps the first batch."""
+    denoise, calls = LayerDiffPipeline.denoise, []
+
+    def killed_in_second_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return denoise(self, *args, **kwargs)
+
+    monkeypatch.setattr(LayerDiffPipeline, "denoise", killed_in_second_batch)
+    out = tmp_path / "samples"
+    with pytest.raises(KeyboardInterrupt):
+        _sample(checkpoint, _spec(tmp_path, UNICODE_REQUESTS), out, "--size", str(SIZE), str(SIZE))
+    assert sorted(p.name for p in out.iterdir()) == ["sample_0000", "sample_0001"]
+    for folder in out.iterdir():
+        read_sample_folder(folder)
+        check_layered_files(folder)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--guidance", "nan"], "--guidance must be a finite number >= 0 (1 = no guidance), got nan"),
+        (["--guidance", "inf"], "--guidance must be a finite number >= 0 (1 = no guidance), got inf"),
+        (["--guidance", "-1"], "--guidance must be a finite number >= 0"),
+        (["--eta", "nan"], "--eta must be a number in [0, 1] (0 = deterministic DDIM), got nan"),
+        (["--eta", "-2"], "--eta must be a number in [0, 1]"),
+        (["--seed", "-1"], "--seed must be an integer in [0, 4294967295], got -1"),
+    ],
+)
+def test_bad_settings_are_refused_before_loading(checkpoint, tmp_path, capsys, args, message):
+    """sample.py and both edit.py commands refuse them alike (one check in the library), before loading."""
+    sample = tmp_path / "s"
+    sample.mkdir()
+    (sample / "sample.json").write_text("{}")
+    commands = {
+        "sample": (sample_script, ["--checkpoint", str(checkpoint), "--prompt", "a", "--layer-prompt", "b"]),
+        "inpaint": (edit_script, ["inpaint", "--checkpoint", str(checkpoint), "--sample", str(sample), "--layer", "1", "--prompt", "a"]),
+        "restyle": (edit_script, ["restyle", "--checkpoint", str(checkpoint), "--sample", str(sample), "--layer", "1", "--style", "a"]),
+    }
+    for script, base in commands.values():
+        with pytest.raises(SystemExit) as exit_:
+            script.main([*base, *args, "--out", str(tmp_path / "out")])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_that_cannot_be_made_is_refused_before_loading(checkpoint, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    for script, args in [
+        (sample_script, ["--prompt", "a", "--layer-prompt", "b"]),
+        (edit_script, ["inpaint", "--sample", str(tmp_path), "--layer", "1", "--prompt", "a"]),
+    ]:
+        if script is edit_script:
+            (tmp_path / "sample.json").write_text("{}")
+        with pytest.raises(SystemExit) as exit_:
+            script.main([*args, "--checkpoint", str(checkpoint), "--out", str(tmp_path / "file" / "out")])
+        assert exit_.value.code == 2
+        assert f"{tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err

@@ -112,3 +112,24 @@ def test_script_rejects_bad_config_before_compiling(tmp_path, override, message)
     assert result.returncode != 0
     assert message in result.stderr
     assert not (tmp_path / "toy_sd").exists(), "nothing was built or loaded"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--config.no_such_field=1"], "train.py: bad config: no config field 'no_such_field'"),
+        (["--config.train.learnin_rate=1"],
+         """train.py: bad config: no config field 'learnin_rate' (Did you mean "learning_rate" instead of "learnin_rate"?)"""),
+        (["--config.train.learning_rate=abc"], "train.py: flag --config.train.learning_rate=abc: could not convert string to float"),
+        (["--config=configs/no_such_config.py"],
+         "bad config: the --config file does not load: [Errno 2] No such file or directory: 'configs/no_such_config.py'"),
+        (["--config=configs/no_such_config.py", "--config.train.num_steps=3"],
+         "bad config: the --config file does not load: [Errno 2] No such file or directory: 'configs/no_such_config.py'"),
+    ],
+)
+def test_script_names_a_bad_config_flag_in_one_line(tmp_path, flags, message):
+    """Exit status 2, as the script's docstring says, and one line instead of ml_collections' traceback."""
+    cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "--config=configs/shapes_cpu.py", f"--workdir={tmp_path}", *flags]
+    result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 2
+    assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr

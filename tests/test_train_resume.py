@@ -6,22 +6,38 @@ in 4 of 5 runs on this machine the final states were bit-identical. One run, und
 jobs on its 2 cores, differed from step 7 on in the last bits (at most 1e-8 absolute); the cause was
 not pinned down, so the comparison allows float32 rounding (rtol 1e-5). A lost piece of state or a
 shifted data stream shows up as differences of 1e-3 or more in the losses and parameters.
-Also here: the time limit stops a run as SIGTERM does, and a non-finite loss stops the run with a clear message
-and keeps the last good checkpoint.
+A damaged newest checkpoint is named in one line and set aside, and the run resumes from the one before
+(still to the same state), logging each step once. Also here: the time limit stops a run as SIGTERM does, and
+a non-finite loss stops the run with a clear message and keeps the last good checkpoint.
 """
 
 import json
+import logging
+import shutil
 import signal
 import subprocess
 
 import flax
+import grain.python as grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from layerdiff_jax.convert.layerdiff import load_layerdiff
 from layerdiff_jax.training.trainer import train
-from train_support import make_micro_data, make_micro_sd, micro_config, restore_checkpoint, subprocess_env, train_command, wait_for
+from layerdiff_jax.training.checkpoint import Checkpointer, CheckpointRestoreError
+from layerdiff_jax.training.metric_writer import MetricWriter
+from train_support import (
+    RESOLUTION,
+    make_micro_data,
+    make_micro_sd,
+    micro_config,
+    restore_checkpoint,
+    subprocess_env,
+    train_command,
+    wait_for,
+)
 
 
 pytestmark = pytest.mark.slow  # end-to-end runs (see pyproject.toml)
@@ -63,6 +79,12 @@ def _losses(workdir):
     return {row["step"]: row["loss"] for row in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())}
 
 
+def _truncate_files(folder):
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
 def _saved_steps(workdir):
     folder = workdir / "checkpoints"
     return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
@@ -91,8 +113,18 @@ def test_interrupted_runs_resume_to_the_same_state(micro, tmp_path):
     process.communicate()
     assert max(_saved_steps(resumed)) < STEPS
 
-    # 3. Resume to the end.
-    _finish(_start(config, resumed, cache))
+    # 3. Damage the newest checkpoint, then resume to the end: it is named, set aside, and the run goes on
+    # from the one before, redoing (and logging once) the steps in between.
+    newest, before = sorted(_saved_steps(resumed))[-1], sorted(_saved_steps(resumed))[-2]
+    _truncate_files(resumed / "checkpoints" / str(newest) / "state")
+    process = _start(config, resumed, cache)
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-4000:]
+    assert f"checkpoint step {newest} in {resumed / 'checkpoints'} cannot be restored (" in err
+    assert f"resuming from step {before}, the newest checkpoint that restores" in err
+    assert "Traceback" not in err
+    assert (resumed / "checkpoints_unrestorable" / str(newest) / "state").is_dir()
+    assert _logged_steps(resumed) == list(range(1, STEPS + 1))  # no row twice, though steps were redone
 
     step_a, state_a = restore_checkpoint(straight, config)
     step_b, state_b = restore_checkpoint(resumed, config)
@@ -107,6 +139,9 @@ def test_interrupted_runs_resume_to_the_same_state(micro, tmp_path):
     assert losses_a.keys() == losses_b.keys() == set(range(1, STEPS + 1))
     np.testing.assert_allclose([losses_b[s] for s in losses_a], list(losses_a.values()), rtol=1e-5,
                                err_msg="the same batches in the same order, step by step")
+
+    # The export records the training resolution (micro VAE: 2x), for sampling's default size.
+    assert json.loads((resumed / "model" / "layerdiff" / "config.json").read_text())["unet"]["sample_size"] == RESOLUTION // 2
 
     # The export is the EMA: ema_1 = 0.5 * params_0 + 0.5 * params_1, ... so it differs from the parameters.
     exported = flax.traverse_util.flatten_dict(load_layerdiff(resumed / "model")[1], sep="/")
@@ -134,3 +169,62 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(micro, tmp_pat
     assert "at step 2: stopping without saving this state; the last good checkpoint is step 1" in message
     assert _saved_steps(tmp_path) == [1]
     assert not (tmp_path / "model").exists()
+
+
+def _tiny_run(directory, steps):
+    """Checkpoints of a tiny state and a grain iterator at `steps`, as the trainer writes them."""
+    def loader():
+        sampler = grain.IndexSampler(num_records=10, shuffle=False, num_epochs=None, seed=0)
+        return grain.DataLoader(data_source=list(range(10)), sampler=sampler, operations=[grain.Batch(2)], worker_count=0)
+
+    iterator = iter(loader())
+    checkpointer = Checkpointer(directory, max_to_keep=5, async_save=False)
+    for step in steps:
+        next(iterator)
+        checkpointer.save(step, {"w": jnp.full((4,), float(step))}, iterator)
+    checkpointer.close()
+    return Checkpointer(directory, max_to_keep=5, async_save=False), iter(loader())
+
+
+def test_resume_falls_back_past_damaged_checkpoints(tmp_path, caplog):
+    checkpointer, iterator = _tiny_run(tmp_path / "checkpoints", [1, 2, 3])
+    _truncate_files(tmp_path / "checkpoints" / "3" / "state")
+    shutil.rmtree(tmp_path / "checkpoints" / "2" / "state")
+    abstract = {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}
+    with caplog.at_level(logging.WARNING, logger="layerdiff_jax"):
+        step, state = checkpointer.restore_latest(abstract, iterator)
+    assert step == 1 and np.asarray(state["w"]).tolist() == [1.0] * 4
+    assert next(iterator).tolist() == [2, 3]  # the data position of step 1
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 5 and all("\n" not in line for line in lines)
+    assert lines[0].startswith(f"checkpoint step 3 in {tmp_path / 'checkpoints'} cannot be restored (")
+    assert lines[1].startswith("checkpoint step 2 ") and "'Item \"state\" was not found" in lines[1]
+    aside = tmp_path / "checkpoints_unrestorable"
+    assert sorted(p.name for p in aside.iterdir()) == ["2", "3"] and (aside / "3" / "state").is_dir()  # kept, not deleted
+    assert checkpointer.latest_step() == 1
+    assert checkpointer.save(2, {"w": jnp.zeros(4)}, iterator)  # the step is saved afresh when redone
+    checkpointer.close()
+
+
+def test_resume_with_no_checkpoint_that_restores_moves_nothing(tmp_path):
+    checkpointer, iterator = _tiny_run(tmp_path / "checkpoints", [1, 2])
+    abstract = {"w": jax.ShapeDtypeStruct((5,), jnp.float32)}  # as if the config changed since
+    with pytest.raises(CheckpointRestoreError, match="no checkpoint in .* restores; the newest, step 2: "):
+        checkpointer.restore_latest(abstract, iterator)
+    assert checkpointer.manager.all_steps() == [1, 2] and not (tmp_path / "checkpoints_unrestorable").exists()
+    checkpointer.close()
+
+
+def test_metrics_of_redone_steps_are_written_once(tmp_path):
+    writer = MetricWriter(tmp_path, enabled=True)
+    for step in (1, 2, 3, 4):
+        writer.write(step, {"loss": step})
+    writer.close()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "lo')  # a row a kill cut short
+    writer = MetricWriter(tmp_path, enabled=True)  # a run resumed from step 2 redoes 3 and 4
+    for step in (3, 4, 5):
+        writer.write(step, {"loss": 10 * step})
+    writer.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 30.0}, {"step": 4, "loss": 40.0}, {"step": 5, "loss": 50.0}]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from layerdiff_jax import TORCH_EXTRA
 from layerdiff_jax.construction.classical import ShiftFillInpainter
 from layerdiff_jax.construction.config import MODEL_STAGES, ConstructionConfig
 from layerdiff_jax.construction.errors import ConstructionConfigError
@@ -44,6 +45,15 @@ def build_stages(config: ConstructionConfig) -> Stages:
     missing = [s for s in MODEL_STAGES if s not in config.models]
     if missing:
         raise ConstructionConfigError(f"{config.source}: no section for stage(s) {missing}")
+    try:
+        return _build_stages(config)
+    except ImportError as e:  # torch, transformers or diffusers missing
+        raise ConstructionConfigError(
+            f"{config.source}: the model stages need PyTorch and diffusers ({e}), from {TORCH_EXTRA}"
+        ) from None
+
+
+def _build_stages(config: ConstructionConfig) -> Stages:
     from layerdiff_jax.construction import hf_models
 
     try:

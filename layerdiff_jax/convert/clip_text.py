@@ -38,6 +38,6 @@ def load_text_encoder(
     path: str | Path, *, dtype: Any = jnp.float32, attention_impl: str = "xla"
 ) -> tuple[CLIPTextTransformer, dict]:
     """(module, params) from a folder with config.json and flax_params.safetensors or transformers torch weights."""
-    config = CLIPTextConfig.from_diffusers_config(core.read_config(path))
+    config = core.read_config(path, CLIPTextConfig.from_diffusers_config)
     model = CLIPTextTransformer(config, dtype=dtype, attention_impl=attention_impl)
     return model, core.load_params(path, abstract_text_encoder_params(model), rename_text_encoder_key)

@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from layerdiff_jax import TORCH_EXTRA
+
 logger = logging.getLogger(__name__)
 
 # File names, in order of preference, that hold a component's PyTorch weights.
@@ -73,7 +75,10 @@ def load_torch_file(path: str | Path) -> dict[str, np.ndarray]:
             return load_file(str(path))
         except Exception as e:  # safetensors raises its own types for truncated/corrupt headers
             raise ConversionError(f"cannot read {path}: {e}") from e
-    import torch  # only needed for pickled checkpoints
+    try:
+        import torch  # only needed for pickled checkpoints
+    except ImportError:
+        raise ConversionError(f"{path} is a pickled PyTorch checkpoint: reading it needs PyTorch, from {TORCH_EXTRA}") from None
 
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -84,11 +89,19 @@ def load_torch_file(path: str | Path) -> dict[str, np.ndarray]:
     return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
-def read_config(folder: str | Path) -> dict[str, Any]:
+def read_config(folder: str | Path, parse: Callable[[dict[str, Any]], Any] | None = None) -> Any:
+    """A component folder's config.json as a dict, or `parse(dict)`; a file that does not parse, or a field
+    `parse` refuses, raises ConversionError naming the file."""
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no {CONFIG_FILE}: expected a diffusers/transformers component folder")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError(f"expected a JSON object, got {type(config).__name__}")
+        return config if parse is None else parse(config)
+    except (ValueError, TypeError, KeyError) as e:  # json.JSONDecodeError is a ValueError
+        raise ConversionError(f"{path}: {e}") from None
 
 
 def read_torch_weights(folder: str | Path) -> dict[str, np.ndarray]:
@@ -167,11 +180,20 @@ def convert_state_dict(
     return flax.traverse_util.unflatten_dict(filled)
 
 
-def save_flax_params(params: Mapping, path: str | Path) -> None:
+def save_flax_params(params: Mapping, path: str | Path, metadata: Mapping[str, str] | None = None) -> None:
+    """float32 arrays keyed by their Flax path; `metadata` goes into the safetensors header."""
     from safetensors.numpy import save_file
 
     flat = flax.traverse_util.flatten_dict(dict(nn.meta.unbox(params)), sep="/")
-    save_file({k: np.array(v, dtype=np.float32, order="C") for k, v in flat.items()}, str(path))
+    save_file({k: np.array(v, dtype=np.float32, order="C") for k, v in flat.items()}, str(path), metadata=dict(metadata or {}))
+
+
+def read_params_metadata(path: str | Path) -> dict[str, str]:
+    """The header metadata `save_flax_params` wrote ({} for none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return dict(f.metadata() or {})
 
 
 def load_flax_params(path: str | Path, target: Mapping) -> dict:

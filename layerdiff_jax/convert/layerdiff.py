@@ -5,12 +5,17 @@ A LayerDiff model folder is an SD folder (`vae/`, `text_encoder/`, `tokenizer/`,
 "layerdiff": LayerDiffConfig fields}) and `flax_params.safetensors`, and `scheduler/scheduler_config.json`
 (the schedule and prediction type it was trained with, as a diffusers DDIMScheduler config; a folder
 without one was trained as SD 1.5 is). Training exports this; sampling reads it.
+
+The params file's header records the `max_layers` the weights were trained for: the layer blocks and
+the prompt enhancer only ever saw that many layers, so a config raised above it is warned about.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import logging
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,11 +23,15 @@ import jax.numpy as jnp
 
 from layerdiff_jax.convert import core
 from layerdiff_jax.diffusion.schedules import SchedulerConfig
+from layerdiff_jax.models.config_types import check_field_types
 from layerdiff_jax.models.init import abstract_params
 from layerdiff_jax.models.layerdiff import LayerDiffConfig, LayerDiffUNet
 from layerdiff_jax.models.unet import UNetConfig
 
+log = logging.getLogger(__name__)
+
 LAYERDIFF_DIR = "layerdiff"
+TRAINED_MAX_LAYERS = "max_layers"  # key in the params file's header
 SCHEDULER_DIR, SCHEDULER_FILE = "scheduler", "scheduler_config.json"  # diffusers' names
 
 
@@ -34,7 +43,7 @@ def save_layerdiff(folder: str | Path, model: LayerDiffUNet, params: Mapping, sc
     """Writes `folder/layerdiff/` (config + params) and `folder/scheduler/`; returns the `layerdiff/` folder."""
     out = Path(folder) / LAYERDIFF_DIR
     out.mkdir(parents=True, exist_ok=True)
-    core.save_flax_params(params, out / core.FLAX_PARAMS_FILE)
+    core.save_flax_params(params, out / core.FLAX_PARAMS_FILE, {TRAINED_MAX_LAYERS: str(model.config.max_layers)})
     (out / core.CONFIG_FILE).write_text(json.dumps(layerdiff_config_dict(model), indent=2) + "\n")
     save_scheduler_config(folder, scheduler)
     return out
@@ -64,6 +73,7 @@ def build_layerdiff(config: Mapping[str, Any], **module_kwargs) -> LayerDiffUNet
     unknown = sorted(set(config.get("layerdiff", {})) - fields)
     if unknown:
         raise ValueError(f"unknown LayerDiff config field(s): {', '.join(unknown)}")
+    check_field_types(LayerDiffConfig, config.get("layerdiff", {}))
     return LayerDiffUNet(
         UNetConfig.from_diffusers_config(config["unet"]), LayerDiffConfig(**config.get("layerdiff", {})), **module_kwargs
     )
@@ -75,6 +85,13 @@ def load_layerdiff(
     """(module, float32 numpy params) from a LayerDiff model folder (or its `layerdiff/` subfolder)."""
     folder = Path(folder)
     component = folder / LAYERDIFF_DIR if (folder / LAYERDIFF_DIR).is_dir() else folder
-    model = build_layerdiff(core.read_config(component), dtype=dtype, attention_impl=attention_impl, remat=remat)
+    model = core.read_config(component, functools.partial(build_layerdiff, dtype=dtype, attention_impl=attention_impl, remat=remat))
     target = abstract_params(model, *model.example_inputs())
-    return model, core.load_flax_params(component / core.FLAX_PARAMS_FILE, target)
+    params = core.load_flax_params(component / core.FLAX_PARAMS_FILE, target)
+    trained = core.read_params_metadata(component / core.FLAX_PARAMS_FILE).get(TRAINED_MAX_LAYERS)
+    if trained is not None and model.config.max_layers > int(trained):
+        log.warning(
+            "%s: max_layers=%d, but the weights were trained with max_layers=%s: more layers than that are untrained "
+            "territory for the layer blocks and the prompt enhancer", component / core.CONFIG_FILE, model.config.max_layers, trained,
+        )
+    return model, params

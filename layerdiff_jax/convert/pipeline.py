@@ -4,8 +4,8 @@ A converted folder (what `scripts/convert_weights.py` writes) mirrors a diffuser
 
   unet/, vae/, text_encoder/    config.json (diffusers/transformers style) + flax_params.safetensors
   tokenizer/                    copied from the source, when it has one
-  layerdiff_conversion.json     source, date and parameter counts; written last, so its presence marks
-                                a finished conversion
+  layerdiff_conversion.json     source, date, parameter counts and the files written; written last, so
+                                its presence marks a finished conversion
 
 `load_unet` / `load_vae` / `load_text_encoder` read each component folder directly, and `load_sd` reads
 all three from a converted folder, a diffusers folder or an original single-file checkpoint.
@@ -30,6 +30,7 @@ from layerdiff_jax.convert.core import COMPONENTS, count_params, log_loaded
 from layerdiff_jax.convert.single_file import load_single_file
 from layerdiff_jax.convert.unet import load_unet
 from layerdiff_jax.convert.vae import load_vae
+from layerdiff_jax.fileio import output_folder_problem
 from layerdiff_jax.models.clip_text import CLIPTextConfig
 from layerdiff_jax.models.unet import UNetConfig
 from layerdiff_jax.models.vae import VAEConfig
@@ -40,6 +41,8 @@ TOKENIZER_DIR = "tokenizer"
 CONVERSION_RECORD = "layerdiff_conversion.json"
 # Any one of these marks a folder as a saved Hugging Face tokenizer.
 _TOKENIZER_FILES = ("vocab.json", "tokenizer.json", "tokenizer_config.json")
+# What a conversion that predates the record's file list wrote into tokenizer/.
+_SAVED_TOKENIZER_FILES = (*_TOKENIZER_FILES, "merges.txt", "special_tokens_map.json", "added_tokens.json")
 
 _WRITTEN = (*COMPONENTS, TOKENIZER_DIR, CONVERSION_RECORD)  # what save_converted writes (and replaces)
 _FOLDER_LOADERS = {"unet": load_unet, "vae": load_vae, "text_encoder": load_text_encoder}
@@ -51,7 +54,7 @@ Components = dict[str, tuple[nn.Module, dict]]
 def read_component_configs(folder: str | Path) -> dict[str, Any]:
     """{"unet", "vae", "text_encoder"} -> config, read from a diffusers-style folder's `<component>/config.json`."""
     folder = Path(folder)
-    return {name: _CONFIG_CLASSES[name].from_diffusers_config(core.read_config(folder / name)) for name in COMPONENTS}
+    return {name: core.read_config(folder / name, _CONFIG_CLASSES[name].from_diffusers_config) for name in COMPONENTS}
 
 
 def load_sd(
@@ -116,7 +119,8 @@ def save_converted(
 
     Each component's config.json is copied from `config_dir/<component>/` when that file exists (keeping
     fields our configs don't model, such as token ids), else written from the module's config. An existing
-    non-empty `output_dir` is refused unless `overwrite`; then only the entries written here are replaced.
+    non-empty `output_dir` is refused unless `overwrite`; then only the entries written here are replaced,
+    and only when they hold nothing but what an earlier conversion wrote (see `check_output_dir`).
     """
     output_dir = Path(output_dir)
     if tokenizer_dir is not None:
@@ -158,24 +162,58 @@ def save_converted(
         "converted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "parameters": {**counts, "total": sum(counts.values())},
         "tokenizer": str(Path(tokenizer_dir).resolve()) if tokenizer_dir is not None else None,
+        "files": sorted(_relative_files(output_dir)),
     }
     (output_dir / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
+def _relative_files(output_dir: Path) -> set[str]:
+    """The files under the entries a conversion writes, as paths relative to `output_dir`."""
+    found = set()
+    for name in _WRITTEN:
+        entry = output_dir / name
+        files = entry.rglob("*") if entry.is_dir() else [entry] if entry.exists() else []
+        found.update(p.relative_to(output_dir).as_posix() for p in files if not p.is_dir())
+    return found
+
+
+def _converter_files(output_dir: Path) -> set[str]:
+    """What an earlier conversion wrote into `output_dir`: its record's list, else what a conversion writes."""
+    record = output_dir / CONVERSION_RECORD
+    try:
+        return set(json.loads(record.read_text())["files"]) | {CONVERSION_RECORD}
+    except (OSError, ValueError, KeyError, TypeError):  # no record, or one from before the file list
+        own = {f"{c}/{name}" for c in COMPONENTS for name in (core.CONFIG_FILE, core.FLAX_PARAMS_FILE)}
+        return own | {f"{TOKENIZER_DIR}/{name}" for name in _SAVED_TOKENIZER_FILES} | {CONVERSION_RECORD}
+
+
 def check_output_dir(output_dir: str | Path, *, inputs: list[str | Path | None], overwrite: bool) -> None:
     """Raises unless `save_converted` may write to `output_dir`: it must be absent or empty unless `overwrite`,
-    and writing must not replace any of `inputs` (e.g. the output folder being the source folder)."""
+    and then the entries it replaces must hold only files an earlier conversion wrote (nothing a user put
+    there is deleted); writing must not replace any of `inputs` (e.g. the output folder being the source
+    folder), nor go inside an input folder."""
     output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(f"output {output_dir} exists and is not a folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"output folder {output_dir} exists and is not empty "
-            "(overwrite, or the script's --overwrite, replaces the converted entries in it)"
-        )
+    problem = output_folder_problem(output_dir, overwrite=True)
+    if problem:
+        raise FileExistsError(f"output {problem}")
     out = output_dir.resolve()
     replaced = [out / name for name in _WRITTEN]
     for path in [Path(p).resolve() for p in inputs if p is not None]:
         if path == out or any(path == r or r in path.parents for r in replaced):
             raise ValueError(f"writing to {output_dir} would overwrite the input {path}; choose another output folder")
+        if path.is_dir() and path in out.parents:
+            raise ValueError(f"output {output_dir} is inside the input folder {path}; choose a folder outside it")
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"output folder {output_dir} exists and is not empty "
+                "(overwrite, or the script's --overwrite, replaces the converted entries in it)"
+            )
+        foreign = sorted(_relative_files(output_dir) - _converter_files(output_dir))
+        if foreign:
+            shown = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
+            raise FileExistsError(
+                f"output folder {output_dir}: overwriting would delete files a conversion did not write: {shown}; "
+                "move them out first, or choose another output folder"
+            )

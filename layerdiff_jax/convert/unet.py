@@ -34,6 +34,6 @@ def load_unet(
 ) -> tuple[UNet2DConditionModel, dict]:
     """A UNet component folder (`config.json` + `flax_params.safetensors`, or diffusers torch weights)
     -> (module, float32 numpy params)."""
-    config = UNetConfig.from_diffusers_config(core.read_config(path))
+    config = core.read_config(path, UNetConfig.from_diffusers_config)
     unet = UNet2DConditionModel(config, dtype=dtype, attention_impl=attention_impl, remat=remat)
     return unet, core.load_params(path, abstract_unet_params(unet), rename)

@@ -14,6 +14,9 @@ The exchange format, one folder per sample (sampling writes the same layout):
     mask_01.png ...          8-bit grayscale mask m_i (255 = inside)
     sample.json              {"global_prompt", "layer_prompts": [bg, fg1, ...], "num_layers",
                               "size": [H, W], ...any extra metadata, kept on round-trip}
+
+A folder is written under a staging name and renamed into place once every file is in it (sample.json
+last), so a sample folder is either complete or absent (`fileio.staged_folder`).
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import PIL.Image
+
+from layerdiff_jax.fileio import staged_folder
 
 DILATION_KERNEL = 5
 SAMPLE_JSON = "sample.json"
@@ -34,6 +40,16 @@ REQUIRED_JSON_FIELDS = ("global_prompt", "layer_prompts", "num_layers", "size")
 
 class DataError(ValueError):
     """Bad layered data; the message names the offending file or field."""
+
+
+class ExtraFileError(OSError):
+    """Extra files of a sample folder (its layered files) could not be written; the folder was written without
+    them. `failures` maps each file name to its exception."""
+
+    def __init__(self, folder: Path, failures: dict[str, BaseException]):
+        self.folder, self.failures = folder, failures
+        what = "; ".join(f"{name} ({type(e).__name__}: {e})" for name, e in failures.items())
+        super().__init__(f"{folder}: written without {what}")
 
 
 @dataclasses.dataclass(eq=False)
@@ -129,18 +145,21 @@ def mask_file(i: int) -> str:
     return f"mask_{i:02d}.png"
 
 
-def write_sample_folder(sample: LayeredSample, folder: str | os.PathLike) -> Path:
-    """Writes `sample` in the exchange format to `folder` (created if needed)."""
+def write_sample_folder(
+    sample: LayeredSample,
+    folder: str | os.PathLike,
+    extras: Mapping[str, Callable[[LayeredSample, Path], Any]] | None = None,
+) -> Path:
+    """Writes `sample` in the exchange format to `folder`, replacing a folder there, all at once (see above).
+
+    `extras` {file name: writer(sample, path)} adds files, written after the images and before sample.json.
+    An extra that fails is left out and the rest of the folder is still written; then ExtraFileError names
+    what failed.
+    """
     folder = Path(folder)
     clash = sorted(set(sample.metadata) & set(REQUIRED_JSON_FIELDS))
     if clash:
         raise DataError(f"metadata keys {clash} clash with the fields of {SAMPLE_JSON}")
-    folder.mkdir(parents=True, exist_ok=True)
-    PIL.Image.fromarray(sample.composite()).save(folder / "composite.png")
-    PIL.Image.fromarray(sample.background).save(folder / "background.png")
-    for i, (fg, mask) in enumerate(zip(sample.foregrounds, sample.masks), start=1):
-        PIL.Image.fromarray(np.concatenate([fg, mask[..., None]], axis=-1)).save(folder / layer_file(i))
-        PIL.Image.fromarray(mask).save(folder / mask_file(i))
     info = {
         "global_prompt": sample.global_prompt,
         "layer_prompts": list(sample.layer_prompts),
@@ -148,7 +167,26 @@ def write_sample_folder(sample: LayeredSample, folder: str | os.PathLike) -> Pat
         "size": list(sample.size),
         **sample.metadata,
     }
-    (folder / SAMPLE_JSON).write_text(json.dumps(info, indent=2) + "\n")
+    try:  # NaN and infinity are not JSON: most readers refuse a file holding them
+        text = json.dumps(info, indent=2, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{folder / SAMPLE_JSON}: the metadata cannot be written as JSON ({e})") from None
+    failures: dict[str, BaseException] = {}
+    with staged_folder(folder) as staging:
+        PIL.Image.fromarray(sample.composite()).save(staging / "composite.png")
+        PIL.Image.fromarray(sample.background).save(staging / "background.png")
+        for i, (fg, mask) in enumerate(zip(sample.foregrounds, sample.masks), start=1):
+            PIL.Image.fromarray(np.concatenate([fg, mask[..., None]], axis=-1)).save(staging / layer_file(i))
+            PIL.Image.fromarray(mask).save(staging / mask_file(i))
+        for name, write in (extras or {}).items():
+            try:
+                write(sample, staging / name)
+            except Exception as e:  # one format's failure must not lose the sample or the other formats
+                (staging / name).unlink(missing_ok=True)
+                failures[name] = e
+        (staging / SAMPLE_JSON).write_text(text, encoding="utf-8")
+    if failures:
+        raise ExtraFileError(folder, failures)
     return folder
 
 
@@ -171,7 +209,7 @@ def _read_sample_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"{path}: missing")
     try:
-        info = json.loads(path.read_text())
+        info = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(info, dict):

@@ -121,6 +121,12 @@ class LayeredFolderConfig(tfds.core.BuilderConfig):
     skip_bad: bool = False
 
 
+def folder_splits(samples_dir: str | os.PathLike) -> dict[str, Path]:
+    """{split: folder of sample folders}: the `train/`, `validation/`, `test/` subfolders, else all in `train`."""
+    root = Path(samples_dir)
+    return {s: root / s for s in FOLDER_SPLITS if (root / s).is_dir()} or {"train": root}
+
+
 class LayeredFolder(_LayeredBuilder):
     """Exchange-format sample folders (data construction output, generated samples)."""
 
@@ -129,11 +135,7 @@ class LayeredFolder(_LayeredBuilder):
         self.skipped: list[tuple[str, str]] = []  # (sample folder, reason)
 
     def _split_generators(self, dl_manager):
-        root = Path(self.builder_config.samples_dir)
-        split_dirs = {s: root / s for s in FOLDER_SPLITS if (root / s).is_dir()}
-        if not split_dirs:
-            split_dirs = {"train": root}
-        return {name: self._generate_examples(folder) for name, folder in split_dirs.items()}
+        return {name: self._generate_examples(folder) for name, folder in folder_splits(self.builder_config.samples_dir).items()}
 
     def _generate_examples(self, split_dir: Path):
         for folder in list_sample_folders(split_dir):
@@ -192,6 +194,9 @@ def build_from_folders(
     samples_dir = Path(samples_dir)
     if not samples_dir.is_dir():
         raise DataError(f"{samples_dir}: not a directory")
+    for split, folder in folder_splits(samples_dir).items():
+        if not list_sample_folders(folder):
+            raise DataError(f"{folder}: no sample folders in it (the {split} split would be empty)")
     config = LayeredFolderConfig(
         name=_config_name(name or samples_dir.resolve().name),
         samples_dir=os.fspath(samples_dir),
@@ -199,7 +204,11 @@ def build_from_folders(
         description=f"Layered samples from {samples_dir}",
     )
     builder = LayeredFolder(config=config, data_dir=os.fspath(out_dir), file_format="array_record")
-    return _prepare(builder), builder.skipped
+    try:
+        return _prepare(builder), builder.skipped
+    except AssertionError as e:  # tfds: "No examples were yielded", when --skip-bad skipped every sample of a split
+        skipped = "".join(f"\n  {reason}" for _, reason in builder.skipped)
+        raise DataError(f"{samples_dir}: no readable sample in a split ({e}); {len(builder.skipped)} skipped:{skipped}") from None
 
 
 def find_dataset_dir(path: str | os.PathLike) -> Path:
@@ -220,10 +229,42 @@ def split_sizes(path: str | os.PathLike) -> dict[str, int]:
     return {name: split.num_examples for name, split in builder.info.splits.items()}
 
 
-def open_data_source(path: str | os.PathLike, split: str = "train"):
+class NamedDataSource:
+    """A tfds data source whose read errors are DataErrors naming the array_record file and record: a damaged
+    file otherwise fails deep inside array_record, PIL or grain without a path."""
+
+    def __init__(self, source, split_info):
+        self.source = source
+        self.files = [str(p) for p in split_info.filepaths]
+        self.ends = np.cumsum(split_info.shard_lengths)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __repr__(self) -> str:  # grain's checkpoints record it and compare it on restore
+        return repr(self.source)
+
+    def __getitem__(self, index):
+        try:
+            return self.source[index]
+        except Exception as e:  # array_record, tfds and PIL each raise their own types
+            shard = min(int(np.searchsorted(self.ends, int(index), side="right")), len(self.files) - 1)
+            raise DataError(
+                f"{self.files[shard]}: record {index} cannot be read ({type(e).__name__}: {e}); the file is damaged: "
+                "rebuild the dataset"
+            ) from None
+
+
+def open_data_source(path: str | os.PathLike, split: str = "train") -> NamedDataSource:
     """Random-access source of decoded records (`len`, `[i]`) for one split of a built dataset."""
     folder = find_dataset_dir(path)
     builder = tfds.builder_from_directory(os.fspath(folder))
     if split not in builder.info.splits:
         raise KeyError(f"split {split!r} not in {folder} (has {list(builder.info.splits)})")
-    return builder.as_data_source(split=split)
+    split_info = builder.info.splits[split]
+    try:
+        source = builder.as_data_source(split=split)
+    except Exception as e:  # array_record refuses a damaged file when opening it
+        raise DataError(f"{folder}: the {split} split's array_record files cannot be opened ({type(e).__name__}: {e}); "
+                        "one is damaged: rebuild the dataset") from None
+    return NamedDataSource(source, split_info)

@@ -2,7 +2,9 @@
 
 Both give `(N, max_length)` int32 ids: BOS, tokens, EOS, then padding. A prompt longer than
 `max_length` tokens keeps its first `max_length - 1` tokens plus the final EOS, and a warning is
-logged (as SD pipelines do).
+logged (as SD pipelines do). Words outside the vocabulary (the toy tokenizer's; CLIP's byte-level BPE
+has none) become the unknown token, with a warning naming them. Each warning is given once per prompt or
+word and tokenizer, in one line per call, so that a training run or a batch of negatives does not repeat it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from layerdiff_jax.data.synthetic import PALETTE, PATTERNS, SHAPES
 log = logging.getLogger(__name__)
 
 MAX_LENGTH = 77
+_SHOWN_PROMPT = 60  # characters of a prompt quoted in a warning
 TOY = "toy"
 TOY_SPECIAL_TOKENS = ("<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>")  # pad, unk, bos, eos
 # Words of the synthetic prompts, SD's default background prompt and layer-aware negatives.
@@ -40,6 +43,7 @@ class PromptTokenizer:
             raise ValueError(f"tokenizer {type(hf_tokenizer).__name__} has no pad token")
         self.hf_tokenizer = hf_tokenizer
         self.max_length = max_length
+        self._warned: set[str] = set()  # prompts and words already warned about
 
     @property
     def vocab_size(self) -> int:
@@ -53,16 +57,39 @@ class PromptTokenizer:
         if isinstance(texts, str):
             raise TypeError("PromptTokenizer takes a sequence of prompts, not a single string")
         out = np.full((len(texts), self.max_length), self.pad_id, np.int32)
-        for row, (text, ids) in enumerate(zip(texts, self.hf_tokenizer(list(texts))["input_ids"])):
+        hf = self.hf_tokenizer
+        encoded = hf(list(texts), return_offsets_mapping=hf.is_fast, verbose=False)  # its own too-long warning repeats ours
+        # CLIP's unknown token is its EOS: only a distinct one marks a word outside the vocabulary.
+        unk = hf.unk_token_id if hf.unk_token_id not in (hf.bos_token_id, hf.eos_token_id, self.pad_id) else None
+        truncated, unknown = {}, {}
+        for row, (text, ids) in enumerate(zip(texts, encoded["input_ids"])):
+            if unk is not None and unk in ids:
+                spans = encoded["offset_mapping"][row] if hf.is_fast else []
+                for word in [text[a:b] for (a, b), i in zip(spans, ids) if i == unk] or [text]:
+                    unknown.setdefault(word, None)
             if len(ids) > self.max_length:
-                log.warning("prompt truncated to %d tokens: %r", self.max_length, text)
+                truncated.setdefault(text, len(ids))
                 ids = ids[: self.max_length - 1] + ids[-1:]  # keep the closing EOS
             out[row, : len(ids)] = ids
+        new = [t for t in truncated if t not in self._warned]
+        if new:
+            shown = "; ".join(f"{_shorten(t)} ({truncated[t]} tokens)" for t in new)
+            log.warning("%d prompt(s) longer than %d tokens truncated: %s", len(new), self.max_length, shown)
+        new_words = [w for w in unknown if w not in self._warned]
+        if new_words:
+            log.warning(
+                "word(s) outside the tokenizer's vocabulary, read as %s: %s", hf.unk_token, ", ".join(map(repr, new_words))
+            )
+        self._warned.update(new, new_words)
         return out
 
     def save(self, folder: str | os.PathLike) -> None:
         """Saves the tokenizer files so that `load_tokenizer(folder)` gives it back."""
         self.hf_tokenizer.save_pretrained(os.fspath(folder))
+
+
+def _shorten(text: str) -> str:
+    return repr(text if len(text) <= _SHOWN_PROMPT else text[: _SHOWN_PROMPT - 3] + "...")
 
 
 def build_toy_tokenizer(max_length: int = MAX_LENGTH) -> PromptTokenizer:

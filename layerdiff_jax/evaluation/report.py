@@ -18,6 +18,8 @@ from layerdiff_jax.data.layers import SAMPLE_JSON, DataError, list_sample_folder
 from layerdiff_jax.evaluation import prompt_following as pf
 from layerdiff_jax.evaluation import shapes
 from layerdiff_jax.evaluation.fid import fid_from_features
+from layerdiff_jax.fileio import partial_folders
+from layerdiff_jax.sampling.outputs import check_layered_files
 
 OVERALL = "overall"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -33,11 +35,21 @@ COLUMNS = (  # (metrics key, table header)
 )
 
 
-def _read_samples(folders: list[Path], skip_bad: bool):
+def _read_samples(folders: list[Path], partial: list[Path], skip_bad: bool):
+    """The readable samples, and why the others are not (raised unless `skip_bad`). A folder is unreadable
+    when a file is missing or damaged, including a layered file cut short; `partial` are staging folders of
+    writes that never finished."""
     samples, skipped = [], []
+    for folder in partial:
+        e = DataError(f"{folder}: an incomplete sample folder (its write did not finish); sample again, or delete it")
+        if not skip_bad:
+            raise e
+        skipped.append(str(e))
     for folder in folders:
         try:
-            samples.append((folder, read_sample_folder(folder)))
+            sample = read_sample_folder(folder)
+            check_layered_files(folder)
+            samples.append((folder, sample))
         except DataError as e:
             if not skip_bad:
                 raise
@@ -121,12 +133,12 @@ def evaluate_samples(
     skip_bad: bool = False,
 ) -> dict[str, Any]:
     """All metrics of the sample folders under `samples_dir`, as a JSON-ready dict."""
-    folders = list_sample_folders(samples_dir)
-    if not folders:
+    folders, partial = list_sample_folders(samples_dir), partial_folders(samples_dir)
+    if not folders and not partial:
         raise DataError(f"{samples_dir}: no sample folders in it")
-    loaded, bad = _read_samples(folders, skip_bad)
+    loaded, bad = _read_samples(folders, partial, skip_bad)
     if not loaded:
-        raise DataError(f"{samples_dir}: none of its {len(folders)} sample folders could be read")
+        raise DataError(f"{samples_dir}: none of its {len(folders) + len(partial)} sample folders could be read")
     scores = [pf.score_sample(sample, folder.name) for folder, sample in loaded]
     counts = [s.num_layers for s in scores]
     groups: list[int | str] = [*sorted(set(counts)), OVERALL]
@@ -186,4 +198,5 @@ def format_table(metrics: dict[str, Any]) -> str:
     lines += [f"skipped {line}" for line in metrics["skipped_metrics"]]
     if metrics["unreadable_samples"]:
         lines.append(f"unreadable sample folders skipped: {len(metrics['unreadable_samples'])}")
+        lines += [f"  {reason}" for reason in metrics["unreadable_samples"]]
     return "\n".join(lines)

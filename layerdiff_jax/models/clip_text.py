@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from layerdiff_jax.models import layers
 from layerdiff_jax.models.attention import Attention
+from layerdiff_jax.models.config_types import check_field_types
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -64,7 +65,9 @@ class CLIPTextConfig:
         if model_type != "clip_text_model":
             raise ValueError(f"CLIP text config: model_type is {model_type!r}, expected 'clip_text_model'")
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in fields})
+        values = {k: v for k, v in config.items() if k in fields}
+        check_field_types(cls, values)
+        return cls(**values)
 
     def to_diffusers_config(self) -> dict[str, Any]:
         return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **dataclasses.asdict(self)}

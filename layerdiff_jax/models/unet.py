@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from layerdiff_jax.models import layers
+from layerdiff_jax.models.config_types import check_field_types
 from layerdiff_jax.models.unet_blocks import (
     Downsample2D,
     ResnetBlock2D,
@@ -183,6 +184,7 @@ class UNetConfig:
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(f"unsupported UNet config field(s): {', '.join(unknown)}")
+        check_field_types(cls, config)
         return cls(**config)  # __post_init__ turns JSON lists into tuples
 
     def to_diffusers_config(self) -> dict[str, Any]:

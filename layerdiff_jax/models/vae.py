@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from layerdiff_jax.models import layers
 from layerdiff_jax.models.attention import Attention
+from layerdiff_jax.models.config_types import check_field_types
 from layerdiff_jax.models.unet_blocks import Downsample2D, ResnetBlock2D, Upsample2D
 
 DOWN_BLOCK = "DownEncoderBlock2D"
@@ -90,6 +91,7 @@ class VAEConfig:
                 kwargs[key] = tuple(value) if isinstance(value, list) else value  # JSON lists -> hashable tuples
             else:
                 raise ValueError(f"VAE config: unknown field {key!r}")
+        check_field_types(cls, kwargs)
         return cls(**kwargs)
 
     def to_diffusers_config(self) -> dict[str, Any]:

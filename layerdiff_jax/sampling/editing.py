@@ -20,14 +20,7 @@ import numpy as np
 from layerdiff_jax.data.layers import LayeredSample, background_mask
 from layerdiff_jax.diffusion.ddim import img2img_start
 from layerdiff_jax.diffusion.guidance import PROMPT_JOINER
-from layerdiff_jax.sampling.sampler import (
-    DEFAULT_GUIDANCE,
-    DEFAULT_STEPS,
-    MAX_SEED,
-    LayerDiffPipeline,
-    RequestError,
-    to_uint8,
-)
+from layerdiff_jax.sampling.sampler import DEFAULT_GUIDANCE, DEFAULT_STEPS, LayerDiffPipeline, RequestError, to_uint8
 
 DEFAULT_STRENGTH = 0.25  # SPEC: noise to the 25th of 100 DDIM steps
 
@@ -40,17 +33,17 @@ def sample_arrays(sample: LayeredSample) -> tuple[np.ndarray, np.ndarray]:
     return images, masks
 
 
-def _check_edit(pipe: LayerDiffPipeline, sample: LayeredSample, target: int, seed: int, steps: int) -> None:
-    if not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
-        raise RequestError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
+def _check_edit(pipe: LayerDiffPipeline, sample: LayeredSample, target: int, **settings) -> None:
+    """The settings (`check_sampling_settings`), the target layer and the sample's size; warns when the sample
+    is not at the size the model was trained at."""
+    pipe.check_settings(**settings)
     if not isinstance(target, (int, np.integer)) or not 0 <= target < sample.num_layers:
         raise RequestError(
             f"target layer {target!r} does not exist: the sample has layers 0 (background) to {sample.num_layers - 1}"
         )
     if sample.num_layers > pipe.max_layers:
         raise RequestError(f"the sample has {sample.num_layers} layers; the checkpoint supports at most {pipe.max_layers}")
-    pipe.check_size(sample.size)
-    pipe.check_steps(steps)
+    pipe.image_size(sample.size)
 
 
 def _edit(
@@ -108,7 +101,7 @@ def inpaint_layer(
 ) -> LayeredSample:
     """Layer inpainting: layer `target` (0 = background) re-generated from noise with layer prompt `prompt`;
     every other layer unchanged. `global_prompt` replaces the sample's global prompt if given."""
-    _check_edit(pipe, sample, target, seed, steps)
+    _check_edit(pipe, sample, target, seed=seed, steps=steps, guidance=guidance, eta=eta)
     if not isinstance(prompt, str) or not prompt.strip():
         raise RequestError("inpainting needs a non-empty layer prompt for the target layer")
     layer_prompts = list(sample.layer_prompts)
@@ -134,11 +127,9 @@ def restyle_layer(
 ) -> LayeredSample:
     """Layer style transfer: layer `target` noised to strength x steps DDIM steps and denoised with
     "<its prompt>, <style>"; every other layer unchanged."""
-    _check_edit(pipe, sample, target, seed, steps)
+    _check_edit(pipe, sample, target, seed=seed, steps=steps, guidance=guidance, eta=eta, strength=strength)
     if not isinstance(style, str) or not style.strip():
         raise RequestError("restyling needs a non-empty style text")
-    if not 0.0 < strength <= 1.0 or int(steps * strength) < 1:
-        raise RequestError(f"strength must be in (0, 1] and leave at least one of the {steps} steps, got {strength}")
     layer_prompts = list(sample.layer_prompts)
     layer_prompts[target] = f"{layer_prompts[target]}{PROMPT_JOINER}{style}"
     record = {"edit": "restyle", "style": style, "strength": strength, "previous_layer_prompt": sample.layer_prompts[target]}

@@ -7,9 +7,14 @@ plus the same layers as a file that image editors open:
 - OpenRaster (`layers.ora`; GIMP, Krita, MyPaint): a zip of PNGs and stack.xml, written here with
   `zipfile`. The format is a few lines of spec, and the one PyPI writer (pyora) has had no release since 2021.
 - Photoshop (`layers.psd`; Photoshop, GIMP, Photopea, Affinity): written with psd-tools. Foregrounds keep
-  their alpha in the layer's own transparency channel (real transparency, not a layer mask).
+  their alpha in the layer's own transparency channel (real transparency, not a layer mask). Layer names
+  are stored twice, as PSD does: in full in the Unicode layer name block ('luni', which editors show), and
+  as an ASCII rendering in the legacy Pascal-string name (Mac Roman in psd-tools), so any prompt survives.
 
 Layer order in both: background at the bottom, then the foregrounds deepest to shallowest.
+
+`write_sample` writes the folder all at once (`data/layers.write_sample_folder`): a layered file that fails
+is left out, the rest is written, and the failure is raised after (`ExtraFileError`).
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ from xml.etree import ElementTree
 import numpy as np
 import PIL.Image
 from psd_tools import PSDImage
+from psd_tools.constants import Tag
 
-from layerdiff_jax.data.layers import LayeredSample, layer_file, write_sample_folder
+from layerdiff_jax.data.layers import DataError, LayeredSample, layer_file, write_sample_folder
 from layerdiff_jax.data.visualize import sample_grid
 
 ORA_FILE = "layers.ora"
@@ -85,6 +91,11 @@ def write_ora(sample: LayeredSample, path: str | os.PathLike) -> Path:
     return path
 
 
+def legacy_layer_name(name: str) -> str:
+    """The Pascal-string layer name older readers use: ASCII, anything else as "?"."""
+    return name.encode("ascii", "replace").decode("ascii")
+
+
 def write_psd(sample: LayeredSample, path: str | os.PathLike) -> Path:
     """A layered RGB Photoshop file (psd-tools): opaque background, foregrounds with alpha; psd-tools
     renders the merged preview from the layers."""
@@ -92,23 +103,42 @@ def write_psd(sample: LayeredSample, path: str | os.PathLike) -> Path:
     h, w = sample.size
     psd = PSDImage.new("RGB", (w, h))
     for name, array in zip(layer_names(sample), layer_pixels(sample)):
-        psd.create_pixel_layer_from_array(array, name=name)
+        layer = psd.create_pixel_layer_from_array(array, name=legacy_layer_name(name))
+        layer.tagged_blocks.set_data(Tag.UNICODE_LAYER_NAME, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     psd.save(path)
     return path
 
 
+_WRITERS = {"ora": (ORA_FILE, write_ora), "psd": (PSD_FILE, write_psd)}
+
+
 def write_sample(sample: LayeredSample, folder: str | os.PathLike, formats: Sequence[str] = LAYERED_FORMATS) -> Path:
-    """The exchange-format folder plus `layers.ora` / `layers.psd` for each of `formats`."""
+    """The exchange-format folder plus `layers.ora` / `layers.psd` for each of `formats`, written all at once.
+    A layered file that cannot be written is left out and raised after as `ExtraFileError`."""
     unknown = sorted(set(formats) - set(LAYERED_FORMATS))
     if unknown:
         raise ValueError(f"unknown layered format(s) {unknown}; choose from {LAYERED_FORMATS}")
-    folder = write_sample_folder(sample, folder)
-    if "ora" in formats:
-        write_ora(sample, folder / ORA_FILE)
-    if "psd" in formats:
-        write_psd(sample, folder / PSD_FILE)
-    return folder
+    return write_sample_folder(sample, folder, extras=dict(_WRITERS[f] for f in LAYERED_FORMATS if f in formats))
+
+
+def check_layered_files(folder: str | os.PathLike) -> None:
+    """Raises DataError when a `layers.ora` or `layers.psd` in `folder` does not open (a truncated write)."""
+    folder = Path(folder)
+    ora, psd = folder / ORA_FILE, folder / PSD_FILE
+    if ora.exists():
+        try:
+            with zipfile.ZipFile(ora) as zf:
+                bad = zf.testzip()
+        except (OSError, zipfile.BadZipFile) as e:
+            raise DataError(f"{ora}: not a readable OpenRaster file ({e})") from None
+        if bad is not None:
+            raise DataError(f"{ora}: {bad} in it is damaged")
+    if psd.exists():
+        try:
+            PSDImage.open(psd)
+        except Exception as e:  # psd-tools raises assorted types on truncated files
+            raise DataError(f"{psd}: not a readable Photoshop file ({type(e).__name__}: {e})") from None
 
 
 def write_contact_sheet(samples: Sequence[LayeredSample], path: str | os.PathLike, cell: int = 128) -> Path:

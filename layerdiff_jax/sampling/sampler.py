@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from layerdiff_jax.data.tokenizer import PromptTokenizer, load_tokenizer
 from layerdiff_jax.diffusion.ddim import ddim_sample, ddim_timesteps
 from layerdiff_jax.diffusion.guidance import BACKGROUND_NEGATIVE, guided_model_fn, layer_aware_negatives
 from layerdiff_jax.diffusion.schedules import SchedulerConfig
+from layerdiff_jax.diffusion.settings import MAX_SEED, RequestError, check_sampling_settings
 from layerdiff_jax.models.clip_text import CLIPTextTransformer
 from layerdiff_jax.models.layerdiff import LayerDiffUNet
 from layerdiff_jax.models.vae import AutoencoderKL
@@ -45,16 +47,13 @@ DEFAULT_STEPS = 100
 DEFAULT_GUIDANCE = 3.0
 DEFAULT_BACKGROUND_PROMPT = BACKGROUND_NEGATIVE  # SPEC: p_0 = "the background" unless described
 DEFAULT_IMAGE_SIZE = 256  # the paper's training resolution, when the checkpoint does not record one
-MAX_SEED = 2**32 - 1
 _COMPONENTS = ("vae", "text_encoder", "tokenizer", "layerdiff")
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
     """A LayerDiff model folder that cannot be loaded; the message names the folder and the problem."""
-
-
-class RequestError(ValueError):
-    """A sampling or editing request that cannot be served; the message says which and why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +80,7 @@ class LayerRequest:
             raise RequestError(f"layer prompts must be strings, got {list(self.layer_prompts)!r}")
         if not isinstance(self.num_samples, int) or self.num_samples < 1:
             raise RequestError(f"num_samples must be an integer >= 1, got {self.num_samples!r}")
-        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED):
-            raise RequestError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
+        check_sampling_settings(seed=self.seed)
 
     @property
     def all_layer_prompts(self) -> list[str]:
@@ -117,7 +115,7 @@ def read_request_file(path: str | Path) -> list[LayerRequest]:
     """A `--spec` file: a JSON list of request objects (or {"requests": [...]})."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RequestError(f"{path}: no such request file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -326,13 +324,34 @@ class LayerDiffPipeline:
         return self.vae_factor * 2 ** (len(self.unet.unet_config.block_out_channels) - 1)
 
     @property
-    def default_size(self) -> tuple[int, int]:
-        """(H, W): the checkpoint's recorded training size (UNet `sample_size` x VAE factor), else 256."""
+    def trained_size(self) -> tuple[int, int] | None:
+        """(H, W): the training resolution the model folder records (UNet `sample_size` x VAE factor), or None."""
         s = self.unet.unet_config.sample_size
         if s is None:
-            return DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE
+            return None
         h, w = (s, s) if isinstance(s, int) else s
         return h * self.vae_factor, w * self.vae_factor
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """(H, W): the recorded training size, else 256x256."""
+        return self.trained_size or (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
+
+    def image_size(self, size: tuple[int, int] | None = None) -> tuple[int, int]:
+        """`size` (default: `default_size`), checked; warns when it is not the size the model was trained at,
+        or when the model does not say and the default is taken, since other sizes give much worse samples."""
+        where = self.checkpoint or "the model"
+        trained = self.trained_size
+        if size is None:
+            size = self.default_size
+            if trained is None:
+                log.warning(
+                    "%s does not record its training resolution: sampling at %dx%d; give the size it was trained at "
+                    "if it differs (a model folder exported by this version's training records it)", where, *size,
+                )
+        elif trained is not None and tuple(size) != trained:
+            log.warning("sampling at %dx%d, but %s was trained at %dx%d: expect much worse samples", *size, where, *trained)
+        return self.check_size(tuple(size))
 
     def check_size(self, size: tuple[int, int]) -> tuple[int, int]:
         h, w = size
@@ -341,12 +360,14 @@ class LayerDiffPipeline:
             raise RequestError(f"image size {h}x{w}: both sides must be positive multiples of {m} for this checkpoint")
         return h, w
 
+    def check_settings(self, **settings) -> None:
+        """`check_sampling_settings` with this model's number of training timesteps."""
+        check_sampling_settings(num_train_timesteps=self.schedule.num_train_timesteps, **settings)
+
     def check_steps(self, steps: int) -> np.ndarray:
         """The DDIM timesteps of a `steps`-step schedule."""
-        total = self.schedule.num_train_timesteps
-        if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= total:
-            raise RequestError(f"steps must be an integer in [1, {total}], got {steps!r}")
-        return ddim_timesteps(steps, total)
+        self.check_settings(steps=steps)
+        return ddim_timesteps(steps, self.schedule.num_train_timesteps)
 
     def latent_shape(self, num_layers: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
         h, w = self.check_size(size)
@@ -478,7 +499,11 @@ class LayerDiffPipeline:
 
     # ------------------------------------------------------------------ text -> layers
 
-    def generate(
+    def generate(self, requests: Sequence[LayerRequest], **settings) -> list[LayeredSample]:
+        """Every sample of every request, in request order (`iter_generate`, collected)."""
+        return list(self.iter_generate(requests, **settings))
+
+    def iter_generate(
         self,
         requests: Sequence[LayerRequest],
         *,
@@ -489,15 +514,18 @@ class LayerDiffPipeline:
         batch_size: int | None = None,
         size: tuple[int, int] | None = None,
         progress: bool = True,
-    ) -> list[LayeredSample]:
-        """Draws every sample of every request (in request order) as `LayeredSample`s.
+    ) -> Iterator[LayeredSample]:
+        """Draws every sample of every request (in request order) as `LayeredSample`s, yielded as each batch
+        finishes, so that a caller can write them before the next batch runs.
 
         Batches of `batch_size` (default: one per batch shard; rounded up to a multiple of the shards)
         share one compiled program: all run at the largest layer count in `requests`, and the last batch
-        is filled with repeats that are then dropped. `metadata` records the sampling settings.
+        is filled with repeats that are then dropped. `size` defaults to the training resolution the model
+        records. `metadata` records the sampling settings. Settings are checked before anything runs.
         """
         self.check_requests(requests)
-        size = self.check_size(size or self.default_size)
+        self.check_settings(steps=steps, guidance=guidance, eta=eta, seed=seed)
+        size = self.image_size(size)
         timesteps = self.check_steps(steps)
         jobs = expand_requests(requests, seed)
         batch = self.pad_batch(batch_size or 1)
@@ -506,7 +534,6 @@ class LayerDiffPipeline:
         # Tokenized once per request (a truncated prompt warns once), then gathered per batch.
         ids, valid = self.prompt_ids([r.prompt for r in requests], [r.all_layer_prompts for r in requests], num_layers)
         settings = {"steps": steps, "guidance": guidance, "eta": eta, "checkpoint": self.checkpoint}
-        samples: list[LayeredSample] = []
         for start in tqdm.tqdm(range(0, len(jobs), batch), desc="sampling", unit="batch", disable=not progress):
             chunk = jobs[start : start + batch]
             filled = chunk + [chunk[-1]] * (batch - len(chunk))
@@ -517,8 +544,7 @@ class LayerDiffPipeline:
             images, masks = self.to_host(self.decode(latents))
             for b, job in enumerate(chunk):
                 r = requests[job.request_index]
-                samples.append(layered_sample(images[b], masks[b], r.prompt, r.all_layer_prompts, {"seed": job.seed, **settings}))
-        return samples
+                yield layered_sample(images[b], masks[b], r.prompt, r.all_layer_prompts, {"seed": job.seed, **settings})
 
 
 def layered_sample(images: np.ndarray, masks: np.ndarray, prompt: str, layer_prompts: Sequence[str], metadata: dict) -> LayeredSample:

@@ -21,6 +21,7 @@ from layerdiff_jax.data.tokenizer import load_tokenizer
 from layerdiff_jax.diffusion.ddim import ddim_sample, ddim_timesteps
 from layerdiff_jax.diffusion.guidance import guided_model_fn
 from layerdiff_jax.diffusion.schedules import SchedulerConfig
+from layerdiff_jax.diffusion.settings import check_sampling_settings
 from layerdiff_jax.models.vae import AutoencoderKL
 
 
@@ -75,8 +76,7 @@ class TextToImagePipeline:
         """uint8 images (N, size, size, 3), one per prompt; prompt i's noise comes from key (seed, i)."""
         if size % (self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)):
             raise ValueError(f"size {size} is not a multiple of what this VAE and UNet take")
-        if not np.isfinite(guidance) or guidance < 0:
-            raise ValueError(f"guidance must be a finite number >= 0, got {guidance}")
+        check_sampling_settings(steps=steps, guidance=guidance, seed=seed, num_train_timesteps=self.scheduler.num_train_timesteps)
         latent = (size // self.vae_factor, size // self.vae_factor, self.unet.config.in_channels)
         timesteps = ddim_timesteps(steps, self.scheduler.num_train_timesteps)
         out = []

@@ -11,6 +11,12 @@ background) and atomic: a run killed mid-save leaves only complete checkpoints b
 target shardings from the caller, so a run may resume on a different mesh shape. The data position is
 restored when the process count is unchanged; otherwise each host's shard of the data differs and the
 stream starts afresh (logged).
+
+Resuming (`restore_latest`) takes the newest checkpoint that restores. One that does not (a damaged file,
+a missing item) is named in one warning line with the reason and, once an older one has restored, moved
+aside to `<checkpoints>_unrestorable/<step>` (kept for inspection, never deleted), so the run redoes those
+steps and saves them again. When none restores, nothing is moved: the cause may be the run's config
+rather than the files.
 """
 
 from __future__ import annotations
@@ -25,8 +31,22 @@ from typing import Any
 import grain.checkpoint as grain_checkpoint
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
+
+UNRESTORABLE_SUFFIX = "_unrestorable"
+
+
+class CheckpointRestoreError(RuntimeError):
+    """No checkpoint of the run could be restored; the message names the newest and why."""
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """`Type: first line of the message`, cut to `limit` characters (orbax errors run to many lines)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class Checkpointer:
@@ -69,6 +89,44 @@ class Checkpointer:
                     step, meta["process_count"], jax.process_count(),
                 )
         return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+    def restore_latest(self, abstract_state: Any, data_iterator: Any | None = None) -> tuple[int, Any] | None:
+        """(step, state) of the newest checkpoint that restores (see the module docstring); None without any."""
+        failed: list[tuple[int, str]] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state = self.restore(step, abstract_state, data_iterator)
+            except Exception as e:  # orbax, tensorstore and grain each raise their own types for damaged files
+                failed.append((step, _one_line(e)))
+                log.warning("checkpoint step %d in %s cannot be restored (%s)", step, self.directory, failed[-1][1])
+                continue
+            if failed:
+                self._set_aside([bad for bad, _ in failed])
+                log.warning("resuming from step %d, the newest checkpoint that restores", step)
+            return step, state
+        if failed:
+            step, reason = failed[0]
+            raise CheckpointRestoreError(
+                f"no checkpoint in {self.directory} restores; the newest, step {step}: {reason}. If the config changed "
+                "since they were written, use the config they were written with, or another workdir"
+            )
+        return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves the checkpoints of `steps` out of the manager's folder, keeping them; a later save of the same
+        step then writes afresh."""
+        aside = self.directory.with_name(self.directory.name + UNRESTORABLE_SUFFIX)
+        if jax.process_index() == 0:
+            aside.mkdir(exist_ok=True)
+            for step in steps:
+                target, n = aside / str(step), 1
+                while target.exists():  # an earlier run set the same step aside
+                    target, n = aside / f"{step}.{n}", n + 1
+                (self.directory / str(step)).rename(target)
+                log.warning("moved the checkpoint of step %d to %s", step, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("checkpoints set aside")
+        self.manager.reload()
 
     def reached_preemption(self, step: int) -> bool:
         """True at the same step on every process once any of them got a preemption notice (multi-process)."""

@@ -3,12 +3,15 @@ pretraining, as an SD folder (what LayerDiff training starts from).
 
 A LayerDiff model folder is the training SD folder's `vae/`, `text_encoder/` and `tokenizer/` (hard links where the file
 system allows, else copies) plus `layerdiff/` (`convert/layerdiff.save_layerdiff`). It is written beside
-its destination and renamed into place, so a folder at the destination is always complete. An SD folder
-is the layout `convert_weights.py` writes (`vae/`, `text_encoder/`, `unet/`, `tokenizer/`) plus `scheduler/`.
+its destination and renamed into place (`fileio.staged_folder`), so a folder at the destination is always
+complete; its UNet config records the training resolution (`sample_size`, in latent pixels), which sampling
+and editing take as their default size. An SD folder is the layout `convert_weights.py` writes (`vae/`,
+`text_encoder/`, `unet/`, `tokenizer/`) plus `scheduler/`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -21,6 +24,7 @@ from layerdiff_jax.convert.layerdiff import save_layerdiff, save_scheduler_confi
 from layerdiff_jax.convert.pipeline import TOKENIZER_DIR, save_converted
 from layerdiff_jax.convert.vae import load_vae
 from layerdiff_jax.diffusion.schedules import SchedulerConfig
+from layerdiff_jax.fileio import staged_folder
 from layerdiff_jax.models.clip_text import CLIPTextTransformer
 from layerdiff_jax.models.layerdiff import LayerDiffUNet
 from layerdiff_jax.models.text_to_image import TextToImageModel
@@ -45,16 +49,8 @@ def gather_to_host(tree: Any) -> Any:
 
 def _replace_with(out_dir: Path, write) -> Path:
     """Runs `write(staging)` on a fresh folder beside `out_dir`, then renames it into place."""
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    write(staging)
-    previous = out_dir.with_name(out_dir.name + ".previous")
-    if out_dir.exists():
-        shutil.rmtree(previous, ignore_errors=True)
-        out_dir.rename(previous)
-    staging.rename(out_dir)
-    shutil.rmtree(previous, ignore_errors=True)
+    with staged_folder(out_dir) as staging:
+        write(staging)
     return out_dir
 
 
@@ -65,12 +61,20 @@ def _check_components(sd_path: Path, names, what: str) -> None:
 
 
 def export_model(
-    out_dir: str | os.PathLike, sd_path: str | os.PathLike, model: LayerDiffUNet, params: Any, scheduler: SchedulerConfig
+    out_dir: str | os.PathLike,
+    sd_path: str | os.PathLike,
+    model: LayerDiffUNet,
+    params: Any,
+    scheduler: SchedulerConfig,
+    sample_size: int | None = None,
 ) -> Path:
     """Writes `out_dir` (replacing an earlier export) from host params and the schedule they were trained with;
-    returns it. Call on one process."""
+    returns it. `sample_size` is the training resolution in latent pixels (image side / VAE factor). Call on
+    one process."""
     sd_path = Path(sd_path)
     _check_components(sd_path, COPIED_COMPONENTS, "a LayerDiff model folder")
+    if sample_size is not None:
+        model = model.clone(unet_config=dataclasses.replace(model.unet_config, sample_size=sample_size))
 
     def write(staging: Path) -> None:
         for name in COPIED_COMPONENTS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,10 @@ def write_sample_grid(
 ) -> np.ndarray:
     """Samples `requests` with `params` {"unet", "vae", "text_encoder"} (host arrays), trained with `scheduler`, on
     this process's devices, writes the contact sheet to `path` and returns it as an (H, W, 3) uint8 array."""
+    unet = modules["unet"]  # at the size it is being trained at, which the sampler checks `size` against
+    unet = unet.clone(unet_config=dataclasses.replace(unet.unet_config, sample_size=size // modules["vae"].config.downsample_factor))
     pipe = LayerDiffPipeline(
-        modules["unet"], params["unet"], modules["vae"], params["vae"], modules["text_encoder"], params["text_encoder"], tokenizer,
+        unet, params["unet"], modules["vae"], params["vae"], modules["text_encoder"], params["text_encoder"], tokenizer,
         scheduler=scheduler,
     )
     samples = pipe.generate(requests, steps=steps, guidance=guidance, seed=seed, batch_size=len(requests), size=(size, size), progress=False)

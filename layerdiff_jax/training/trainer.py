@@ -217,7 +217,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     impl = config.model.attention_impl
     vae, vae_params = load_vae(sd_path / "vae", dtype=dtype, attention_impl=impl)
     text_encoder, text_params = load_text_encoder(sd_path / "text_encoder", dtype=dtype, attention_impl=impl)
-    unet_config = UNetConfig.from_diffusers_config(read_config(sd_path / "unet"))
+    unet_config = read_config(sd_path / "unet", UNetConfig.from_diffusers_config)
     layered = config.model.kind == "layerdiff"
     if layered:
         model = LayerDiffUNet(unet_config, LayerDiffConfig(**config.model.layerdiff), dtype=dtype, attention_impl=impl, remat=config.model.remat)
@@ -264,9 +264,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     start = checkpointer.latest_step()
     if start is not None and not resume:
         raise FileExistsError(f"{checkpointer.directory} holds checkpoints (latest step {start}); resume, or use another workdir")
-    if start is not None:
+    restored = checkpointer.restore_latest(abstract, data_iterator) if start is not None else None
+    if restored is not None:
+        start, state = restored
         log.info("resuming from step %d (%s)", start, checkpointer.directory)
-        state = checkpointer.restore(start, abstract, data_iterator)
     else:
         start = 0
         unet, unet_params = load_unet(sd_path / "unet", dtype=dtype, attention_impl=impl, remat=config.model.remat)
@@ -374,7 +375,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
         checkpointer.wait()
         params = gather_to_host(state.ema_params if train_cfg.ema else state.params)
         export = export_model if layered else export_text_to_image
-        model_dir = export(workdir / "model", sd_path, model, params, scheduler) if is_main else None
+        # The LayerDiff folder records the training resolution: sampling's default size.
+        size = {"sample_size": config.data.resolution // vae.config.downsample_factor} if layered else {}
+        model_dir = export(workdir / "model", sd_path, model, params, scheduler, **size) if is_main else None
         _sync("export")
         if is_main:
             log.info("model folder written: %s", model_dir)
