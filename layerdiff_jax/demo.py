@@ -160,12 +160,13 @@ def sample_and_score(model_dir: Path, requests: list[LayerRequest], sample: ml_c
     """Samples `requests` from a LayerDiff model folder into out_dir (sample folders, contact sheet) and
     scores them."""
     pipe = LayerDiffPipeline.load(model_dir)
-    samples = pipe.generate(
+    samples = []
+    for s in pipe.iter_generate(  # written as each batch finishes
         requests, steps=sample.steps, guidance=sample.guidance, eta=sample.eta, seed=sample.seed,
         batch_size=sample.batch_size, size=(resolution, resolution),
-    )
-    for i, s in enumerate(samples):
-        write_sample(s, out_dir / f"sample_{i:04d}")
+    ):
+        write_sample(s, out_dir / f"sample_{len(samples):04d}")
+        samples.append(s)
     write_contact_sheet(samples, out_dir / "contact_sheet.png")
     return evaluate_samples(out_dir)
 
