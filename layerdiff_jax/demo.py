@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from layerdiff_jax.convert.layerdiff import load_scheduler_config
+from layerdiff_jax.convert.model_folder import load_scheduler_config
 from layerdiff_jax.convert.unet import load_unet
 from layerdiff_jax.data.synthetic import generate_sample, parse_layer_mix
 from layerdiff_jax.data.tfds_builders import build_synthetic, find_dataset_dir

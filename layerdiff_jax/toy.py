@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Mapping
 import jax
 import jax.numpy as jnp
 
-from layerdiff_jax.convert.pipeline import save_converted
+from layerdiff_jax.convert.sd_folder import save_converted
 from layerdiff_jax.data.synthetic import generate_sample
 from layerdiff_jax.data.tokenizer import build_toy_tokenizer
 from layerdiff_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer

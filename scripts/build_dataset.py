@@ -8,7 +8,7 @@
   build_dataset.py grid --out docs/images/synthetic_samples.png [--num 4] [--resolution 160] [--seed 0]
 
 `synthetic` and `folder` write a tfds dataset folder (printed at the end) that
-`layerdiff_jax.data.pipeline.make_dataloader` reads. `export` writes exchange-format sample folders
+`layerdiff_jax.data.loader.make_dataloader` reads. `export` writes exchange-format sample folders
 (what sampling writes and `folder` reads); `grid` writes a contact sheet of synthetic samples.
 """
 

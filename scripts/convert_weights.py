@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Imported after argument checks so that usage errors come back at once, without loading JAX.
     from layerdiff_jax.convert.core import ConversionError
-    from layerdiff_jax.convert.pipeline import check_output_dir, check_tokenizer_dir, load_sd, save_converted
+    from layerdiff_jax.convert.sd_folder import check_output_dir, check_tokenizer_dir, load_sd, save_converted
 
     kind = "diffusers folder" if args.source.is_dir() else "single-file checkpoint"
     config_dir = args.source if args.source.is_dir() else args.config  # where config.json files are copied from

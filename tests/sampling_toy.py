@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from layerdiff_jax.convert.layerdiff import save_layerdiff
+from layerdiff_jax.convert.model_folder import save_layerdiff
 from layerdiff_jax.data.tokenizer import build_toy_tokenizer
 from layerdiff_jax.diffusion.schedules import SchedulerConfig
 from layerdiff_jax.models.clip_text import CLIPTextTransformer

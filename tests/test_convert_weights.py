@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_single_file import assert_same_params, build_tiny_sd, ldm_state_dict, non_weight_entries, write_ldm_file
 
 from layerdiff_jax.convert.clip_text import load_text_encoder
 from layerdiff_jax.convert.core import ConversionError, load_torch_file
-from layerdiff_jax.convert.pipeline import load_sd, save_converted
+from layerdiff_jax.convert.sd_folder import load_sd, save_converted
 from layerdiff_jax.convert.unet import load_unet
 from layerdiff_jax.convert.vae import load_vae
-from test_single_file import assert_same_params, build_tiny_sd, ldm_state_dict, non_weight_entries, write_ldm_file
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "convert_weights.py"
 LOADERS = {"unet": load_unet, "vae": load_vae, "text_encoder": load_text_encoder}

@@ -138,7 +138,7 @@ def test_build_script(tmp_path, capsys):
 
 
 def test_a_damaged_array_record_file_is_named(synthetic_dir, tmp_path):
-    from layerdiff_jax.data.pipeline import make_dataloader
+    from layerdiff_jax.data.loader import make_dataloader
     from layerdiff_jax.data.tokenizer import build_toy_tokenizer
 
     copy = shutil.copytree(synthetic_dir, tmp_path / "copy")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from layerdiff_jax.convert.layerdiff import load_scheduler_config
+from layerdiff_jax.convert.model_folder import load_scheduler_config
 from layerdiff_jax.data.layers import list_sample_folders, read_sample_folder
 from layerdiff_jax.toy import TOY_BASE
 
@@ -56,7 +56,7 @@ def test_shortened_demo_writes_every_output(tmp_path):
 def test_scratch_base_is_a_toy_sd_with_a_fitted_vae(tmp_path):
     """--config.base=scratch: a random toy SD, its VAE fitted on the synthetic world first (as before the toy base)."""
     from configs import demo
-    from layerdiff_jax.convert.pipeline import load_sd
+    from layerdiff_jax.convert.sd_folder import load_sd
     from layerdiff_jax.demo import base_folder
     from layerdiff_jax.models.vae import VAEConfig
 

@@ -3,13 +3,13 @@ non-target layers stay bit-identical, only the target layer changes."""
 
 import numpy as np
 import pytest
+from sampling_toy import SIZE, make_random_layerdiff
 
 from layerdiff_jax.data.layers import LayeredSample, read_sample_folder, write_sample_folder
 from layerdiff_jax.data.synthetic import generate_sample
 from layerdiff_jax.sampling.editing import inpaint_layer, restyle_layer, sample_arrays
 from layerdiff_jax.sampling.outputs import write_sample
 from layerdiff_jax.sampling.sampler import LayerDiffPipeline, RequestError
-from sampling_toy import SIZE, make_random_layerdiff
 
 STEPS = 2  # inpainting runs 2 DDIM steps; restyling 8 steps at strength 0.25 runs 2 too: one compiled program
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from layerdiff_jax.data.pipeline import single_object_view
+from layerdiff_jax.data.loader import single_object_view
 from layerdiff_jax.data.synthetic import PALETTE, generate_sample
 from layerdiff_jax.evaluation.text_to_image import (
     BASE_EVAL_SEED,

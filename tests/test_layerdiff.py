@@ -200,7 +200,7 @@ def test_sd15_size_parameter_count():
 
 
 def test_model_folder_round_trip(trained, tmp_path):
-    from layerdiff_jax.convert.layerdiff import load_layerdiff, save_layerdiff
+    from layerdiff_jax.convert.model_folder import load_layerdiff, save_layerdiff
 
     model, params = trained
     save_layerdiff(tmp_path, model, params)

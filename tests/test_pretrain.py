@@ -4,11 +4,12 @@ import flax
 import jax
 import numpy as np
 import pytest
+from train_support import RESOLUTION, load_config, make_micro_data, make_micro_sd
 
-from layerdiff_jax.convert.layerdiff import load_scheduler_config
-from layerdiff_jax.convert.pipeline import load_sd
+from layerdiff_jax.convert.model_folder import load_scheduler_config
+from layerdiff_jax.convert.sd_folder import load_sd
 from layerdiff_jax.data.layers import DataError
-from layerdiff_jax.data.pipeline import ToFlatImage, parse_flat_views, single_object_view
+from layerdiff_jax.data.loader import ToFlatImage, parse_flat_views, single_object_view
 from layerdiff_jax.data.synthetic import PALETTE, generate_sample, parse_background_prompt, parse_foreground_prompt
 from layerdiff_jax.data.tfds_builders import sample_to_example
 from layerdiff_jax.data.tokenizer import build_toy_tokenizer
@@ -16,7 +17,6 @@ from layerdiff_jax.models.layerdiff import LayerDiffConfig, init_from_sd
 from layerdiff_jax.training.config import ConfigError, validate_config
 from layerdiff_jax.training.metric_writer import read_metrics
 from layerdiff_jax.training.trainer import train
-from train_support import load_config, make_micro_data, make_micro_sd, RESOLUTION
 
 
 def _record(sample):

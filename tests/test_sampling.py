@@ -17,17 +17,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from sampling_toy import SIZE, make_random_layerdiff
 
-from layerdiff_jax.convert.layerdiff import load_layerdiff
+from layerdiff_jax.convert.model_folder import load_layerdiff
 from layerdiff_jax.data.synthetic import generate_sample
 from layerdiff_jax.diffusion.ddim import ddim_sample, ddim_timesteps
 from layerdiff_jax.diffusion.guidance import classifier_free_guidance
 from layerdiff_jax.diffusion.schedules import SchedulerConfig
 from layerdiff_jax.diffusion.settings import check_sampling_settings
 from layerdiff_jax.sampling.editing import inpaint_layer, restyle_layer
-from layerdiff_jax.sampling.sampler import CheckpointError, LayerDiffPipeline, LayerRequest, RequestError, read_request_file
+from layerdiff_jax.sampling.sampler import (
+    CheckpointError,
+    LayerDiffPipeline,
+    LayerRequest,
+    RequestError,
+    read_request_file,
+)
 from layerdiff_jax.training.export import export_model
-from sampling_toy import SIZE, make_random_layerdiff
 
 REQUESTS = [
     LayerRequest("a red circle on a blue background", ["a red circle"]),

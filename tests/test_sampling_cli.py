@@ -7,14 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from psd_tools import PSDImage
+from sampling_toy import SIZE, make_random_layerdiff
 
 from layerdiff_jax.data.layers import read_sample_folder
 from layerdiff_jax.sampling import outputs
 from layerdiff_jax.sampling.outputs import CONTACT_SHEET, PSD_FILE, check_layered_files
 from layerdiff_jax.sampling.sampler import LayerDiffPipeline
-from sampling_toy import SIZE, make_random_layerdiff
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 

@@ -28,7 +28,7 @@ from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
 from layerdiff_jax.convert import single_file  # noqa: E402
 from layerdiff_jax.convert.clip_text import load_text_encoder  # noqa: E402
 from layerdiff_jax.convert.core import ConversionError  # noqa: E402
-from layerdiff_jax.convert.pipeline import load_sd, read_component_configs  # noqa: E402
+from layerdiff_jax.convert.sd_folder import load_sd, read_component_configs  # noqa: E402
 from layerdiff_jax.convert.unet import load_unet  # noqa: E402
 from layerdiff_jax.convert.vae import load_vae  # noqa: E402
 from layerdiff_jax.models.unet import UNetConfig  # noqa: E402

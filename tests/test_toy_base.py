@@ -7,9 +7,9 @@ import flax
 import jax
 import numpy as np
 
-from layerdiff_jax.convert.layerdiff import load_scheduler_config
 from layerdiff_jax.convert.core import COMPONENTS, count_params
-from layerdiff_jax.convert.pipeline import load_sd
+from layerdiff_jax.convert.model_folder import load_scheduler_config
+from layerdiff_jax.convert.sd_folder import load_sd
 from layerdiff_jax.data.tokenizer import load_tokenizer
 from layerdiff_jax.models.layerdiff import LayerDiffConfig, init_from_sd
 from layerdiff_jax.toy import TOY_BASE, toy_configs

@@ -4,13 +4,12 @@ import flax
 import jax
 import numpy as np
 import pytest
+from train_support import load_config
 
-from layerdiff_jax.convert.layerdiff import load_layerdiff, load_scheduler_config
+from layerdiff_jax.convert.model_folder import load_layerdiff, load_scheduler_config
 from layerdiff_jax.diffusion.schedules import SchedulerConfig
 from layerdiff_jax.training.metric_writer import read_metrics
 from layerdiff_jax.training.trainer import train
-from train_support import load_config
-
 
 pytestmark = pytest.mark.slow  # end-to-end runs (see pyproject.toml)
 STEPS = 80  # the full 300-step run: README

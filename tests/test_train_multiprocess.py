@@ -13,10 +13,16 @@ import flax
 import jax
 import numpy as np
 import pytest
+from train_support import (
+    make_micro_data,
+    make_micro_sd,
+    micro_config,
+    restore_checkpoint,
+    subprocess_env,
+    train_command,
+)
 
-from layerdiff_jax.convert.layerdiff import load_layerdiff
-from train_support import make_micro_data, make_micro_sd, micro_config, restore_checkpoint, subprocess_env, train_command
-
+from layerdiff_jax.convert.model_folder import load_layerdiff
 
 pytestmark = pytest.mark.slow  # end-to-end runs (see pyproject.toml)
 STEPS = 2

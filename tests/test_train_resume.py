@@ -23,11 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from layerdiff_jax.convert.layerdiff import load_layerdiff
-from layerdiff_jax.training.trainer import train
-from layerdiff_jax.training.checkpoint import Checkpointer, CheckpointRestoreError
-from layerdiff_jax.training.metric_writer import MetricWriter
 from train_support import (
     RESOLUTION,
     make_micro_data,
@@ -39,6 +34,10 @@ from train_support import (
     wait_for,
 )
 
+from layerdiff_jax.convert.model_folder import load_layerdiff
+from layerdiff_jax.training.checkpoint import Checkpointer, CheckpointRestoreError
+from layerdiff_jax.training.metric_writer import MetricWriter
+from layerdiff_jax.training.trainer import train
 
 pytestmark = pytest.mark.slow  # end-to-end runs (see pyproject.toml)
 STEPS = 12

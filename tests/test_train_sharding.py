@@ -16,11 +16,10 @@ import sys
 import flax
 import numpy as np
 import pytest
-
-from layerdiff_jax.convert.layerdiff import load_layerdiff
-from layerdiff_jax.convert.unet import load_unet
 from train_support import make_micro_data, make_micro_sd, micro_config, restore_checkpoint, subprocess_env
 
+from layerdiff_jax.convert.model_folder import load_layerdiff
+from layerdiff_jax.convert.unet import load_unet
 
 pytestmark = pytest.mark.slow  # end-to-end runs (see pyproject.toml)
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_support import WIDTH, random_params
 
 from layerdiff_jax.diffusion.schedules import make_schedule
 from layerdiff_jax.models.layerdiff import LayerDiffConfig, LayerDiffUNet
@@ -12,7 +13,6 @@ from layerdiff_jax.models.vae import AutoencoderKL, VAEConfig
 from layerdiff_jax.training.config import base_config
 from layerdiff_jax.training.state import learning_rate_schedule
 from layerdiff_jax.training.step import FrozenEncoders, diffusion_loss, drop_prompts, encode_latents
-from train_support import WIDTH, random_params
 
 RNG = np.random.default_rng(0)
 

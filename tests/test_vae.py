@@ -2,19 +2,17 @@
 
 import json
 
+import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import diffusers
 import torch
 from safetensors.numpy import load_file, save_file
 
 from layerdiff_jax.convert import core
 from layerdiff_jax.convert.vae import abstract_vae_params, load_vae, rename_vae_key
 from layerdiff_jax.models.vae import AutoencoderKL, VAEConfig, sample_posterior
-
-
 
 TINY = dict(
     block_out_channels=(32, 64),

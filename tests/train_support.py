@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from layerdiff_jax.convert.pipeline import save_converted
+from layerdiff_jax.convert.sd_folder import save_converted
 from layerdiff_jax.data.tfds_builders import build_synthetic
 from layerdiff_jax.data.tokenizer import build_toy_tokenizer
 from layerdiff_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer

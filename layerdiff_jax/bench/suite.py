@@ -450,8 +450,9 @@ def txt2img_program(sd: SDComponents, num_steps: int, guidance_scale: float):
 
 
 def bench_ddim(settings: BenchSettings, sd: SDComponents, row: str = "2", compiler_options: dict | None = None) -> list[Row]:
-    from layerdiff_jax.bench import torch_reference as ref
     import torch
+
+    from layerdiff_jax.bench import torch_reference as ref
 
     s = settings.sd
     torch_device = ref.torch_device(settings.device)

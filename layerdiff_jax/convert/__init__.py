@@ -6,7 +6,7 @@
 
 from layerdiff_jax.convert.clip_text import load_text_encoder
 from layerdiff_jax.convert.core import ConversionError
-from layerdiff_jax.convert.pipeline import load_sd
+from layerdiff_jax.convert.sd_folder import load_sd
 from layerdiff_jax.convert.unet import load_unet
 from layerdiff_jax.convert.vae import load_vae
 

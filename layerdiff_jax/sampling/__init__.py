@@ -3,7 +3,13 @@ transfer (`editing`), and the layered outputs (`outputs`: exchange folders, .ora
 
 from layerdiff_jax.sampling.editing import inpaint_layer, restyle_layer
 from layerdiff_jax.sampling.outputs import write_contact_sheet, write_ora, write_psd, write_sample
-from layerdiff_jax.sampling.sampler import CheckpointError, LayerDiffPipeline, LayerRequest, RequestError, read_request_file
+from layerdiff_jax.sampling.sampler import (
+    CheckpointError,
+    LayerDiffPipeline,
+    LayerRequest,
+    RequestError,
+    read_request_file,
+)
 
 __all__ = [
     "CheckpointError",

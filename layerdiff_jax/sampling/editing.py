@@ -68,7 +68,7 @@ def _edit(
     seeds = np.full((batch,), seed, np.uint32)
     noise = pipe.initial_noise(seeds, x0.shape[1:])
     frozen = np.repeat((np.arange(n) != target)[None], batch, 0)
-    timesteps = pipe.check_steps(steps)
+    timesteps = pipe.timesteps_for(steps)
     if strength is None:
         x_start = jnp.where(frozen[..., None, None, None], x0, noise)
     else:

@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from layerdiff_jax.convert.clip_text import load_text_encoder
 from layerdiff_jax.convert.core import ConversionError
-from layerdiff_jax.convert.layerdiff import load_layerdiff, load_scheduler_config
+from layerdiff_jax.convert.model_folder import load_layerdiff, load_scheduler_config
 from layerdiff_jax.convert.vae import load_vae
 from layerdiff_jax.data.layers import LayeredSample
 from layerdiff_jax.data.tokenizer import PromptTokenizer, load_tokenizer
@@ -364,7 +364,7 @@ class LayerDiffPipeline:
         """`check_sampling_settings` with this model's number of training timesteps."""
         check_sampling_settings(num_train_timesteps=self.schedule.num_train_timesteps, **settings)
 
-    def check_steps(self, steps: int) -> np.ndarray:
+    def timesteps_for(self, steps: int) -> np.ndarray:
         """The DDIM timesteps of a `steps`-step schedule."""
         self.check_settings(steps=steps)
         return ddim_timesteps(steps, self.schedule.num_train_timesteps)
@@ -526,7 +526,7 @@ class LayerDiffPipeline:
         self.check_requests(requests)
         self.check_settings(steps=steps, guidance=guidance, eta=eta, seed=seed)
         size = self.image_size(size)
-        timesteps = self.check_steps(steps)
+        timesteps = self.timesteps_for(steps)
         jobs = expand_requests(requests, seed)
         batch = self.pad_batch(batch_size or 1)
         num_layers = max(r.num_layers for r in requests)

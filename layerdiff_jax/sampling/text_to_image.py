@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from layerdiff_jax.convert.layerdiff import load_scheduler_config
-from layerdiff_jax.convert.pipeline import load_sd
+from layerdiff_jax.convert.model_folder import load_scheduler_config
+from layerdiff_jax.convert.sd_folder import load_sd
 from layerdiff_jax.data.tokenizer import load_tokenizer
 from layerdiff_jax.diffusion.ddim import ddim_sample, ddim_timesteps
 from layerdiff_jax.diffusion.guidance import guided_model_fn

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-from layerdiff_jax.data.pipeline import FLAT_VIEWS, parse_flat_views
+from layerdiff_jax.data.loader import FLAT_VIEWS, parse_flat_views
 from layerdiff_jax.data.synthetic import parse_layer_mix
 from layerdiff_jax.diffusion.schedules import BETA_SCHEDULES, PREDICTION_TYPES
 from layerdiff_jax.models.attention import ATTENTION_IMPLS
@@ -66,7 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.synthetic.num_train = 1000
     c.data.synthetic.seed = 0
     c.data.synthetic.layer_mix = "2:0.34,3:0.33,4:0.33"  # total layers (background included): weight
-    # model.kind "text_to_image": what each record shows, one flat image and its prompt (data/pipeline.py).
+    # model.kind "text_to_image": what each record shows, one flat image and its prompt (data/loader.py).
     c.data.flat_views = "composite:0.4,background:0.1,object:0.5"
 
     c.diffusion = ml_collections.ConfigDict()

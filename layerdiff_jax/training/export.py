@@ -2,7 +2,7 @@
 pretraining, as an SD folder (what LayerDiff training starts from).
 
 A LayerDiff model folder is the training SD folder's `vae/`, `text_encoder/` and `tokenizer/` (hard links where the file
-system allows, else copies) plus `layerdiff/` (`convert/layerdiff.save_layerdiff`). It is written beside
+system allows, else copies) plus `layerdiff/` (`convert/model_folder.save_layerdiff`). It is written beside
 its destination and renamed into place (`fileio.staged_folder`), so a folder at the destination is always
 complete; its UNet config records the training resolution (`sample_size`, in latent pixels), which sampling
 and editing take as their default size. An SD folder is the layout `convert_weights.py` writes (`vae/`,
@@ -20,8 +20,8 @@ from typing import Any
 import jax
 from jax.experimental import multihost_utils
 
-from layerdiff_jax.convert.layerdiff import save_layerdiff, save_scheduler_config
-from layerdiff_jax.convert.pipeline import TOKENIZER_DIR, save_converted
+from layerdiff_jax.convert.model_folder import save_layerdiff, save_scheduler_config
+from layerdiff_jax.convert.sd_folder import TOKENIZER_DIR, save_converted
 from layerdiff_jax.convert.vae import load_vae
 from layerdiff_jax.diffusion.schedules import SchedulerConfig
 from layerdiff_jax.fileio import staged_folder

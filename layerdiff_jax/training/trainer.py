@@ -33,11 +33,11 @@ from tqdm import tqdm
 
 from layerdiff_jax.convert.clip_text import load_text_encoder
 from layerdiff_jax.convert.core import read_config
-from layerdiff_jax.convert.layerdiff import load_scheduler_config
-from layerdiff_jax.convert.pipeline import CONVERSION_RECORD
+from layerdiff_jax.convert.model_folder import load_scheduler_config
+from layerdiff_jax.convert.sd_folder import CONVERSION_RECORD
 from layerdiff_jax.convert.unet import load_unet
 from layerdiff_jax.convert.vae import load_vae
-from layerdiff_jax.data.pipeline import make_dataloader, parse_flat_views
+from layerdiff_jax.data.loader import make_dataloader, parse_flat_views
 from layerdiff_jax.data.synthetic import parse_layer_mix
 from layerdiff_jax.data.tfds_builders import build_synthetic, find_dataset_dir
 from layerdiff_jax.data.tokenizer import load_tokenizer

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from layerdiff_jax.data.layers import write_sample_folder
-from layerdiff_jax.data.pipeline import make_dataloader
+from layerdiff_jax.data.loader import make_dataloader
 from layerdiff_jax.data.synthetic import generate_sample
 from layerdiff_jax.data.tfds_builders import build_from_folders, build_synthetic, open_data_source, record_to_sample
 from layerdiff_jax.data.tokenizer import load_tokenizer

@@ -1,4 +1,4 @@
-"""grain input pipeline: built layered data -> per-host batches of padded numpy arrays.
+"""The grain data loader: built layered data -> per-host batches of padded numpy arrays.
 
 Each batch (per host, `B = batch_size`, `L = max_layers`) is a dict ready for
 `jax.make_array_from_process_local_data`:

@@ -1,7 +1,7 @@
 """Saving and loading a trained LayerDiff UNet as a component folder.
 
 A LayerDiff model folder is an SD folder (`vae/`, `text_encoder/`, `tokenizer/`, as written by
-`convert/pipeline.save_converted`) plus `layerdiff/`: `config.json` ({"unet": diffusers-style UNet config,
+`convert/sd_folder.save_converted`) plus `layerdiff/`: `config.json` ({"unet": diffusers-style UNet config,
 "layerdiff": LayerDiffConfig fields}) and `flax_params.safetensors`, and `scheduler/scheduler_config.json`
 (the schedule and prediction type it was trained with, as a diffusers DDIMScheduler config; a folder
 without one was trained as SD 1.5 is). Training exports this; sampling reads it.
