@@ -18,7 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-from layerdiff_jax.diffusion.settings import RequestError, check_sampling_settings
+from layerdiff_jax.diffusion.settings import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    DEFAULT_STRENGTH,
+    RequestError,
+    check_sampling_settings,
+)
 from layerdiff_jax.fileio import output_folder_problem
 
 DESCRIPTION = __doc__.split("\n\n")[0]
@@ -40,8 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common.add_argument("--sample", required=True, type=Path, help="exchange-format sample folder to edit")
     common.add_argument("--layer", required=True, type=int, help="target layer: 0 = background, 1.. = foregrounds")
     common.add_argument("--out", required=True, type=Path, help="output folder (must be empty unless --overwrite)")
-    common.add_argument("--steps", type=int, default=100, help="DDIM steps of the full schedule (default 100)")
-    common.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
+    common.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"DDIM steps of the full schedule (default {DEFAULT_STEPS})")
+    common.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE})")
     common.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     common.add_argument("--seed", type=int, default=0, help="seed of the target layer's noise (default 0)")
     common.add_argument("--formats", nargs="*", default=["ora", "psd"], choices=["ora", "psd"], help="layered files (default: ora psd)")
@@ -51,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     inpaint.add_argument("--global-prompt", help="replace the sample's global prompt")
     restyle = commands.add_parser("restyle", parents=[common], help="restyle a layer (img2img on that layer)")
     restyle.add_argument("--style", required=True, help='style text appended to the layer prompt, e.g. "in van gogh style"')
-    restyle.add_argument("--strength", type=float, default=0.25, help="fraction of the steps to noise and denoise (default 0.25)")
+    restyle.add_argument("--strength", type=float, default=DEFAULT_STRENGTH, help=f"fraction of the steps to noise and denoise (default {DEFAULT_STRENGTH})")
     args = parser.parse_args(argv)
 
     if not (args.sample / "sample.json").is_file():

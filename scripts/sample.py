@@ -18,7 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-from layerdiff_jax.diffusion.settings import RequestError, check_sampling_settings
+from layerdiff_jax.diffusion.settings import (
+    BACKGROUND_PROMPT,
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    RequestError,
+    check_sampling_settings,
+)
 from layerdiff_jax.fileio import output_folder_problem
 
 DESCRIPTION = __doc__.split("\n\n")[0]
@@ -52,11 +58,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, type=Path, help="output folder (created; must be empty unless --overwrite)")
     parser.add_argument("--prompt", help="global prompt of the image")
     parser.add_argument("--layer-prompt", action="append", default=[], help="a foreground layer's prompt; repeat, deepest first")
-    parser.add_argument("--background-prompt", default="the background", help='the background layer\'s prompt (default: "the background")')
+    parser.add_argument("--background-prompt", default=BACKGROUND_PROMPT, help=f'the background layer\'s prompt (default: "{BACKGROUND_PROMPT}")')
     parser.add_argument("--num-samples", type=int, default=1, help="samples of --prompt (default 1)")
     parser.add_argument("--spec", type=Path, help="JSON file with a list of requests, instead of --prompt")
-    parser.add_argument("--steps", type=int, default=100, help="DDIM steps (default 100)")
-    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"DDIM steps (default {DEFAULT_STEPS})")
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE})")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta, 0 = deterministic (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="first seed of the run (default 0)")
     parser.add_argument("--batch-size", type=int, help="samples per compiled batch (default: the number of devices)")

@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from layerdiff_jax.diffusion.ddim import ModelFn
+from layerdiff_jax.diffusion.settings import BACKGROUND_PROMPT
 
-BACKGROUND_NEGATIVE = "the background"
+BACKGROUND_NEGATIVE = BACKGROUND_PROMPT
 # Foreground phrases are joined like a CLIP prompt list ("a cat, a red ball"): a comma keeps each
 # object a separate phrase for the text encoder, and matches how SD users write negative prompts.
 PROMPT_JOINER = ", "

@@ -10,6 +10,11 @@ import math
 import numbers
 
 MAX_SEED = 2**32 - 1
+# The defaults of the sampler, layer editing and their tools (the paper samples 100 DDIM steps at guidance 3).
+DEFAULT_STEPS = 100
+DEFAULT_GUIDANCE = 3.0
+DEFAULT_STRENGTH = 0.25  # layer restyling: noise to the 25th of 100 DDIM steps, as the paper restyles
+BACKGROUND_PROMPT = "the background"  # the background's prompt when none is given, and every foreground's negative
 
 
 class RequestError(ValueError):

@@ -20,9 +20,8 @@ import numpy as np
 from layerdiff_jax.data.layers import LayeredSample, background_mask
 from layerdiff_jax.diffusion.ddim import img2img_start
 from layerdiff_jax.diffusion.guidance import PROMPT_JOINER
-from layerdiff_jax.sampling.sampler import DEFAULT_GUIDANCE, DEFAULT_STEPS, LayerDiffPipeline, RequestError, to_uint8
-
-DEFAULT_STRENGTH = 0.25  # SPEC: noise to the 25th of 100 DDIM steps
+from layerdiff_jax.diffusion.settings import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_STRENGTH
+from layerdiff_jax.sampling.sampler import LayerDiffPipeline, RequestError, to_uint8
 
 
 def sample_arrays(sample: LayeredSample) -> tuple[np.ndarray, np.ndarray]:

@@ -37,15 +37,19 @@ from layerdiff_jax.data.tokenizer import PromptTokenizer, load_tokenizer
 from layerdiff_jax.diffusion.ddim import ddim_sample, ddim_timesteps
 from layerdiff_jax.diffusion.guidance import BACKGROUND_NEGATIVE, guided_model_fn, layer_aware_negatives
 from layerdiff_jax.diffusion.schedules import SchedulerConfig
-from layerdiff_jax.diffusion.settings import MAX_SEED, RequestError, check_sampling_settings
+from layerdiff_jax.diffusion.settings import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    MAX_SEED,
+    RequestError,
+    check_sampling_settings,
+)
 from layerdiff_jax.models.clip_text import CLIPTextTransformer
 from layerdiff_jax.models.layerdiff import LayerDiffUNet
 from layerdiff_jax.models.vae import AutoencoderKL
 from layerdiff_jax.sharding import LOGICAL_AXIS_RULES, MESH_AXES
 
-DEFAULT_STEPS = 100
-DEFAULT_GUIDANCE = 3.0
-DEFAULT_BACKGROUND_PROMPT = BACKGROUND_NEGATIVE  # SPEC: p_0 = "the background" unless described
+DEFAULT_BACKGROUND_PROMPT = BACKGROUND_NEGATIVE  # the paper's p_0 = "the background" unless described
 DEFAULT_IMAGE_SIZE = 256  # the paper's training resolution, when the checkpoint does not record one
 _COMPONENTS = ("vae", "text_encoder", "tokenizer", "layerdiff")
 
