@@ -105,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     from layerdiff_jax.data.layers import DataError
+    from layerdiff_jax.mesh import data_parallel_mesh
     from layerdiff_jax.sampling import CheckpointError, LayerDiffPipeline, LayerRequest, read_request_file
     from layerdiff_jax.sampling.outputs import CONTACT_SHEET, write_contact_sheet, write_sample
-    from layerdiff_jax.sampling.sampler import data_parallel_mesh
 
     try:
         if args.distributed:

@@ -63,8 +63,8 @@ def main(argv: list[str]) -> int:
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config configs/shapes_cpu.py")
 
+    from layerdiff_jax.mesh import initialize_distributed
     from layerdiff_jax.training.config import ConfigError, validate_config
-    from layerdiff_jax.training.mesh import initialize_distributed
 
     try:
         config = validate_config(_CONFIG.value)  # before jax.distributed, devices or any loading

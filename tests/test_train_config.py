@@ -6,8 +6,8 @@ import sys
 import pytest
 from train_support import REPO, config_module, load_config, subprocess_env
 
+from layerdiff_jax.mesh import resolve_mesh_shape
 from layerdiff_jax.training.config import ConfigError, base_config, validate_config
-from layerdiff_jax.training.mesh import resolve_mesh_shape
 
 CONFIGS = ("shapes_cpu", "sd15_256", "tpu_v4", "gpu_h100", "toy_sd_pretrain")
 

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from train_support import load_config
 
+from layerdiff_jax.mesh import resolve_mesh_shape
 from layerdiff_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer
 from layerdiff_jax.models.init import abstract_params
 from layerdiff_jax.models.layerdiff import LayerDiffConfig, LayerDiffUNet
 from layerdiff_jax.models.unet import UNetConfig
 from layerdiff_jax.models.vae import AutoencoderKL, VAEConfig
 from layerdiff_jax.sharding import MESH_AXES
-from layerdiff_jax.training.mesh import resolve_mesh_shape
 from layerdiff_jax.training.state import (
     abstract_boxed_state,
     abstract_state,

@@ -161,9 +161,9 @@ def run(cmd: list[str], env: dict[str, str], timeout: float = 600) -> subprocess
 def restore_checkpoint(workdir: Path, config, step: int | None = None):
     """(step, TrainState as numpy) from `workdir/checkpoints`, restored onto this process's first device."""
     from layerdiff_jax.convert.core import read_config
+    from layerdiff_jax.mesh import make_mesh
     from layerdiff_jax.models.layerdiff import LayerDiffConfig, LayerDiffUNet
     from layerdiff_jax.training.checkpoint import restore_state
-    from layerdiff_jax.training.mesh import make_mesh
     from layerdiff_jax.training.state import abstract_boxed_state, abstract_state, make_optimizer
 
     unet_config = UNetConfig.from_diffusers_config(read_config(Path(config.model.sd_path) / "unet"))

@@ -532,7 +532,7 @@ class LayerTraining:
         return make_train_step(micro_loss, self.tx, self.config, self.mesh, self.state_shardings, self.frozen_shardings)
 
     def batch(self, batch: int, num_layers: int, image_size: int, seed: int = 0) -> dict:
-        from layerdiff_jax.training.mesh import global_batch
+        from layerdiff_jax.mesh import global_batch
 
         local = _layer_batch(np.random.default_rng(seed), batch, num_layers, image_size, self.sd.tokenizer)
         return global_batch(local, self.mesh, sample_axis=1)
@@ -547,8 +547,8 @@ class LayerTraining:
 def layer_training(sd: SDComponents, *, dtype: str, attention_impl: str, max_layers: int, enhancer_heads: int) -> LayerTraining:
     """LayerDiff from the SD UNet (`init_from_sd`) with AdamW state, on a one-device mesh (grad_accum 1), built
     with the trainer's functions."""
+    from layerdiff_jax.mesh import make_mesh, put_global
     from layerdiff_jax.training.config import base_config
-    from layerdiff_jax.training.mesh import make_mesh, put_global
     from layerdiff_jax.training.state import (
         abstract_boxed_state,
         abstract_state,

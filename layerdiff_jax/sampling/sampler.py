@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from layerdiff_jax.convert.clip_text import load_text_encoder
@@ -44,10 +43,10 @@ from layerdiff_jax.diffusion.settings import (
     RequestError,
     check_sampling_settings,
 )
+from layerdiff_jax.mesh import BATCH_AXES, REPLICATED, batch_sharding, batch_size_divisor, batch_spec, gather_to_host
 from layerdiff_jax.models.clip_text import CLIPTextTransformer
 from layerdiff_jax.models.layerdiff import LayerDiffUNet
 from layerdiff_jax.models.vae import AutoencoderKL
-from layerdiff_jax.sharding import LOGICAL_AXIS_RULES, MESH_AXES
 
 DEFAULT_BACKGROUND_PROMPT = BACKGROUND_NEGATIVE  # the paper's p_0 = "the background" unless described
 DEFAULT_IMAGE_SIZE = 256  # the paper's training resolution, when the checkpoint does not record one
@@ -152,14 +151,6 @@ def expand_requests(requests: Sequence[LayerRequest], seed: int = 0) -> list[Sam
     return jobs
 
 
-def data_parallel_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh | None:
-    """A ("data", "fsdp", "tensor") mesh with every device on "data"; None for a single device."""
-    devices = jax.devices() if devices is None else list(devices)
-    if len(devices) == 1:
-        return None
-    return Mesh(np.asarray(devices).reshape(len(devices), 1, 1), MESH_AXES)
-
-
 def to_unit(images: jax.Array) -> jax.Array:
     """VAE output in [-1, 1] -> [0, 1], clipped."""
     return jnp.clip((images + 1.0) / 2.0, 0.0, 1.0)
@@ -173,6 +164,7 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
 # mesh: pipelines with the same architecture share compiled code, so re-loading a checkpoint (e.g. to
 # evaluate several training steps) does not recompile.
 _PROGRAMS: dict[tuple, Any] = {}
+BATCH = batch_spec()  # an input split over the batch axes on its leading (sample) axis
 
 
 def _noise_program(latent_shape: tuple[int, ...]):
@@ -269,19 +261,11 @@ class LayerDiffPipeline:
         self.schedule = scheduler.make_schedule()
         self.checkpoint = checkpoint
         self.mesh = mesh
-        if mesh is None:
-            self._replicated = self._batch_sharded = None
-            self.batch_shards = 1
-        else:
-            axes = dict(LOGICAL_AXIS_RULES)["batch"]
-            batch_axes = tuple(a for a in axes if a in mesh.axis_names)
-            if not batch_axes:
-                raise ValueError(f"mesh axes {mesh.axis_names} include none of the batch axes {axes}")
-            self._replicated = NamedSharding(mesh, PartitionSpec())
-            self._batch_sharded = NamedSharding(mesh, PartitionSpec(batch_axes))
-            self.batch_shards = int(np.prod([mesh.shape[a] for a in batch_axes]))
+        if mesh is not None and not set(BATCH_AXES) <= set(mesh.axis_names):
+            raise ValueError(f"mesh axes {mesh.axis_names} lack the batch axes {BATCH_AXES}")
+        self.batch_shards = 1 if mesh is None else batch_size_divisor(mesh)
         params = {"unet": unet_params, "vae": vae_params, "text": text_params}
-        self.params = jax.device_put(params, self._replicated) if mesh is not None else jax.device_put(params)
+        self.params = jax.device_put(params) if mesh is None else jax.device_put(params, NamedSharding(mesh, REPLICATED))
 
     # ------------------------------------------------------------------ loading
 
@@ -396,34 +380,35 @@ class LayerDiffPipeline:
         for a in jax.tree.leaves(x):
             if a.shape[0] % self.batch_shards:
                 raise RequestError(f"batch of {a.shape[0]} does not split over the mesh's {self.batch_shards} batch shards; see pad_batch")
-        return jax.tree.map(lambda a: jax.device_put(a, self._batch_sharded), x)
+        return jax.tree.map(lambda a: jax.device_put(a, batch_sharding(self.mesh)), x)
 
     def on_batch_shards(self, x: jax.Array) -> jax.Array:
         """A device array laid out as the jitted functions expect (a no-op without a mesh)."""
-        return x if self.mesh is None else jax.device_put(x, self._batch_sharded)
+        return x if self.mesh is None else jax.device_put(x, batch_sharding(self.mesh))
 
     def to_host(self, x: Any) -> Any:
         """Device arrays -> numpy on every process (all-gathers batch shards held by other hosts)."""
-        if self.mesh is None:
-            return jax.tree.map(np.asarray, x)
-        return multihost_utils.process_allgather(x, tiled=True)
+        return gather_to_host(x)
 
     def pad_batch(self, size: int) -> int:
         """The batch size to run for `size` items: a multiple of the number of batch shards."""
         return -(-size // self.batch_shards) * self.batch_shards
 
-    def _program(self, build, *static, args: str, num_outputs: int = 1):
-        """The jitted `build(*static)`, shared by every pipeline with the same `static` and mesh. `args`
-        has one letter per argument: "b" sharded over the batch axes, "r" replicated (params, schedule,
-        timesteps...); every output is batch-sharded."""
+    def _program(self, build, *static, inputs: tuple[PartitionSpec, ...], num_outputs: int = 1):
+        """The jitted `build(*static)`, shared by every pipeline with the same `static` and mesh. `inputs`
+        places each argument (`BATCH`: split over the batch axes, `REPLICATED`: params, schedule, timesteps...);
+        every output is split over the batch axes."""
         key = (build.__name__, *static, self.mesh)
         if key not in _PROGRAMS:
             if self.mesh is None:
                 _PROGRAMS[key] = jax.jit(build(*static))
             else:
-                shardings = {"b": self._batch_sharded, "r": self._replicated}
-                outs = self._batch_sharded if num_outputs == 1 else (self._batch_sharded,) * num_outputs
-                _PROGRAMS[key] = jax.jit(build(*static), in_shardings=tuple(shardings[a] for a in args), out_shardings=outs)
+                out = batch_sharding(self.mesh)
+                _PROGRAMS[key] = jax.jit(
+                    build(*static),
+                    in_shardings=tuple(NamedSharding(self.mesh, spec) for spec in inputs),
+                    out_shardings=out if num_outputs == 1 else (out,) * num_outputs,
+                )
         return _PROGRAMS[key]
 
     # ------------------------------------------------------------------ prompts
@@ -451,7 +436,7 @@ class LayerDiffPipeline:
     def initial_noise(self, seeds: np.ndarray, latent_shape: tuple[int, ...]) -> jax.Array:
         """Standard normal latents (B, *latent_shape), sample b drawn from `jax.random.key(seeds[b])` alone,
         so a sample does not depend on its batch neighbours or on the mesh."""
-        fn = self._program(_noise_program, tuple(latent_shape), args="b")
+        fn = self._program(_noise_program, tuple(latent_shape), inputs=(BATCH,))
         return fn(self.batch_to_device(np.asarray(seeds, np.uint32)))
 
     def denoise(
@@ -476,7 +461,9 @@ class LayerDiffPipeline:
         """
         guided = float(guidance) != 1.0
         fn = self._program(
-            _denoise_program, self.unet, self.text_encoder, float(eta), self.scheduler.prediction_type, guided, args="rrbbbbbrr"
+            _denoise_program, self.unet, self.text_encoder, float(eta), self.scheduler.prediction_type, guided,
+            # params, schedule | x_start, frozen, layer_valid, ids, seeds | timesteps, scale
+            inputs=(REPLICATED, REPLICATED, BATCH, BATCH, BATCH, BATCH, BATCH, REPLICATED, REPLICATED),
         )
         batch = self.batch_to_device(
             (np.asarray(frozen, bool), np.asarray(layer_valid, bool), np.asarray(ids, np.int32), np.asarray(seeds, np.uint32))
@@ -490,7 +477,7 @@ class LayerDiffPipeline:
 
         mask = mean of the 3 decoded mask channels, mapped from [-1, 1] to [0, 1] (SPEC "Sampling").
         """
-        fn = self._program(_decode_program, self.vae, args="rb", num_outputs=2)
+        fn = self._program(_decode_program, self.vae, inputs=(REPLICATED, BATCH), num_outputs=2)
         return fn(self.params, self.on_batch_shards(latents))
 
     def encode(self, images: np.ndarray, masks: np.ndarray) -> jax.Array:
@@ -498,7 +485,7 @@ class LayerDiffPipeline:
 
         Posterior means; each mask is repeated to 3 channels and mapped to [-1, 1], as in training.
         """
-        fn = self._program(_encode_program, self.vae, args="rbb")
+        fn = self._program(_encode_program, self.vae, inputs=(REPLICATED, BATCH, BATCH))
         return fn(self.params, *self.batch_to_device((np.asarray(images, np.float32), np.asarray(masks, np.float32))))
 
     # ------------------------------------------------------------------ text -> layers

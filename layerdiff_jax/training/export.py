@@ -17,9 +17,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import jax
-from jax.experimental import multihost_utils
-
 from layerdiff_jax.convert.model_folder import save_layerdiff, save_scheduler_config
 from layerdiff_jax.convert.sd_folder import TOKENIZER_DIR, save_converted
 from layerdiff_jax.convert.vae import load_vae
@@ -38,13 +35,6 @@ def _link_or_copy(src: str, dst: str) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-
-
-def gather_to_host(tree: Any) -> Any:
-    """Global (possibly multi-process) arrays -> full numpy arrays on every process. Call on all processes."""
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def _replace_with(out_dir: Path, write) -> Path:

@@ -19,8 +19,8 @@ import ml_collections
 import numpy as np
 import optax
 
+from layerdiff_jax.mesh import logical_shardings
 from layerdiff_jax.models.layerdiff import LayerDiffUNet
-from layerdiff_jax.training.mesh import logical_shardings
 
 
 @flax.struct.dataclass

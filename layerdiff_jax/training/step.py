@@ -38,11 +38,11 @@ from layerdiff_jax.diffusion.schedules import (
     sample_timesteps,
     training_target,
 )
+from layerdiff_jax.mesh import BATCH_AXES, mesh_rules
 from layerdiff_jax.models.clip_text import CLIPTextTransformer
 from layerdiff_jax.models.layerdiff import LayerDiffUNet
 from layerdiff_jax.models.text_to_image import TextToImageModel
 from layerdiff_jax.models.vae import AutoencoderKL
-from layerdiff_jax.training.mesh import BATCH_AXES, mesh_rules
 from layerdiff_jax.training.state import TrainState, learning_rate_schedule
 
 Batch = Mapping[str, jax.Array]

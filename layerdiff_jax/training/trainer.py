@@ -41,6 +41,13 @@ from layerdiff_jax.data.loader import make_dataloader, parse_flat_views
 from layerdiff_jax.data.synthetic import parse_layer_mix
 from layerdiff_jax.data.tfds_builders import build_synthetic, find_dataset_dir
 from layerdiff_jax.data.tokenizer import load_tokenizer
+from layerdiff_jax.mesh import (
+    batch_size_divisor,
+    gather_to_host,
+    global_batch,
+    make_mesh,
+    put_global,
+)
 from layerdiff_jax.models.layerdiff import LayerDiffConfig, LayerDiffUNet, init_from_sd
 from layerdiff_jax.models.text_to_image import TextToImageModel
 from layerdiff_jax.models.unet import UNetConfig
@@ -56,13 +63,6 @@ from layerdiff_jax.training.config import (
 from layerdiff_jax.training.export import (
     export_model,
     export_text_to_image,
-    gather_to_host,
-)
-from layerdiff_jax.training.mesh import (
-    batch_size_divisor,
-    global_batch,
-    make_mesh,
-    put_global,
 )
 from layerdiff_jax.training.metric_writer import MetricWriter, read_metrics
 from layerdiff_jax.training.samples import data_requests, write_sample_grid

@@ -1,4 +1,4 @@
-"""The device mesh, and where every array lives on it.
+"""The device mesh, and where every array lives on it: one module for training and sampling.
 
 Parameter placement comes from the logical axis names each parameter carries (`models/layers.py`) and
 the one table in `layerdiff_jax.sharding`; a mesh axis that does not divide a dimension (4-channel convs
@@ -16,12 +16,13 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from layerdiff_jax.sharding import LOGICAL_AXIS_RULES, MESH_AXES
 
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = tuple(dict(LOGICAL_AXIS_RULES)["batch"])  # ("data", "fsdp"): where samples are split
+REPLICATED = PartitionSpec()  # params, schedules, timesteps: whole on every device
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -81,11 +82,29 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh | jax.sharding.AbstractMesh) -
     )
 
 
-def batch_sharding(mesh: Mesh, ndim: int, sample_axis: int = 0) -> NamedSharding:
-    """Splits axis `sample_axis` of an `ndim`-D batch array over data x fsdp."""
-    spec = [None] * ndim
-    spec[sample_axis] = BATCH_AXES
-    return NamedSharding(mesh, PartitionSpec(*spec))
+def batch_spec(sample_axis: int = 0) -> PartitionSpec:
+    """Axis `sample_axis` of a batch array (of any rank) split over data x fsdp, the other axes whole."""
+    return PartitionSpec(*([None] * sample_axis), BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh, sample_axis: int = 0) -> NamedSharding:
+    return NamedSharding(mesh, batch_spec(sample_axis))
+
+
+def data_parallel_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh | None:
+    """A mesh with every device on "data" (sampling: whole params on each device, batches split); None for
+    a single device."""
+    devices = jax.devices() if devices is None else list(devices)
+    if len(devices) == 1:
+        return None
+    return Mesh(np.asarray(devices).reshape(len(devices), 1, 1), MESH_AXES)
+
+
+def gather_to_host(tree: Any) -> Any:
+    """Global (possibly multi-process) arrays -> full numpy arrays on every process. Call on all processes."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def batch_size_divisor(mesh: Mesh) -> int:
@@ -98,7 +117,7 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, sample_axis: int =
     out = {}
     for key, value in local.items():
         value = np.asarray(value)
-        sharding = batch_sharding(mesh, value.ndim, sample_axis)
+        sharding = batch_sharding(mesh, sample_axis)
         shape = list(value.shape)
         shape[sample_axis] *= jax.process_count()
         out[key] = jax.make_array_from_process_local_data(sharding, value, tuple(shape))
