@@ -1,31 +1,26 @@
 """scripts/bench.py: the accelerator check's CPU path and the standard suite at toy sizes (smoke tests: they run
 and write their files; no timing assertions), the load marking, the check's time box and batch search."""
 
-import importlib.util
 import json
 import threading
 from pathlib import Path
 
 import jax
 import pytest
+from script_support import load_script
 
 from layerdiff_jax.bench import check, measure, report, requirements, suite
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_script", ROOT / "scripts" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_check_quick_runs_every_step_and_writes_json_and_markdown(tmp_path, capsys):
     """The accelerator check's CPU path (toy sizes; cuDNN refuses and XLA runs): every step, in order, each row on
     disk. The deadline is far off so that the watchdog (os._exit) cannot end the test session."""
     out = tmp_path / "check"
-    assert _load_script().main(["--device", "cpu", "--suite", "check", "--quick", "--out", str(out), "--deadline-min", "30"]) == 0
+    assert load_script("bench").main(["--device", "cpu", "--suite", "check", "--quick", "--out", str(out), "--deadline-min", "30"]) == 0
     result = json.loads((out / "check.json").read_text())
     assert [(s["id"], s["status"]) for s in result["steps"]] == [
         ("a1", "done"), ("a2", "done"), ("b", "done"), ("c", "done"), ("d", "done"), ("b'", "done")
@@ -71,7 +66,7 @@ def test_check_quick_runs_every_step_and_writes_json_and_markdown(tmp_path, caps
 def test_standard_suite_quick_unet_row_writes_json(tmp_path, capsys):
     """The standard suite's UNet row at toy size (its DDIM and train-step code runs in the check above)."""
     out = tmp_path / "bench.json"
-    assert _load_script().main(["--quick", "--rows", "unet", "--json", str(out)]) == 0
+    assert load_script("bench").main(["--quick", "--rows", "unet", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert [(r["row"], r["impl"]) for r in rows] == [("1a", "ours"), ("1a", "torch"), ("1b", "ours"), ("1b", "torch")]
@@ -86,12 +81,12 @@ def test_standard_suite_quick_unet_row_writes_json(tmp_path, capsys):
 
 
 def test_bench_rejects_unknown_rows(tmp_path, capsys):
-    assert _load_script().main(["--quick", "--rows", "unet,nope", "--json", str(tmp_path / "x.json")]) == 2
+    assert load_script("bench").main(["--quick", "--rows", "unet,nope", "--json", str(tmp_path / "x.json")]) == 2
     assert "unknown benchmark row(s) ['nope']" in capsys.readouterr().err
 
 
 def test_check_at_full_size_on_a_cpu_is_refused(tmp_path, capsys):
-    assert _load_script().main(["--suite", "check", "--out", str(tmp_path)]) == 2
+    assert load_script("bench").main(["--suite", "check", "--out", str(tmp_path)]) == 2
     assert "on a CPU pass --quick" in capsys.readouterr().err
 
 

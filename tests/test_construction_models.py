@@ -1,7 +1,6 @@
 """Data construction end to end on tiny random transformers/diffusers models built here (no downloads):
 the real stage classes, `construct_layers.py`, resume, and TFDS ingestion of the output."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import torch
 import transformers
 import yaml
+from script_support import load_script
 
 from layerdiff_jax.construction import hf_models
 from layerdiff_jax.construction.build import _STAGE_CLASSES, _stage_kwargs, build_stages
@@ -28,15 +28,7 @@ PROMPT = "a dog and a cat on"
 IMAGE_H, IMAGE_W = 48, 64
 
 
-def _script():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "construct_layers.py"
-    spec = importlib.util.spec_from_file_location("construct_layers", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-main = _script().main
+main = load_script("construct_layers").main
 
 
 def _clip_tokenizer(folder):

@@ -2,13 +2,13 @@
 unreadable images, failing stages, the rule functions the run decides with, and the CLI."""
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
+from script_support import load_script
 
 from layerdiff_jax.construction import run
 from layerdiff_jax.construction.config import ConstructionConfig, Rules
@@ -22,12 +22,6 @@ RES = 48
 CONFIG = ConstructionConfig(batch_size=3)
 
 
-def _script():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "construct_layers.py"
-    spec = importlib.util.spec_from_file_location("construct_layers", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _export(folder: Path, count: int) -> list:
@@ -267,7 +261,7 @@ def test_the_run_orders_layers_with_the_rule_functions(tmp_path, monkeypatch):
 
 def test_cli_oracle_run(tmp_path, capsys):
     _export(tmp_path / "in", 2)
-    main = _script().main
+    main = load_script("construct_layers").main
     assert main(["--images", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--oracle", "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["samples_out"] == 2
     assert main(["--images", str(tmp_path / "in"), "--out", str(tmp_path / "out")]) == 2

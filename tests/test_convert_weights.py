@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from script_support import load_script
 from test_single_file import assert_same_params, build_tiny_sd, ldm_state_dict, non_weight_entries, write_ldm_file
 
 from layerdiff_jax.convert.clip_text import load_text_encoder
@@ -23,14 +23,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "convert_weights.py"
 LOADERS = {"unet": load_unet, "vae": load_vae, "text_encoder": load_text_encoder}
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("convert_weights", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-convert_weights = _script()
+convert_weights = load_script("convert_weights")
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,12 @@
 """TFDS builders (no TensorFlow): exact round-trips, bad sample folders, and the build script."""
 
-import importlib.util
 import shutil
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
+from script_support import load_script
 
 from layerdiff_jax.data.layers import DataError, write_sample_folder
 from layerdiff_jax.data.synthetic import generate_sample
@@ -100,17 +100,10 @@ def test_folder_splits_from_subfolders(tmp_path):
     assert path.parent.name == "my_data"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location(
-        "build_dataset", Path(__file__).parents[1] / "scripts" / "build_dataset.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_build_script(tmp_path, capsys):
-    script = _load_script()
+    script = load_script("build_dataset")
     assert script.main(["export", "--out", str(tmp_path / "samples"), "--num", "5", "--resolution", "32"]) == 0
     assert len(list((tmp_path / "samples").iterdir())) == 5
     _break_three(tmp_path / "samples")
@@ -152,7 +145,7 @@ def test_a_damaged_array_record_file_is_named(synthetic_dir, tmp_path):
 
 
 def test_folder_build_with_nothing_to_build_says_so(tmp_path, capsys):
-    script = _load_script()
+    script = load_script("build_dataset")
     (tmp_path / "empty").mkdir()
     args = ["folder", "--samples", str(tmp_path / "empty"), "--out", str(tmp_path / "ds"), "--skip-bad"]
     assert script.main(args) == 1

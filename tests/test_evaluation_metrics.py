@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from script_support import load_script
 
 from layerdiff_jax.convert.core import ConversionError
 from layerdiff_jax.data.layers import write_sample_folder
@@ -209,10 +210,7 @@ def test_cli_without_weights_reports_what_it_skipped(tmp_path):
 
 
 def _evaluate_main():
-    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "scripts" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script("evaluate").main
 
 
 def test_cli_with_weights_computes_fid_and_clip_score(tmp_path, inception_file, clip_dir, capsys):

@@ -1,7 +1,6 @@
 """scripts/sample.py and scripts/edit.py end to end on a toy checkpoint, and their errors: bad settings and
 outputs refused before any work; any prompt written; one output failing, or a kill, loses nothing else."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 from psd_tools import PSDImage
 from sampling_toy import SIZE, make_random_layerdiff
+from script_support import load_script
 
 from layerdiff_jax.data.layers import read_sample_folder
 from layerdiff_jax.sampling import outputs
@@ -18,11 +18,6 @@ from layerdiff_jax.sampling.sampler import LayerDiffPipeline
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 sample_script, edit_script = load_script("sample"), load_script("edit")
