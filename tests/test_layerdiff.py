@@ -9,17 +9,10 @@ import pytest
 from layerdiff_jax.models.init import abstract_params
 from layerdiff_jax.models.layerdiff import LayerDiffConfig, LayerDiffUNet, init_from_sd
 from layerdiff_jax.models.unet import UNet2DConditionModel, UNetConfig
+from layerdiff_jax.toy import TEXT_WIDTH, toy_configs
 
-TEXT_WIDTH, TEXT_LEN, SIZE = 32, 6, 8
-TINY = UNetConfig(
-    block_out_channels=(32, 64),
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    layers_per_block=1,
-    num_attention_heads=4,
-    cross_attention_dim=TEXT_WIDTH,
-    norm_num_groups=8,
-)
+TEXT_LEN, SIZE = 6, 8
+TINY = toy_configs(vocab_size=16)["unet"]  # the CPU toy's UNet (the vocabulary does not enter it)
 
 
 def _randomize(params, seed, scale=0.1):
@@ -75,12 +68,12 @@ def test_init_follows_the_paper(sd, layerdiff):
     assert float(flat["mask_gate"]) == 0.0
     np.testing.assert_array_equal(flat["conv_in_mask/kernel"], sd_params["conv_in"]["kernel"])
     np.testing.assert_array_equal(flat["conv_out_mask/kernel"], sd_params["conv_out"]["kernel"])
-    attn2 = sd_params["down_blocks_0"]["attentions_0"]["transformer_blocks_0"]["attn2"]
+    attn2 = sd_params["down_blocks_1"]["attentions_0"]["transformer_blocks_0"]["attn2"]
     for proj in ("to_q", "to_k", "to_v"):
-        np.testing.assert_array_equal(flat[f"unet/down_blocks_0/layer_attentions_0/intra_attn/{proj}/kernel"], attn2[proj]["kernel"])
+        np.testing.assert_array_equal(flat[f"unet/down_blocks_1/layer_attentions_0/intra_attn/{proj}/kernel"], attn2[proj]["kernel"])
     last_linears = [k for k in flat if k.endswith(("to_out_0/kernel", "net_2/kernel")) and ("layer_attentions" in k or "prompt_enhancer" in k)]
     assert last_linears and all(not np.any(flat[k]) for k in last_linears)
-    inter_q = flat["unet/down_blocks_0/layer_attentions_0/inter_attn/to_q/kernel"]
+    inter_q = flat["unet/down_blocks_1/layer_attentions_0/inter_attn/to_q/kernel"]
     assert np.std(inter_q) > 0  # random, not copied or zero
 
 
