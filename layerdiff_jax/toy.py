@@ -2,8 +2,8 @@
 
 The demo, the CPU config and the tests run every stage of the SD-1.5 path (VAE, CLIP text encoder, UNet)
 at this size. `make_toy_sd` writes a converted SD folder (the layout `convert_weights.py` produces), so
-everything downstream loads the toy exactly as it loads real SD-1.5 weights. `fit_toy_vae` fits its VAE
-on the synthetic world first (SD's VAE comes pretrained; the toy's must learn the images it will encode).
+everything downstream loads the toy exactly as it loads real SD-1.5 weights (`training/autoencoder.fit_toy_vae`
+fits its VAE on the synthetic world first: SD's VAE comes pretrained, the toy's must learn the images it encodes).
 
 The shipped toy base (`TOY_BASE`) is this architecture pretrained as plain text-to-image
 (`configs/toy_sd_pretrain.py`, provenance in its PROVENANCE.md).
@@ -14,21 +14,17 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 
 from layerdiff_jax.convert.sd_folder import save_converted
-from layerdiff_jax.data.synthetic import generate_sample
 from layerdiff_jax.data.tokenizer import build_toy_tokenizer
 from layerdiff_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer
 from layerdiff_jax.models.init import init_params
 from layerdiff_jax.models.unet import UNet2DConditionModel, UNetConfig
 from layerdiff_jax.models.vae import AutoencoderKL, VAEConfig
-
-if TYPE_CHECKING:
-    from layerdiff_jax.training.autoencoder import VAEFitConfig
 
 TEXT_WIDTH = 64
 TOY_BASE = Path(__file__).resolve().parent / "assets" / "toy_base"  # the pretrained toy SD folder
@@ -95,16 +91,3 @@ def make_toy_sd(
         save_converted(output_dir, components, source="toy", tokenizer_dir=staging, overwrite=overwrite)
     return output_dir
 
-
-def fit_toy_vae(fit: "VAEFitConfig", *, num_samples: int, data_seed: int, resolution: int) -> tuple[dict, float]:
-    """The toy VAE fitted on the layers, masks and composites of `num_samples` synthetic samples; returns its
-    parameters and the latent scaling factor that gives its latents unit variance."""
-    from layerdiff_jax.training import autoencoder
-
-    vae = AutoencoderKL(toy_configs(build_toy_tokenizer().vocab_size)["vae"])
-    images = autoencoder.collect_images(generate_sample(data_seed, i, resolution=resolution) for i in range(num_samples))
-    params = init_params(vae, jax.random.key(fit.seed), autoencoder.to_model_range(images[:1]))
-    params, losses = autoencoder.fit_vae(vae, params, images, fit)
-    scale = autoencoder.latent_scaling_factor(vae, params, images[:1024])
-    print(f"   toy VAE: reconstruction L1 {losses[-1][1]:.4f}; latent scaling factor {scale:.4f}", flush=True)
-    return params, scale

@@ -131,7 +131,7 @@ class StubUNet:
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_sampler_guides_with_layer_aware_negatives(pipe, prediction_type):
     """End to end through the pipeline's jitted sampler (real tokenizer and text encoder, stub UNet):
-    the result equals DDIM on uncond + s * (cond - uncond), with the negatives spelled out as SPEC says,
+    the result equals DDIM on uncond + s * (cond - uncond), with the negatives spelled out as the paper says,
     reading the model output as the pipeline's scheduler says (noise or velocity)."""
     stub = LayerDiffPipeline(
         StubUNet(pipe.text_encoder.config.hidden_size, 3), {}, pipe.vae, pipe.params["vae"],

@@ -163,14 +163,19 @@ def restore_checkpoint(workdir: Path, config, step: int | None = None):
     from layerdiff_jax.convert.core import read_config
     from layerdiff_jax.mesh import make_mesh
     from layerdiff_jax.models.layerdiff import LayerDiffConfig, LayerDiffUNet
-    from layerdiff_jax.training.checkpoint import restore_state
+    from layerdiff_jax.training.checkpoint import Checkpointer
     from layerdiff_jax.training.state import abstract_boxed_state, abstract_state, make_optimizer
 
     unet_config = UNetConfig.from_diffusers_config(read_config(Path(config.model.sd_path) / "unet"))
     model = LayerDiffUNet(unet_config, LayerDiffConfig(**config.model.layerdiff))
     boxed = abstract_boxed_state(model, make_optimizer(config.train), ema=config.train.ema)
     abstract, _ = abstract_state(boxed, make_mesh((1, 1, 1), jax.devices()[:1]))
-    step, state = restore_state(Path(workdir) / "checkpoints", abstract, step)
+    checkpointer = Checkpointer(Path(workdir) / "checkpoints", max_to_keep=1, async_save=False)
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        state = checkpointer.restore(step, abstract)
+    finally:
+        checkpointer.close()
     return step, jax.device_get(state)
 
 

@@ -1,4 +1,4 @@
-"""The accelerator check: `scripts/bench.py --device gpu --suite check --out DIR` (issue 19).
+"""The accelerator check: `scripts/bench.py --device gpu --suite check --out DIR`.
 
 One command that spends a short accelerator slot on measuring, not on setting up. It runs in a time box
 (`deadline_s`, 8 minutes by default, compilation included) and measures in order of value, so that a run cut

@@ -1,4 +1,4 @@
-"""Single-layer editing without fine-tuning (SPEC "Applications"), on generated or imported samples.
+"""Single-layer editing without fine-tuning (the paper's applications: layer inpainting and style transfer), on generated or imported samples.
 
 A sample (a `LayeredSample`, e.g. from `read_sample_folder`) is encoded with the VAE: every layer's
 image, and its mask (the background's is `1 - sum of the foreground masks`, as in training) repeated to

@@ -475,7 +475,7 @@ class LayerDiffPipeline:
     def decode(self, latents: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Latents (B, L, h, w, 8) -> images (B, L, H, W, 3) and masks (B, L, H, W), both in [0, 1].
 
-        mask = mean of the 3 decoded mask channels, mapped from [-1, 1] to [0, 1] (SPEC "Sampling").
+        mask = mean of the 3 decoded mask channels, mapped from [-1, 1] to [0, 1] (as the paper samples).
         """
         fn = self._program(_decode_program, self.vae, inputs=(REPLICATED, BATCH), num_outputs=2)
         return fn(self.params, self.on_batch_shards(latents))

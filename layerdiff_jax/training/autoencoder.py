@@ -24,7 +24,11 @@ import optax
 from tqdm import tqdm
 
 from layerdiff_jax.data.layers import LayeredSample, background_mask
+from layerdiff_jax.data.synthetic import generate_sample
+from layerdiff_jax.data.tokenizer import build_toy_tokenizer
+from layerdiff_jax.models.init import init_params
 from layerdiff_jax.models.vae import AutoencoderKL
+from layerdiff_jax.toy import toy_configs
 
 NEAR_BLACK = 60  # uint8 level: a pixel whose brightest channel is at most this is "black" (no content)
 
@@ -113,3 +117,15 @@ def collect_images(samples: Iterable[LayeredSample]) -> np.ndarray:
     """The layer images of every sample, then their composites."""
     samples = list(samples)
     return np.concatenate([layer_images(s) for s in samples] + [np.stack([s.composite() for s in samples])], axis=0)
+
+
+def fit_toy_vae(fit: VAEFitConfig, *, num_samples: int, data_seed: int, resolution: int) -> tuple[dict, float]:
+    """The toy VAE fitted on the layers, masks and composites of `num_samples` synthetic samples; returns its
+    parameters and the latent scaling factor that gives its latents unit variance."""
+    vae = AutoencoderKL(toy_configs(build_toy_tokenizer().vocab_size)["vae"])
+    images = collect_images(generate_sample(data_seed, i, resolution=resolution) for i in range(num_samples))
+    params = init_params(vae, jax.random.key(fit.seed), to_model_range(images[:1]))
+    params, losses = fit_vae(vae, params, images, fit)
+    scale = latent_scaling_factor(vae, params, images[:1024])
+    print(f"   toy VAE: reconstruction L1 {losses[-1][1]:.4f}; latent scaling factor {scale:.4f}", flush=True)
+    return params, scale

@@ -139,19 +139,6 @@ class Checkpointer:
         self.manager.close()
 
 
-def restore_state(directory: str | os.PathLike, abstract_state: Any, step: int | None = None) -> tuple[int, Any]:
-    """(step, state) from a checkpoint folder, latest step by default; `abstract_state` gives the structure
-    and placement (ShapeDtypeStructs with shardings, e.g. on a single device)."""
-    checkpointer = Checkpointer(directory, max_to_keep=1, async_save=False)
-    try:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {directory}")
-        return step, checkpointer.restore(step, abstract_state)
-    finally:
-        checkpointer.close()
-
-
 class StopRequest:
     """Notices a request to stop (SIGTERM, as schedulers send before preempting a job).
 

@@ -51,8 +51,8 @@ from layerdiff_jax.mesh import (
 from layerdiff_jax.models.layerdiff import LayerDiffConfig, LayerDiffUNet, init_from_sd
 from layerdiff_jax.models.text_to_image import TextToImageModel
 from layerdiff_jax.models.unet import UNetConfig
-from layerdiff_jax.toy import fit_toy_vae, make_toy_sd
-from layerdiff_jax.training.autoencoder import VAEFitConfig
+from layerdiff_jax.toy import make_toy_sd
+from layerdiff_jax.training.autoencoder import VAEFitConfig, fit_toy_vae
 from layerdiff_jax.training.checkpoint import Checkpointer, StopRequest
 from layerdiff_jax.training.config import (
     SYNTHETIC_DATA,
