@@ -30,13 +30,13 @@ from layerdiff_jax.convert.core import convert_state_dict
 from layerdiff_jax.convert.unet import abstract_unet_params, rename
 from layerdiff_jax.convert.vae import abstract_vae_params, rename_vae_key
 from layerdiff_jax.data.tokenizer import PromptTokenizer, build_toy_tokenizer
-from layerdiff_jax.diffusion.ddim import ddim_sample, ddim_timesteps
-from layerdiff_jax.diffusion.guidance import guided_model_fn
+from layerdiff_jax.diffusion.ddim import ddim_timesteps
 from layerdiff_jax.diffusion.schedules import make_schedule
 from layerdiff_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer
 from layerdiff_jax.models.layerdiff import LayerDiffConfig, init_from_sd
 from layerdiff_jax.models.unet import UNet2DConditionModel, UNetConfig
 from layerdiff_jax.models.vae import AutoencoderKL, VAEConfig
+from layerdiff_jax.sampling.text_to_image import text_to_image_program
 
 log = logging.getLogger(__name__)
 
@@ -431,24 +431,6 @@ def build_sd(settings: BenchSettings, unet: UNetPair | None = None) -> SDCompone
 # ------------------------------------------------------------------------------------ row 2: DDIM t2i
 
 
-def txt2img_program(sd: SDComponents, num_steps: int, guidance_scale: float):
-    """jit(params, ids, uncond_ids, noise) -> images in [0, 1]: text encoding, the whole DDIM loop with
-    classifier-free guidance (one `lax.scan`) and VAE decoding, as one XLA program."""
-    (unet, _), (vae, _), (text_encoder, _) = sd.unet, sd.vae, sd.text_encoder
-    schedule = make_schedule()
-    timesteps = ddim_timesteps(num_steps)
-
-    def run(params, ids, uncond_ids, noise):
-        cond = text_encoder.apply({"params": params["text_encoder"]}, ids)
-        uncond = text_encoder.apply({"params": params["text_encoder"]}, uncond_ids)
-        apply = lambda x, t, context: unet.apply({"params": params["unet"]}, x, t, context)  # noqa: E731
-        latents = ddim_sample(guided_model_fn(apply, cond, uncond, guidance_scale), noise, timesteps, schedule)
-        images = vae.apply({"params": params["vae"]}, latents.astype(vae.dtype), method=AutoencoderKL.decode_latents)
-        return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
-
-    return jax.jit(run)
-
-
 def bench_ddim(settings: BenchSettings, sd: SDComponents, row: str = "2", compiler_options: dict | None = None) -> list[Row]:
     import torch
 
@@ -464,12 +446,16 @@ def bench_ddim(settings: BenchSettings, sd: SDComponents, row: str = "2", compil
     # The pipeline holds weights in the compute dtype, so ours does too (the modules compute in it either way).
     params = jax.tree.map(lambda p: p.astype(dtype), {"unet": sd.unet[1], "vae": sd.vae[1], "text_encoder": sd.text_encoder[1]})
 
-    program = txt2img_program(sd, s.steps, GUIDANCE_SCALE)
+    program = text_to_image_program(sd.unet[0], sd.vae[0], sd.text_encoder[0])
+    schedule, timesteps, scale = make_schedule(), ddim_timesteps(s.steps), np.float32(GUIDANCE_SCALE)
     ids, uncond_ids = sd.tokenizer(prompts), sd.tokenizer([""] * len(prompts))
-    compiled, compile_s = measure.compile_jitted(program, params, ids, uncond_ids, jnp.asarray(noise, dtype), options=compiler_options)
+    compiled, compile_s = measure.compile_jitted(
+        program, params, schedule, ids, uncond_ids, jnp.asarray(noise, dtype), timesteps, scale, options=compiler_options
+    )
 
     def ours():  # prompts in, float images on the host out, like the pipeline call
-        return np.asarray(compiled(params, sd.tokenizer(prompts), sd.tokenizer([""] * len(prompts)), jnp.asarray(noise, dtype)))
+        ids, uncond_ids = sd.tokenizer(prompts), sd.tokenizer([""] * len(prompts))
+        return np.asarray(compiled(params, schedule, ids, uncond_ids, jnp.asarray(noise, dtype), timesteps, scale))
 
     torch_noise = torch.from_numpy(noise).permute(0, 3, 1, 2).contiguous().to(torch_device, ref.TORCH_DTYPES[settings.dtype])
 

@@ -61,13 +61,20 @@ def layer_colour(foreground: np.ndarray, mask: np.ndarray) -> str | None:
     return nearest_palette_colour(foreground[inside].astype(np.float64).mean(axis=0))
 
 
+def palette_votes(image: np.ndarray) -> np.ndarray:
+    """(H, W) index into `PALETTE` of the palette colour each pixel of `image` (H, W, 3) is nearest to, a
+    pattern tone voting for its base colour."""
+    pixels = image.reshape(-1, 3).astype(np.float64)
+    # |p - t|^2 = |p|^2 - 2 p.t + |t|^2; |p|^2 is the same for every tone, so it drops out of the argmin.
+    nearest = np.argmin(np.sum(_TONES**2, axis=1) - 2 * pixels @ _TONES.T, axis=1) % len(_NAMES)
+    return nearest.reshape(image.shape[:2])
+
+
 def background_colour(background: np.ndarray) -> str:
     """The palette colour that most pixels of `background` (H, W, 3) are nearest to, pattern tones
     counting for their base colour."""
-    pixels = background.reshape(-1, 3).astype(np.float64)
-    # |p - t|^2 = |p|^2 - 2 p.t + |t|^2; |p|^2 is the same for every tone, so it drops out of the argmin.
-    nearest = np.argmin(np.sum(_TONES**2, axis=1) - 2 * pixels @ _TONES.T, axis=1) % len(_NAMES)
-    return _NAMES[int(np.argmax(np.bincount(nearest, minlength=len(_NAMES))))]
+    votes = palette_votes(background).ravel()
+    return _NAMES[int(np.argmax(np.bincount(votes, minlength=len(_NAMES))))]
 
 
 def _soft_band(mask: np.ndarray) -> np.ndarray:

@@ -27,7 +27,12 @@ from layerdiff_jax.data.synthetic import (
     generate_sample,
     global_prompt,
 )
-from layerdiff_jax.evaluation.prompt_following import _NAMES, _TONES, MIN_AREA_FRACTION, background_colour
+from layerdiff_jax.evaluation.prompt_following import (
+    MIN_AREA_FRACTION,
+    background_colour,
+    nearest_palette_colour,
+    palette_votes,
+)
 from layerdiff_jax.evaluation.shapes import classify_shape
 
 BASE_EVAL_SEED = 2_000_000  # held out of every training set: the base's pretraining data uses seed 0
@@ -62,27 +67,20 @@ def composite_requests(count: int, seed: int = BASE_EVAL_SEED, layer_mix: dict[i
     return requests
 
 
-def _nearest_names(image: np.ndarray) -> np.ndarray:
-    """(H, W) index into `_NAMES` of each pixel's nearest palette tone (a pattern tone counts as its colour)."""
-    pixels = image.reshape(-1, 3).astype(np.float64)
-    nearest = np.argmin(np.sum(_TONES**2, axis=1) - 2 * pixels @ _TONES.T, axis=1) % len(_NAMES)
-    return nearest.reshape(image.shape[:2])
-
-
 def score_flat(image: np.ndarray, request: FlatRequest) -> dict[str, float]:
     """Scores of one generated uint8 image (H, W, 3): background, and per object colour and shape (means)."""
-    names = _nearest_names(image)
+    names = palette_votes(image)
+    palette = list(PALETTE)
     min_area = MIN_AREA_FRACTION * names.size
     scores = {"background": float(background_colour(image) == request.background)}
     colour_hits, shape_hits = [], []
     for colour, shape in request.objects:
         if len(request.objects) == 1:
-            silhouette = names != _NAMES.index(request.background)
+            silhouette = names != palette.index(request.background)
             ok = silhouette.sum() >= min_area
-            mean = image[silhouette].astype(np.float64).mean(axis=0) if ok else None
-            colour_ok = ok and _NAMES[int(np.argmin(np.sum((np.array(list(PALETTE.values())) - mean) ** 2, axis=1)))] == colour
+            colour_ok = ok and nearest_palette_colour(image[silhouette].astype(np.float64).mean(axis=0)) == colour
         else:
-            silhouette = names == _NAMES.index(colour)
+            silhouette = names == palette.index(colour)
             colour_ok = ok = silhouette.sum() >= min_area
         colour_hits.append(float(colour_ok))
         shape_hits.append(float(ok and classify_shape(silhouette.astype(np.float32)) == shape))

@@ -25,6 +25,22 @@ from layerdiff_jax.diffusion.settings import check_sampling_settings
 from layerdiff_jax.models.vae import AutoencoderKL
 
 
+def text_to_image_program(unet, vae, text_encoder, prediction_type: str = "epsilon"):
+    """jit(params, schedule, ids, uncond_ids, noise, timesteps, scale) -> images in [0, 1]: text encoding, the whole
+    DDIM loop with classifier-free guidance (one `lax.scan`) and VAE decoding, as one XLA program. `params` is
+    {"unet", "vae", "text_encoder"}; timesteps and the scale are traced, so changing them does not recompile."""
+
+    def run(params, schedule, ids, uncond_ids, noise, timesteps, scale):
+        cond = text_encoder.apply({"params": params["text_encoder"]}, ids)
+        uncond = text_encoder.apply({"params": params["text_encoder"]}, uncond_ids)
+        apply = lambda x, t, context: unet.apply({"params": params["unet"]}, x, t, context)  # noqa: E731
+        latents = ddim_sample(guided_model_fn(apply, cond, uncond, scale), noise, timesteps, schedule, prediction_type=prediction_type)
+        images = vae.apply({"params": params["vae"]}, latents.astype(vae.dtype), method=AutoencoderKL.decode_latents)
+        return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+
+    return jax.jit(run)
+
+
 class TextToImagePipeline:
     """SD UNet + VAE + CLIP text encoder + tokenizer from one SD folder; `generate` gives uint8 images."""
 
@@ -48,19 +64,7 @@ class TextToImagePipeline:
 
     @functools.cached_property
     def _program(self):
-        unet, vae, text_encoder = self.unet, self.vae, self.text_encoder
-        prediction_type = self.scheduler.prediction_type
-
-        def run(params, schedule, ids, uncond_ids, noise, timesteps, scale):
-            cond = text_encoder.apply({"params": params["text_encoder"]}, ids)
-            uncond = text_encoder.apply({"params": params["text_encoder"]}, uncond_ids)
-            apply = lambda x, t, context: unet.apply({"params": params["unet"]}, x, t, context)  # noqa: E731
-            model_fn = guided_model_fn(apply, cond, uncond, scale)
-            latents = ddim_sample(model_fn, noise, timesteps, schedule, prediction_type=prediction_type)
-            images = vae.apply({"params": params["vae"]}, latents, method=AutoencoderKL.decode_latents)
-            return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
-
-        return jax.jit(run)
+        return text_to_image_program(self.unet, self.vae, self.text_encoder, self.scheduler.prediction_type)
 
     def generate(
         self,
@@ -79,6 +83,7 @@ class TextToImagePipeline:
         check_sampling_settings(steps=steps, guidance=guidance, seed=seed, num_train_timesteps=self.scheduler.num_train_timesteps)
         latent = (size // self.vae_factor, size // self.vae_factor, self.unet.config.in_channels)
         timesteps = ddim_timesteps(steps, self.scheduler.num_train_timesteps)
+        uncond_ids = self.tokenizer([""] * batch_size)
         out = []
         for start in tqdm(range(0, len(prompts), batch_size), desc="text-to-image", disable=not progress):
             batch = list(prompts[start : start + batch_size])
@@ -87,7 +92,7 @@ class TextToImagePipeline:
             keys = [jax.random.fold_in(jax.random.key(seed), start + i) for i in range(batch_size)]
             noise = jnp.stack([jax.random.normal(k, latent) for k in keys])
             images = self._program(
-                self.params, self.schedule, ids, self.tokenizer([""] * batch_size), noise, timesteps, jnp.float32(guidance)
+                self.params, self.schedule, ids, uncond_ids, noise, timesteps, jnp.float32(guidance)
             )
             out.append(np.round(np.asarray(images[: len(batch)]) * 255).astype(np.uint8))
         return np.concatenate(out)
