@@ -8,7 +8,7 @@ SD is made: fit the VAE (`model.toy_vae`), then train the UNet and the text enco
 objective on flat images only (composites with their global prompts, backgrounds alone, single objects on a
 plain background), never masks or layers. The result, <workdir>/model, is an SD folder in the layout
 `convert_weights.py` writes; `layerdiff_jax/assets/toy_base/` is one such run, shipped (see its
-PROVENANCE.md). Training resumes from <workdir>/checkpoints; `--config.model.sd_path=<an SD folder>`
+provenance.json). Training resumes from <workdir>/checkpoints; `--config.model.sd_path=<an SD folder>`
 continues from an earlier base instead of a random one. Its data (seed 0) never holds the demo's held-out
 requests (seed 1,000,000) or the base's evaluation prompts (seed 2,000,000). Expect on a 2-core CPU: a few
 minutes of data and VAE fitting, then a few steps per second; docs/experiments.md has the runs.

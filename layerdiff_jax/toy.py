@@ -6,7 +6,7 @@ everything downstream loads the toy exactly as it loads real SD-1.5 weights (`tr
 fits its VAE on the synthetic world first: SD's VAE comes pretrained, the toy's must learn the images it encodes).
 
 The shipped toy base (`TOY_BASE`) is this architecture pretrained as plain text-to-image
-(`configs/toy_sd_pretrain.py`, provenance in its PROVENANCE.md).
+(`configs/toy_sd_pretrain.py`, provenance in its provenance.json).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@
   python scripts/bench.py --quick          # toy sizes: a smoke test that runs in well under a minute
   python scripts/bench.py --device gpu --suite check --out DIR     # the accelerator check, at most 8 minutes
   python scripts/bench.py --device cpu --suite check --quick --out DIR   # its CPU path (toy sizes; the tests)
+  python scripts/bench.py --suite profile  # CPU: where a UNet forward+backward's time goes, ours vs torch
 
 The standard suite's rows: (1) UNet forward and forward+backward, ours vs diffusers' torch UNet with the same
 config and weights; (2) 50-step DDIM text-to-image with classifier-free guidance, ours (one jitted program) vs
@@ -40,8 +41,9 @@ if importlib.util.find_spec("layerdiff_jax") is None:  # a source checkout that 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench.py", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="where both sides run (default cpu)")
-    parser.add_argument("--suite", choices=["standard", "check"], default="standard",
-                        help="standard: the rows below; check: the time-boxed accelerator check (writes to --out)")
+    parser.add_argument("--suite", choices=["standard", "check", "profile"], default="standard",
+                        help="standard: the rows below; check: the time-boxed accelerator check (writes to --out); "
+                        "profile: where the CPU time of a UNet forward+backward goes, ours and torch's, by kind of work")
     parser.add_argument("--quick", action="store_true", help="toy sizes and 2 repeats: checks that every row runs")
     parser.add_argument("--json", type=Path, help="standard suite: where to write the results (default bench_results/bench_<device>[_quick].json)")
     parser.add_argument("--out", type=Path, help="check: the folder for check.json and check.md (default bench_results/check_<device>[_quick])")
@@ -75,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     from layerdiff_jax.bench.requirements import import_problem
 
     modules = ["jax", "layerdiff_jax.bench.suite", "layerdiff_jax.bench.torch_reference"]
-    if args.suite == "check":
-        modules.append("layerdiff_jax.bench.check")
+    if args.suite in ("check", "profile"):
+        modules.append(f"layerdiff_jax.bench.{args.suite}")
     problem = import_problem(tuple(modules))
     if problem:
         print(f"bench.py: {problem}", file=sys.stderr)
@@ -94,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.suite == "check":
             return _run_check(args)
+        if args.suite == "profile":
+            return _run_profile(args)
         return _run_standard(args)
     except (ValueError, RuntimeError) as error:  # settings that cannot run here, a torch without CUDA
         print(f"bench.py: {error}", file=sys.stderr)
@@ -114,6 +118,20 @@ def _run_standard(args: argparse.Namespace) -> int:
     json_path = args.json or Path("bench_results") / f"bench_{args.device}{'_quick' if args.quick else ''}.json"
     write_json(result, json_path)
     print(format_table(result))
+    print(f"\nresults written to {json_path}")
+    return 0
+
+
+def _run_profile(args: argparse.Namespace) -> int:
+    from layerdiff_jax.bench.profile import format_breakdown, run_profile
+    from layerdiff_jax.bench.report import write_json
+
+    if args.device != "cpu":
+        raise ValueError("--suite profile profiles XLA:CPU: use it with --device cpu")
+    result = run_profile(quick=args.quick)
+    json_path = args.json or Path("bench_results") / f"profile_cpu{'_quick' if args.quick else ''}.json"
+    write_json(result, json_path)
+    print(format_breakdown(result))
     print(f"\nresults written to {json_path}")
     return 0
 
@@ -139,4 +157,7 @@ def _run_check(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
+    from layerdiff_jax.hostmem import reexec_with_huge_page_malloc
+
+    reexec_with_huge_page_malloc()  # as the trainer and the demo run: both sides are measured with it
     sys.exit(main())

@@ -62,4 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from layerdiff_jax.hostmem import reexec_with_huge_page_malloc
+
+    reexec_with_huge_page_malloc()
     sys.exit(main())

@@ -157,4 +157,7 @@ def _attempt(write, *args, **kwargs) -> list[str]:
 
 
 if __name__ == "__main__":
+    from layerdiff_jax.hostmem import reexec_with_huge_page_malloc
+
+    reexec_with_huge_page_malloc()
     sys.exit(main())

@@ -53,6 +53,13 @@ def best(scores: dict) -> float:
     return max(s["single object"]["colour"] + s["single object"]["shape"] for s in scores.values())
 
 
+def _inherited_samples(started_from: str, history: list[dict], shipped: Path) -> int:
+    """Samples the starting point had seen: a run continued from the shipped base carries on from its total."""
+    if started_from == "toy" or not history or Path(started_from).resolve() != shipped.resolve():
+        return 0
+    return history[-1].get("samples_seen_total", history[-1]["samples_seen"])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from layerdiff_jax.evaluation.text_to_image import evaluate_base, format_base_table
@@ -94,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": steps,
         "batch_size": batch,
         "samples_seen": steps * batch,
+        "samples_seen_total": steps * batch + _inherited_samples(config["model"]["sd_path"], history, TOY_BASE),
         "wall_time_s": round(wall),
         "machine": machine(),
         "parameters": record["parameters"],

@@ -235,5 +235,6 @@ def environment() -> dict[str, Any]:
         "device": device.device_kind,
         "device_count": jax.device_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # huge-page malloc: layerdiff_jax/hostmem.py
         "versions": versions,
     }
