@@ -22,9 +22,9 @@ import tempfile
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 
 from layerdiff_jax.bench import measure
+from layerdiff_jax.models.unet import UNetConfig
 
 KINDS = (
     "conv forward", "conv input grad", "conv weight grad", "conv backward (both)", "matmul", "reductions and norms",
@@ -110,7 +110,7 @@ def torch_breakdown(call: Callable[[], Any], calls: int = 3) -> dict[str, float]
 @dataclasses.dataclass(frozen=True)
 class ProfiledUNet:
     name: str
-    config: Any  # UNetConfig
+    config: UNetConfig
     batch: int
     latent_size: int
 
@@ -135,21 +135,14 @@ def profile_unet(unet: ProfiledUNet) -> dict[str, Any]:
     import torch
 
     from layerdiff_jax.bench import torch_reference as ref
-    from layerdiff_jax.bench.suite import build_unet_pair, unet_forward
+    from layerdiff_jax.bench.suite import build_unet_pair, torch_unet_backward_call, unet_loss_grad
 
     ref.set_cpu_threads()
     pair = build_unet_pair(unet.config, unet.batch, unet.latent_size, 77)
-    forward = unet_forward(unet.config, "float32", "xla")
-    loss_grad = jax.jit(jax.grad(lambda p, x, t, c: jnp.mean(jnp.square(forward(p, x, t, c)))))
-    targs = pair.torch_args(torch.device("cpu"), "float32")
-
-    def torch_step():
-        pair.torch_unet.zero_grad(set_to_none=True)
-        pair.torch_unet(*targs).sample.square().mean().backward()
-
+    cpu = torch.device("cpu")
     before = measure.load_average()[0]
-    ours = xla_breakdown(loss_grad, pair.ours_args("float32"))
-    theirs = torch_breakdown(torch_step)
+    ours = xla_breakdown(jax.jit(unet_loss_grad(unet.config, "float32", "xla")), pair.ours_args("float32"))
+    theirs = torch_breakdown(torch_unet_backward_call(pair.torch_unet, pair.torch_args(cpu, "float32"), cpu))
     return {
         "unet": unet.name, "batch": unet.batch, "latent_size": unet.latent_size, "ours_ms": ours, "torch_ms": theirs,
         **measure.load_fields(before, measure.load_average()[0]),

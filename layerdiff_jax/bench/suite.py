@@ -311,6 +311,25 @@ def torch_unet_call(torch_unet, args: tuple, torch_device) -> Callable[[], Any]:
     return call
 
 
+def unet_loss_grad(config: UNetConfig, dtype: str, attention_impl: str) -> Callable:
+    """grad(params, latents, timesteps, context) of the mean squared UNet output, ours, to be jitted: row 1b's
+    forward+backward."""
+    forward = unet_forward(config, dtype, attention_impl)
+    return jax.grad(lambda p, x, t, c: jnp.mean(jnp.square(forward(p, x, t, c).astype(jnp.float32))))
+
+
+def torch_unet_backward_call(torch_unet, args: tuple, torch_device) -> Callable[[], Any]:
+    """A blocking forward+backward of the torch UNet on `args` (the same loss as `unet_loss_grad`)."""
+    from layerdiff_jax.bench import torch_reference as ref
+
+    def call():
+        torch_unet.zero_grad(set_to_none=True)
+        torch_unet(*args).sample.float().square().mean().backward()
+        ref.synchronize(torch_device)
+
+    return call
+
+
 def nhwc_numpy(torch_out) -> np.ndarray:
     return torch_out.float().permute(0, 2, 3, 1).cpu().numpy()
 
@@ -342,20 +361,13 @@ def bench_unet(settings: BenchSettings) -> list[Row]:
     forward = unet_forward(b.config, settings.dtype, settings.attention_impl)
     torch_forward = torch_unet_call(torch_unet, targs, torch_device)
 
-    def loss(p, x, t, c):
-        return jnp.mean(jnp.square(forward(p, x, t, c).astype(jnp.float32)))
-
-    def torch_forward_backward():
-        torch_unet.zero_grad(set_to_none=True)
-        torch_unet(*targs).sample.float().square().mean().backward()
-        ref.synchronize(torch_device)
-
     size = b.latent_size
     shape = f"B={b.batch}, {size}x{size} latents, {b.context_length}x{b.config.cross_attention_dim} context, {settings.dtype}"
     rows = []
     for label, program, torch_call, row_id in (
         ("UNet forward", jax.jit(forward), torch_forward, "1a"),
-        ("UNet forward+backward", jax.jit(jax.grad(loss)), torch_forward_backward, "1b"),
+        ("UNet forward+backward", jax.jit(unet_loss_grad(b.config, settings.dtype, settings.attention_impl)),
+         torch_unet_backward_call(torch_unet, targs, torch_device), "1b"),
     ):
         compiled, compile_s = measure.compile_jitted(program, *args)
         timing, memory = measured(lambda: measure.time_compiled(compiled, args, settings.repeats, compile_s))
