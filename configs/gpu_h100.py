@@ -16,9 +16,9 @@ from configs import sd15_256
 def get_config():
     config = sd15_256.get_config()
     config.model.compute_dtype = "bfloat16"
-    # XLA attention until a GPU has run the accelerator check (scripts/bench.py --suite check; README): cuDNN's
-    # fused kernel takes SD-1.5's head dims (40, 80, 160) on Hopper (up to 256) but not 160 on Ampere (up to 128),
-    # and whether it beats XLA here is unmeasured.
+    # XLA attention until the accelerator check's train step (row d; README) has run with cuDNN on a GPU: cuDNN
+    # is faster in the UNet forward on Hopper, but its backward needs the padding of odd prompt lengths, and on
+    # Ampere it does not take SD-1.5's deepest head dim (160 > 128).
     config.model.attention_impl = "xla"
     config.train.per_host_batch_size = 32
     config.train.grad_accum_steps = 1

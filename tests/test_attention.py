@@ -83,3 +83,41 @@ def test_kernel_refusal_says_why_a_kernel_does_not_run_here():
     assert attention.kernel_refusal("xla", q, k) is None
     assert "cuDNN needs an NVIDIA GPU" in attention.kernel_refusal("cudnn", q, k)
     assert "splash attention needs a TPU" in attention.kernel_refusal("splash", q, k, mask=KEY_VALID)
+
+
+@pytest.mark.parametrize("q_len, kv_len", [(12, 5), (7, 77), (9, 9)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_cudnn_padding_of_odd_lengths_is_exact(q_len, kv_len, masked):
+    """cuDNN's backward takes even lengths only: `_cudnn_attention` pads a query row (sliced off) and a key no
+    query attends to. Run through jax's XLA kernel here, output and gradients equal the unpadded attention."""
+    q, k, v = _qkv(7, q_len=q_len, kv_len=kv_len)
+    mask = None
+    if masked:
+        key_valid = np.ones((2, kv_len), bool)
+        key_valid[0, -2:] = key_valid[1, 1:3] = False
+        mask = jnp.asarray(key_valid)[:, None, None, :]
+
+    def padded(q, k, v):
+        return attention._cudnn_attention(q, k, v, mask, False, implementation="xla")
+
+    def loss(fn, q, k, v):
+        return jnp.sum(jnp.sin(fn(q, k, v)))
+
+    np.testing.assert_allclose(padded(q, k, v), _reference(q, k, v, mask), atol=1e-6)
+    got = jax.grad(lambda *a: loss(padded, *a), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(lambda *a: loss(lambda q, k, v: _reference(q, k, v, mask), *a), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+def test_cudnn_causal_padding_keeps_the_diagonal(monkeypatch):
+    q, _, _ = _qkv(8, q_len=77, kv_len=77)
+    got = attention._cudnn_attention(q, q, q, None, True, implementation="xla")
+    np.testing.assert_allclose(got, _reference(q, q, q, is_causal=True), atol=1e-6)
+    # The rules as on a GPU: odd lengths are taken (padded), but causal with one odd side is refused.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    q, k, _ = _qkv(9, q_len=8, kv_len=7, dtype=jnp.bfloat16)
+    assert attention.kernel_refusal("cudnn", q, k, mask=KEY_VALID[:, :1].repeat(7, 1)) is None
+    assert attention.kernel_refusal("cudnn", q, k) is None
+    assert "causal" in attention.kernel_refusal("cudnn", q, k, is_causal=True)
+    assert attention.kernel_refusal("cudnn", q, q, is_causal=True) is None

@@ -368,15 +368,15 @@ class Context:
             self.compiled_forward[impl] = (compiled, seconds)
             self.forward_fallbacks[impl] = sorted(set(fallbacks))
             if impl == "xla" and self.forward_flops is None:
-                self.forward_flops = measure.cost_flops(lowered)
+                self.forward_flops = measure.cost_flops(lowered, compiled)
         return self.compiled_forward[impl]
 
     def model_flops(self) -> float | None:
-        """FLOPs of one forward from XLA's cost analysis of the XLA-attention program before optimisation:
-        kernels called as custom calls (cuDNN attention) are not counted by XLA, so every impl's MFU uses this."""
+        """FLOPs of one forward from XLA's cost analysis of the XLA-attention program (before optimisation where
+        the backend analyses lowered programs): kernels called as custom calls (cuDNN attention) are not counted
+        by XLA, so every impl's MFU uses this."""
         if self.forward_flops is None:
-            program = jax.jit(unet_forward(self.bench.unet.config, self.bench.dtype, "xla"))
-            self.forward_flops = measure.cost_flops(program.lower(*self.bf16_args()))
+            self.forward("xla")
         return self.forward_flops
 
     def impl(self) -> str:
@@ -680,7 +680,7 @@ def _train_row(ctx: Context, run: CheckRun, training, remat: bool) -> Row:
             time_left=run.time_left, max_compiles=1 if s.train_batch else 3,
         )
     timing, fields = time_layer_step(training, compiled, s.repeats["train"])
-    flops = measure.cost_flops(compiled.lowered)
+    flops = compiled.flops
     note = None
     if not remat and flops is not None:
         ctx.train_flops_per_sample = flops / batch

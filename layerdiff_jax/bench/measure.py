@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import importlib.metadata
+import logging
 import os
 import platform
 import statistics
@@ -18,6 +19,8 @@ import time
 from typing import Any, Callable
 
 import jax
+
+log = logging.getLogger(__name__)
 
 # bfloat16 dense peak FLOP/s per chip, by `device.device_kind` (vendor data sheets), for MFU.
 BF16_PEAK_FLOPS = {
@@ -88,16 +91,22 @@ def time_compiled(compiled, args: tuple, repeats: int, compile_s: float) -> Timi
     return timing
 
 
-def cost_flops(compiled) -> float | None:
-    """FLOPs of one call of a compiled executable from XLA's cost analysis (None where the backend has none)."""
-    try:
-        analysis = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - some backends don't implement it; the FLOPs column then says n/a
-        return None
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0] if analysis else None
-    flops = (analysis or {}).get("flops")
-    return float(flops) if flops and flops > 0 else None
+def cost_flops(*stages) -> float | None:
+    """FLOPs of one call from XLA's cost analysis of the first of `stages` (a lowered program, then its compiled
+    executable) that reports them; None where none does. Lowered programs count the FLOPs before XLA's
+    optimisations, but not every backend analyses them (the compiled executable is then asked)."""
+    for stage in stages:
+        try:
+            analysis = stage.cost_analysis()
+        except Exception as error:  # noqa: BLE001 - some backends don't implement it; the FLOPs column then says n/a
+            log.info("no cost analysis from %s: %s", type(stage).__name__, error)
+            continue
+        if isinstance(analysis, (list, tuple)):
+            analysis = analysis[0] if analysis else None
+        flops = (analysis or {}).get("flops")
+        if flops and flops > 0:
+            return float(flops)
+    return None
 
 
 def compiled_memory_bytes(compiled) -> int | None:

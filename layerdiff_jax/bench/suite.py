@@ -590,6 +590,10 @@ class CompiledStep:
     def memory_bytes(self) -> int | None:
         return measure.compiled_memory_bytes(self.compiled)
 
+    @property
+    def flops(self) -> float | None:
+        return measure.cost_flops(self.lowered, self.compiled)
+
 
 def compile_layer_step(training: LayerTraining, step, batch: dict, compiler_options: dict | None = None) -> CompiledStep:
     """Lowers and compiles a train step for `batch` (the state's shapes do not change between steps)."""
@@ -625,7 +629,7 @@ def bench_layers(settings: BenchSettings, sd: SDComponents) -> list[Row]:
         timing, fields = time_layer_step(training, compiled, settings.repeats)
         # FLOPs of the whole step from XLA's cost analysis: frozen encoders and optimizer included; with remat
         # on, the recomputed forward is counted too.
-        flops = measure.cost_flops(compiled.lowered)
+        flops = compiled.flops
         rows.append(_row(
             "3", f"LayerDiff train step, L={num_layers} (B={b.batch}, {b.image_size}x{b.image_size}, AdamW, {settings.dtype})",
             "ours", timing, layers=num_layers, samples_per_s=b.batch / timing.median,

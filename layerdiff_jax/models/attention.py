@@ -12,9 +12,9 @@ That single function is where the kernel is chosen, so switching it for every mo
 
 A boolean key mask (padded layers, padded prompts) works with each. cuDNN takes it as an additive bias of
 shape (B, 1, T, S); splash takes it as segment ids (queries in segment 0, masked keys in segment 1). Calls a
-kernel cannot take (float32 under cuDNN, head dims over its limit, odd lengths with a mask while training,
-another backend, masks that are not key masks under splash) run the "xla" path instead, with one log line
-per reason.
+kernel cannot take (float32 under cuDNN, head dims over its limit, another backend, masks that are not key
+masks under splash) run the "xla" path instead, with one log line per reason. cuDNN's backward takes even
+lengths only, so odd ones are padded by a query row and a key that nothing attends to (`_cudnn_attention`).
 """
 
 from __future__ import annotations
@@ -80,7 +80,16 @@ def _is_key_mask(mask, batch: int, kv_len: int) -> bool:
     return mask.ndim == 4 and mask.shape[1] == 1 and mask.shape[2] == 1 and mask.shape[0] in (1, batch) and mask.shape[3] == kv_len
 
 
-def _cudnn_unsupported(query, key, mask) -> str | None:
+def _pad_to(x, axis: int, multiple: int):
+    pad = -x.shape[axis] % multiple
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths)
+
+
+def _cudnn_unsupported(query, key, mask, is_causal) -> str | None:
     """Why cuDNN flash attention cannot take this call (None: it can)."""
     if jax.default_backend() != "gpu":
         return f"cuDNN needs an NVIDIA GPU, the backend is {jax.default_backend()}"
@@ -91,15 +100,29 @@ def _cudnn_unsupported(query, key, mask) -> str | None:
     max_head_dim = 256 if float(capability) >= 9.0 else 128
     if head_dim % 8 or head_dim > max_head_dim:
         return f"cuDNN takes head dims that are multiples of 8 up to {max_head_dim}, got {head_dim}"
-    if mask is not None and (query.shape[1] % 2 or key.shape[1] % 2):
-        return f"cuDNN's masked (bias) backward needs even lengths, got {query.shape[1]} queries and {key.shape[1]} keys"
+    if is_causal and query.shape[1] % 2 != key.shape[1] % 2:  # padding one side only would shift the diagonal
+        return f"cuDNN's causal attention is padded to even lengths on both sides alike, got {query.shape[1]} queries and {key.shape[1]} keys"
     return None
 
 
-def _cudnn_attention(query, key, value, mask, is_causal):
-    if mask is not None:  # cuDNN's bias must span (T, S): broadcast the key mask over the queries
-        mask = jnp.broadcast_to(mask, (*mask.shape[:2], query.shape[1], key.shape[1]))
-    return jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=is_causal, implementation="cudnn")
+def _cudnn_attention(query, key, value, mask, is_causal, implementation: str = "cudnn"):
+    """cuDNN flash attention on (B, T, N, H). Its backward takes even lengths only (CLIP's 77 tokens are odd),
+    so an odd length is padded by one: a zero query row, sliced off the output, and a zero key no query may
+    attend to (cuDNN's own padding mask through `key_value_seq_lengths`, or a False column of the key mask).
+    `implementation` is jax's kernel name: tests run the same padding with "xla" on a CPU."""
+    batch, q_len, kv_len = query.shape[0], query.shape[1], key.shape[1]
+    query, key, value = _pad_to(query, 1, 2), _pad_to(key, 1, 2), _pad_to(value, 1, 2)
+    kv_lengths = None
+    if mask is not None:  # cuDNN's bias must span (T, S): the key mask broadcast over the queries
+        mask = jnp.broadcast_to(mask, (*mask.shape[:2], q_len, kv_len))
+        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, query.shape[1] - q_len), (0, 0)), constant_values=True)
+        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, key.shape[1] - kv_len)), constant_values=False)
+    elif key.shape[1] != kv_len:
+        kv_lengths = jnp.full((batch,), kv_len, jnp.int32)
+    out = jax.nn.dot_product_attention(
+        query, key, value, mask=mask, is_causal=is_causal, key_value_seq_lengths=kv_lengths, implementation=implementation
+    )
+    return out[:, :q_len]
 
 
 @functools.cache
@@ -117,15 +140,6 @@ def _splash_kernel(num_heads: int, q_len: int, kv_len: int, is_causal: bool, int
         splash.MultiHeadMask([head_mask] * num_heads), block_sizes=block, head_shards=1, q_seq_shards=1, interpret=interpret
     )
     return kernel, splash.SegmentIds
-
-
-def _pad_to(x, axis: int, multiple: int):
-    pad = -x.shape[axis] % multiple
-    if pad == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
-    return jnp.pad(x, widths)
 
 
 def _splash_attention(query, key, value, mask, is_causal, interpret: bool = False):
@@ -174,7 +188,7 @@ def kernel_refusal(
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {implementation!r}")
     mask = _as_4d_mask(mask)
     if implementation == "cudnn":
-        return _cudnn_unsupported(query, key, mask)
+        return _cudnn_unsupported(query, key, mask, is_causal)
     if implementation == "splash":
         return _splash_unsupported(query, key, mask, is_causal)
     return None
