@@ -7,7 +7,8 @@ RUN_DIR is a workdir of `scripts/train.py --config configs/toy_sd_pretrain.py`. 
 (RUN_DIR/model) is scored with `evaluate_base` (held-out single-object and composite prompts, guidance
 1, 3 and 5); it replaces layerdiff_jax/assets/toy_base only when its best single-object colour + shape beats the
 shipped base's (or with --force), and its run is appended to the base's provenance.json: the command, the commit
-it ran at, seeds, steps, samples seen, wall time, the machine, parameter counts and the scores.
+it ran at, seeds, steps, samples seen, wall time, the machine, parameter counts and the scores, and the run's
+VAE decoder fine-tune (RUN_DIR/vae_decoder.json, from `finetune_vae_decoder.py`) when it had one.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 from pathlib import Path
 
 PROVENANCE = "provenance.json"
+DECODER_RECORD = "vae_decoder.json"  # finetune_vae_decoder.py's record
 DEFAULT_COMMAND = "python scripts/train.py --config configs/toy_sd_pretrain.py --workdir runs/toy_base"
 GUIDANCES = (1.0, 3.0, 5.0)
 
@@ -32,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--commit", required=True, help="the commit the run trained at")
     p.add_argument("--command", default=DEFAULT_COMMAND, help="the command that ran it")
     p.add_argument("--count", type=int, default=48, help="held-out prompts per set")
+    p.add_argument("--machine", help="where the run trained, when not on this machine (default: this machine)")
     p.add_argument("--force", action="store_true", help="ship even if it does not score better")
     return p
 
@@ -103,11 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         "samples_seen": steps * batch,
         "samples_seen_total": steps * batch + _inherited_samples(config["model"]["sd_path"], history, TOY_BASE),
         "wall_time_s": round(wall),
-        "machine": machine(),
+        "machine": args.machine or machine(),
         "parameters": record["parameters"],
         "scores": scores,
         "evaluation": f"scripts/evaluate_base.py, {args.count} held-out prompts per set, 25 DDIM steps",
     }
+    if (args.run / DECODER_RECORD).is_file():
+        run["vae_decoder"] = json.loads((args.run / DECODER_RECORD).read_text())
     staging = TOY_BASE.with_name(TOY_BASE.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(model_dir, staging)

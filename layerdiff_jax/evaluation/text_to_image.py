@@ -20,6 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
+from layerdiff_jax.data.layers import LayeredSample
+from layerdiff_jax.data.loader import single_object_view
 from layerdiff_jax.data.synthetic import (
     PALETTE,
     background_prompt,
@@ -45,11 +47,18 @@ class FlatRequest:
     objects: tuple[tuple[str, str], ...]  # (colour, shape) of each object the prompt names
 
 
+def _single_object_samples(count: int, seed: int) -> list[LayeredSample]:
+    return [generate_sample(seed, index, layer_mix={2: 1.0}) for index in range(count)]
+
+
+def _composite_samples(count: int, seed: int, layer_mix: dict[int, float] | None = None) -> list[LayeredSample]:
+    return [generate_sample(seed + 1, index, layer_mix=layer_mix or {3: 0.5, 4: 0.5}) for index in range(count)]
+
+
 def single_object_requests(count: int, seed: int = BASE_EVAL_SEED) -> list[FlatRequest]:
     """`count` prompts "a <colour> <shape> on a <colour> background" from held-out synthetic samples."""
     requests = []
-    for index in range(count):
-        s = generate_sample(seed, index, layer_mix={2: 1.0})
+    for s in _single_object_samples(count, seed):
         (obj,) = s.metadata["foregrounds"]
         bg = s.metadata["background"]["colour"]
         prompt = global_prompt([foreground_prompt(obj["colour"], obj["shape"])], background_prompt(bg, "plain"))
@@ -60,11 +69,22 @@ def single_object_requests(count: int, seed: int = BASE_EVAL_SEED) -> list[FlatR
 def composite_requests(count: int, seed: int = BASE_EVAL_SEED, layer_mix: dict[int, float] | None = None) -> list[FlatRequest]:
     """`count` global prompts of held-out synthetic samples with 2 to 4 layers."""
     requests = []
-    for index in range(count):
-        s = generate_sample(seed + 1, index, layer_mix=layer_mix or {3: 0.5, 4: 0.5})
+    for s in _composite_samples(count, seed, layer_mix):
         objects = tuple((f["colour"], f["shape"]) for f in s.metadata["foregrounds"])
         requests.append(FlatRequest(s.global_prompt, s.metadata["background"]["colour"], objects))
     return requests
+
+
+def reference_images(count: int, seed: int = BASE_EVAL_SEED) -> tuple[dict[str, np.ndarray], list[LayeredSample]]:
+    """The ground truth behind the requests: ({"single object": images, "composite": images}, in the order
+    of `single_object_requests` and `composite_requests`, uint8), and the composites' layered samples."""
+    singles = _single_object_samples(count, seed)
+    composites = _composite_samples(count, seed)
+    images = {
+        "single object": np.stack([single_object_view(s, 1, s.metadata["background"]["colour"])[0] for s in singles]),
+        "composite": np.stack([s.composite() for s in composites]),
+    }
+    return images, composites
 
 
 def score_flat(image: np.ndarray, request: FlatRequest) -> dict[str, float]:

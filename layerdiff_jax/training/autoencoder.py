@@ -24,7 +24,8 @@ import optax
 from tqdm import tqdm
 
 from layerdiff_jax.data.layers import LayeredSample, background_mask
-from layerdiff_jax.data.synthetic import generate_sample
+from layerdiff_jax.data.loader import single_object_view
+from layerdiff_jax.data.synthetic import PALETTE, generate_sample, parse_foreground_prompt
 from layerdiff_jax.data.tokenizer import build_toy_tokenizer
 from layerdiff_jax.models.init import init_params
 from layerdiff_jax.models.vae import AutoencoderKL
@@ -54,16 +55,27 @@ class VAEFitConfig:
     learning_rate: float = 1e-3
     kl_weight: float = 1e-6
     seed: int = 0
+    # Train the decoder only (and post_quant_conv), as SD's VAE decoder was fine-tuned after its release: the
+    # encoder, and so the latent space a UNet was trained in, stays exactly as it was.
+    decoder_only: bool = False
+
+
+DECODER_PARTS = ("decoder", "post_quant_conv")
 
 
 def fit_vae(vae: AutoencoderKL, params, images: np.ndarray, config: VAEFitConfig, *, progress: bool = True):
     """Trains `params` on uint8 `images` (N, H, W, 3); returns (params, per-step L1 losses)."""
     schedule = optax.cosine_decay_schedule(config.learning_rate, config.steps, alpha=0.05)
     tx = optax.adam(schedule)
+    if config.decoder_only:
+        labels = {name: jax.tree.map(lambda _: name in DECODER_PARTS, part) for name, part in params.items()}
+        tx = optax.multi_transform({True: tx, False: optax.set_to_zero()}, labels)
     opt_state = tx.init(params)
 
     def loss_fn(p, batch):
         mean, logvar = vae.apply({"params": p}, batch, method=vae.encode)
+        if config.decoder_only:  # no gradient through the frozen encoder
+            mean, logvar = jax.lax.stop_gradient((mean, logvar))
         # Decoding the posterior mean, not a sample: with a tiny KL weight the posterior noise (std 1 at init)
         # would drown the latent's signal for thousands of steps, far past a CPU demo's budget.
         error = vae.apply({"params": p}, mean, method=vae.decode) - batch
@@ -117,6 +129,21 @@ def collect_images(samples: Iterable[LayeredSample]) -> np.ndarray:
     """The layer images of every sample, then their composites."""
     samples = list(samples)
     return np.concatenate([layer_images(s) for s in samples] + [np.stack([s.composite() for s in samples])], axis=0)
+
+
+def single_object_images(samples: Iterable[LayeredSample], seed: int) -> np.ndarray:
+    """One foreground of each sample with foregrounds, alone on a plain background of another palette colour:
+    the flat view a text-to-image base draws for "a red circle on a blue background"."""
+    rng = np.random.default_rng(seed)
+    views = []
+    for sample in samples:
+        if sample.num_layers < 2:
+            continue
+        layer = int(rng.integers(1, sample.num_layers))
+        colour = parse_foreground_prompt(sample.layer_prompts[layer])
+        others = [c for c in PALETTE if colour is None or c != colour[0]]
+        views.append(single_object_view(sample, layer, others[rng.integers(len(others))])[0])
+    return np.stack(views)
 
 
 def fit_toy_vae(fit: VAEFitConfig, *, num_samples: int, data_seed: int, resolution: int) -> tuple[dict, float]:
