@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from layerdiff_jax.data.synthetic import generate_sample
 from layerdiff_jax.models.init import init_params
@@ -37,12 +38,15 @@ def test_fit_vae_lowers_reconstruction_error():
     assert np.isfinite(scale) and scale > 0
 
 
-def test_decoder_only_fit_keeps_the_encoder_and_so_the_latent_space():
+@pytest.mark.parametrize("latent_noise", [0.0, 0.5])
+def test_decoder_only_fit_keeps_the_encoder_and_so_the_latent_space(latent_noise):
     vae = AutoencoderKL(VAEConfig(block_out_channels=(8, 8), norm_num_groups=4, latent_channels=4))
     samples = [generate_sample(0, i, resolution=16) for i in range(4)]
     images = np.concatenate([autoencoder.collect_images(samples), autoencoder.single_object_images(samples, seed=0)])
     params = init_params(vae, jax.random.key(0), autoencoder.to_model_range(images[:1]))
-    config = autoencoder.VAEFitConfig(steps=40, batch_size=8, crop=16, learning_rate=3e-3, decoder_only=True)
+    config = autoencoder.VAEFitConfig(
+        steps=40, batch_size=8, crop=16, learning_rate=3e-3, decoder_only=True, latent_noise=latent_noise
+    )
     tuned, losses = autoencoder.fit_vae(vae, params, images, config, progress=False)
     assert losses[-1][1] < 0.8 * losses[0][1]
     for part in params:

@@ -58,6 +58,10 @@ class VAEFitConfig:
     # Train the decoder only (and post_quant_conv), as SD's VAE decoder was fine-tuned after its release: the
     # encoder, and so the latent space a UNet was trained in, stays exactly as it was.
     decoder_only: bool = False
+    # Gaussian noise added to the posterior mean before decoding, its std drawn per image from U(0, this) in
+    # units of the latent's overall std: a decoder that has seen the neighbourhood of the data's latents also
+    # decodes a diffusion model's imperfect ones (speckle-free masks), and still sees exact means as well.
+    latent_noise: float = 0.0
 
 
 DECODER_PARTS = ("decoder", "post_quant_conv")
@@ -72,29 +76,35 @@ def fit_vae(vae: AutoencoderKL, params, images: np.ndarray, config: VAEFitConfig
         tx = optax.multi_transform({True: tx, False: optax.set_to_zero()}, labels)
     opt_state = tx.init(params)
 
-    def loss_fn(p, batch):
+    def loss_fn(p, batch, key):
         mean, logvar = vae.apply({"params": p}, batch, method=vae.encode)
         if config.decoder_only:  # no gradient through the frozen encoder
             mean, logvar = jax.lax.stop_gradient((mean, logvar))
         # Decoding the posterior mean, not a sample: with a tiny KL weight the posterior noise (std 1 at init)
         # would drown the latent's signal for thousands of steps, far past a CPU demo's budget.
-        error = vae.apply({"params": p}, mean, method=vae.decode) - batch
+        z = mean
+        if config.latent_noise:
+            level_key, noise_key = jax.random.split(key)
+            level = config.latent_noise * jax.random.uniform(level_key, (mean.shape[0], 1, 1, 1))
+            z = mean + level * jnp.std(mean) * jax.random.normal(noise_key, mean.shape)
+        error = vae.apply({"params": p}, z, method=vae.decode) - batch
         l1 = jnp.mean(jnp.abs(error))
         kl = 0.5 * jnp.mean(jnp.sum(mean**2 + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3)))
         return l1 + jnp.mean(error**2) + config.kl_weight * kl, l1
 
     @jax.jit
-    def step(p, opt_state, batch):
-        (_, l1), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch)
+    def step(p, opt_state, batch, key):
+        (_, l1), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch, key)
         updates, opt_state = tx.update(grads, opt_state, p)
         return optax.apply_updates(p, updates), opt_state, l1
 
     rng = np.random.default_rng(config.seed)
+    keys = jax.random.split(jax.random.key(config.seed), config.steps)
     losses = []
     bar = tqdm(range(config.steps), desc="fit VAE", disable=not progress)
     for i in bar:
         batch = to_model_range(content_crops(images, config.batch_size, config.crop, config.min_content, rng))
-        params, opt_state, l1 = step(params, opt_state, batch)
+        params, opt_state, l1 = step(params, opt_state, batch, keys[i])
         if i % 25 == 0 or i == config.steps - 1:
             losses.append((i, float(l1)))
             bar.set_postfix(l1=f"{losses[-1][1]:.4f}")
