@@ -8,10 +8,9 @@ base. RUN_DIR is a workdir of `scripts/train.py --config configs/toy_sd_pretrain
 decoder and post_quant_conv only, on the images of `--num-samples` synthetic samples of the run's data seed
 (layers, masks, composites, and single objects on plain backgrounds), its latents noised (a decoder that only
 ever saw the encoder's exact means turns a diffusion model's imperfect latents into speckled masks and wrong
-colours), and written back in place. Before and
-after, held-out ground truth is encoded and decoded and scored as generated images are
-(layerdiff_jax/evaluation/autoencoder.py): what the base can score is bounded by it. The numbers, the
-settings and the time go to RUN_DIR/vae_decoder.json, which `ship_toy_base.py` records with the run.
+colours), and written back in place. Before and after, held-out ground truth is encoded and decoded and scored
+as generated images are (layerdiff_jax/evaluation/autoencoder.py): what the base can score is bounded by it.
+The numbers, the settings and the time go to RUN_DIR/vae_decoder.json, which `ship_toy_base.py` records.
 """
 
 from __future__ import annotations

@@ -52,9 +52,9 @@ def test_shipped_base_loads_as_an_sd_folder_without_layerdiff_parameters():
 
 
 def test_shipped_base_vae_keeps_the_layers_and_single_objects_it_decodes():
-    """Held-out ground truth encoded and decoded by the shipped VAE still scores nearly as the truth does (the
-    first toy VAE kept single-object colour at 0.854; the decoder trained on noised latents trades a little
-    exactness for decoding generated latents cleanly), and layers and masks fully."""
+    """Held-out ground truth encoded and decoded by the shipped VAE still scores nearly as the truth does (its
+    decoder, trained on noised latents, trades a little exactness for decoding generated latents cleanly), and
+    layers and masks fully."""
     vae, params = load_sd(TOY_BASE)["vae"]
     scores = round_trip_scores(vae, params, count=48)
     assert scores["single object"]["colour"] >= 0.9 and scores["single object"]["shape"] >= 0.85, scores

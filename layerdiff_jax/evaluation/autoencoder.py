@@ -3,8 +3,8 @@ images are. A model that decodes through this VAE cannot be expected to score ab
 
 - flat images: the base's evaluation requests (`text_to_image`: single objects and composites), their ground
   truth round-tripped and scored with `score_requests`;
-- layers: the composites' layered samples, each layer and its mask (3 channels, in [-1, 1], as training
-  encodes them) round-tripped and scored with `prompt_following` as the demo scores generated layers.
+- layers: the composites' layered samples, each layer and its mask (3 channels, as training encodes them)
+  round-tripped and scored with `prompt_following` as the demo scores generated layers.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from layerdiff_jax.evaluation.text_to_image import (
 )
 from layerdiff_jax.models.vae import AutoencoderKL
 from layerdiff_jax.sampling.sampler import layered_sample
+from layerdiff_jax.training.autoencoder import layer_images
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -55,18 +56,13 @@ def round_trip_scores(vae: AutoencoderKL, params, count: int = 48) -> dict[str, 
         "single object": score_requests(_uint8_round_trip(vae, params, images["single object"]), single_object_requests(count)),
         "composite": score_requests(_uint8_round_trip(vae, params, images["composite"]), composite_requests(count)),
     }
-    # Every layer and mask of every sample in one round trip, then split back per sample.
-    pixels, sizes = [], []
-    for s in samples:
-        layers = np.concatenate([s.background[None], s.foregrounds]).astype(np.float32) / 127.5 - 1.0
-        masks = np.concatenate([np.ones((1, *s.masks.shape[1:]), np.float32), s.masks.astype(np.float32) / 255.0])
-        pixels += [layers, np.repeat(masks[..., None], 3, -1) * 2.0 - 1.0]
-        sizes.append(s.num_layers)
-    decoded = (np.clip(round_trip(vae, params, np.concatenate(pixels)), -1.0, 1.0) + 1.0) / 2.0
+    # Every layer and mask of every sample (as the VAE fit sees them) in one round trip, then split per sample.
+    decoded = _uint8_round_trip(vae, params, np.concatenate([layer_images(s) for s in samples])).astype(np.float32) / 255.0
     layered, start = [], 0
-    for s, n in zip(samples, sizes):
-        images, masks = decoded[start : start + n], decoded[start + n : start + 2 * n].mean(-1)
+    for s in samples:
+        n = s.num_layers
+        layer_rgb, layer_alpha = decoded[start : start + n], decoded[start + n : start + 2 * n].mean(-1)
         start += 2 * n
-        layered.append(score_sample(layered_sample(images, masks, s.global_prompt, s.layer_prompts, {})))
+        layered.append(score_sample(layered_sample(layer_rgb, layer_alpha, s.global_prompt, s.layer_prompts, {})))
     scores["layers"] = summarise(layered)
     return scores
