@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="standard suite: timed warm calls per measurement (default 5 on CPU, 10 on GPU, 2 with --quick)")
     parser.add_argument("--deadline-min", type=float, default=8.0, help="check: stop after this many minutes, set-up included (default 8)")
     parser.add_argument("--peak-tflops", type=float, help="the chip's dense bfloat16 peak in TFLOP/s for MFU (default: measure.BF16_PEAK_FLOPS by device kind)")
+    parser.add_argument("--steps", help="check: comma-separated subset of its steps a1,a2,b,c,d,b' (default: all)")
     parser.add_argument("--train-batch", type=int, help="check: the train step's batch (default: the largest that fits)")
     return parser.parse_args(argv)
 
@@ -147,7 +148,7 @@ def _run_check(args: argparse.Namespace) -> int:
         raise ValueError(f"--deadline-min must be > 0, got {args.deadline_min}")
     settings = CheckSettings.for_device(
         args.device, quick=args.quick, deadline_s=args.deadline_min * 60, attention_impl=args.attention_impl,
-        peak_flops=_peak(args), train_batch=args.train_batch,
+        peak_flops=_peak(args), train_batch=args.train_batch, steps=args.steps and tuple(args.steps.split(",")),
     )
     out = args.out or Path("bench_results") / f"check_{args.device}{'_quick' if args.quick else ''}"
     status = run_check(settings, out, started=STARTED)

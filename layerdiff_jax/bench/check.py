@@ -140,11 +140,12 @@ class CheckSettings:
     repeats: dict[str, int]
     deadline_s: float
     torch_compile_backend: str
+    steps: tuple[str, ...]  # the step ids to run, in the check's order (a rerun of those a deadline cut)
 
     @classmethod
     def for_device(
         cls, device: str, *, quick: bool = False, deadline_s: float = DEADLINE_S, peak_flops: float | None = None,
-        train_batch: int | None = None, attention_impl: str | None = None,
+        train_batch: int | None = None, attention_impl: str | None = None, steps: tuple[str, ...] | None = None,
     ) -> "CheckSettings":
         """GPU: SD-1.5 sizes in bfloat16; quick (the CPU path): toy sizes, every step, one or two repeats."""
         if device not in ("cpu", "gpu"):
@@ -153,6 +154,9 @@ class CheckSettings:
             raise ValueError("the check at SD-1.5 size is for accelerators (hours on a CPU); on a CPU pass --quick")
         if train_batch is not None and train_batch < 1:
             raise ValueError(f"train batch must be >= 1, got {train_batch}")
+        known = [step_id for step_id, _, _ in STEPS]
+        if steps is not None and (not steps or set(steps) - set(known)):
+            raise ValueError(f"unknown check steps {sorted(set(steps) - set(known)) or '(none given)'}; the steps are {', '.join(known)}")
         vocab = build_toy_tokenizer().vocab_size
         kernel = attention_impl or "cudnn"  # on a CPU this checks cuDNN's refusal and the fallback to XLA
         images = 1 if quick else 8
@@ -177,6 +181,7 @@ class CheckSettings:
             bench, images, _attention_cases(quick), remat_modes, train_batch, repeats, deadline_s,
             # quick: only TorchDynamo's tracing (inductor's C++ compile takes minutes on a small CPU)
             torch_compile_backend="eager" if quick else "inductor",
+            steps=tuple(step_id for step_id in known if steps is None or step_id in steps),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -364,17 +369,16 @@ class Context:
         if impl not in self.compiled_forward:
             program = jax.jit(unet_forward(self.bench.unet.config, self.bench.dtype, impl))
             with attention.recorded_fallbacks() as fallbacks:
-                lowered, compiled, seconds = measure.lower_and_compile(program, *self.bf16_args())
+                compiled, seconds = measure.compile_jitted(program, *self.bf16_args())
             self.compiled_forward[impl] = (compiled, seconds)
             self.forward_fallbacks[impl] = sorted(set(fallbacks))
             if impl == "xla" and self.forward_flops is None:
-                self.forward_flops = measure.cost_flops(lowered, compiled)
+                self.forward_flops = measure.matmul_flops(program, *self.bf16_args())
         return self.compiled_forward[impl]
 
     def model_flops(self) -> float | None:
-        """FLOPs of one forward from XLA's cost analysis of the XLA-attention program (before optimisation where
-        the backend analyses lowered programs): kernels called as custom calls (cuDNN attention) are not counted
-        by XLA, so every impl's MFU uses this."""
+        """FLOPs of one forward of the XLA-attention program (`measure.matmul_flops`): a kernel's own program
+        hides its attention from the count, so every impl's MFU uses this one."""
         if self.forward_flops is None:
             self.forward("xla")
         return self.forward_flops
@@ -757,20 +761,21 @@ STEPS: tuple[tuple[str, str, Callable[[Context, CheckRun], None]], ...] = (
 def run_check(
     settings: CheckSettings, out_dir: str | Path, *, started: float | None = None, exit: Callable[[int], None] = os._exit,
 ) -> int:
-    """Runs every step in order within the deadline, writing DIR/check.json and DIR/check.md after each row;
+    """Runs the settings' steps in order within the deadline, writing DIR/check.json and DIR/check.md after each row;
     returns the exit status (0; 1 if a step failed; 3 if the deadline left a step unrun)."""
     from layerdiff_jax.bench import torch_reference as ref
 
     environment = suite_environment(settings.bench)
     environment["peak_bf16_flops"] = measure.peak_bf16_flops(jax.devices()[0], settings.bench.peak_flops)
     run = CheckRun(
-        out_dir, settings.deadline_s, plan=[(step_id, title) for step_id, title, _ in STEPS],
+        out_dir, settings.deadline_s, plan=[(step_id, title) for step_id, title, _ in STEPS if step_id in settings.steps],
         header={"environment": environment, "settings": settings.as_dict()}, started=started, exit=exit,
     )
     ctx = Context(settings, torch_device=ref.torch_device(settings.bench.device))
     with quick_compilation(settings.bench.quick):
         for step_id, _, function in STEPS:
-            run.step(step_id, lambda r, f=function: f(ctx, r))
+            if step_id in settings.steps:
+                run.step(step_id, lambda r, f=function: f(ctx, r))
     status = run.finish()
     log.info("check finished (exit status %d) in %.0f s: %s", status, run.result["elapsed_s"], run.json_path)
     return status

@@ -19,6 +19,7 @@ import time
 from typing import Any, Callable
 
 import jax
+from jax.extend import core as jax_core
 
 log = logging.getLogger(__name__)
 
@@ -70,19 +71,11 @@ def time_calls(call: Callable[[], Any], repeats: int, warmup: int = 1) -> Timing
     return Timing(times)
 
 
-def lower_and_compile(jitted, *args, options: dict | None = None) -> tuple[Any, Any, float]:
-    """(the lowered program, its compiled executable, seconds spent lowering and compiling); `options` are XLA
-    compiler options. The lowered program's cost analysis counts the FLOPs before XLA's optimisations."""
-    start = time.perf_counter()
-    lowered = jitted.lower(*args)
-    compiled = lowered.compile(compiler_options=options)
-    return lowered, compiled, time.perf_counter() - start
-
-
 def compile_jitted(jitted, *args, options: dict | None = None) -> tuple[Any, float]:
-    """(the compiled executable, seconds spent lowering and compiling it)."""
-    _, compiled, seconds = lower_and_compile(jitted, *args, options=options)
-    return compiled, seconds
+    """(the compiled executable, seconds spent lowering and compiling it); `options` are XLA compiler options."""
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile(compiler_options=options)
+    return compiled, time.perf_counter() - start
 
 
 def time_compiled(compiled, args: tuple, repeats: int, compile_s: float) -> Timing:
@@ -91,22 +84,42 @@ def time_compiled(compiled, args: tuple, repeats: int, compile_s: float) -> Timi
     return timing
 
 
-def cost_flops(*stages) -> float | None:
-    """FLOPs of one call from XLA's cost analysis of the first of `stages` (a lowered program, then its compiled
-    executable) that reports them; None where none does. Lowered programs count the FLOPs before XLA's
-    optimisations, but not every backend analyses them (the compiled executable is then asked)."""
-    for stage in stages:
-        try:
-            analysis = stage.cost_analysis()
-        except Exception as error:  # noqa: BLE001 - some backends don't implement it; the FLOPs column then says n/a
-            log.info("no cost analysis from %s: %s", type(stage).__name__, error)
-            continue
-        if isinstance(analysis, (list, tuple)):
-            analysis = analysis[0] if analysis else None
-        flops = (analysis or {}).get("flops")
-        if flops and flops > 0:
-            return float(flops)
-    return None
+def matmul_flops(fn: Callable, *args) -> float | None:
+    """FLOPs of one call of `fn` in its matrix products and convolutions (2 per multiply-add), counted on its jaxpr
+    so that every backend counts the same program. XLA's cost analysis does not: after optimisation the GPU
+    backend calls cuBLAS and cuDNN as custom calls it does not count. Kernels called as custom calls from the
+    program itself (cuDNN attention) are not counted either; None where `fn` has no such operation."""
+    traced = (fn if hasattr(fn, "trace") else jax.jit(fn)).trace(*args)  # a jitted fn traced as its own program
+    total = _jaxpr_flops(traced.jaxpr.jaxpr)
+    return total or None
+
+
+def _jaxpr_flops(jaxpr) -> float:
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lhs_contract, _), (lhs_batch, _) = eqn.params["dimension_numbers"]
+            lhs, out = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+            total += 2.0 * _product(out) * _product(lhs[d] for d in lhs_contract)
+        elif eqn.primitive.name == "conv_general_dilated":
+            rhs, out = eqn.invars[1].aval.shape, eqn.outvars[0].aval.shape
+            spec = eqn.params["dimension_numbers"].rhs_spec  # (out features, in features, *spatial)
+            per_output = _product(rhs[d] for d in (spec[1], *spec[2:]))
+            total += 2.0 * _product(out) * per_output
+        for sub in jax_core.jaxprs_in_params(eqn.params):
+            total += _jaxpr_flops(sub) * _trip_count(eqn)
+    return total
+
+
+def _trip_count(eqn) -> int:
+    return eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+
+
+def _product(values) -> float:
+    result = 1.0
+    for v in values:
+        result *= v
+    return result
 
 
 def compiled_memory_bytes(compiled) -> int | None:

@@ -374,7 +374,7 @@ def bench_unet(settings: BenchSettings) -> list[Row]:
         ours = _row(
             row_id, f"{label} ({shape})", "ours", timing,
             xla_step_bytes=measure.compiled_memory_bytes(compiled), **memory,
-            **flops_fields(measure.cost_flops(compiled), timing.median, device, settings.peak_flops),
+            **flops_fields(measure.matmul_flops(program, *args), timing.median, device, settings.peak_flops),
         )
         torch_timing, torch_memory = time_torch(torch_call, settings.repeats, torch_device)
         reference = _row(row_id, f"{label} ({shape})", "torch", torch_timing, **torch_memory)
@@ -582,7 +582,7 @@ def layer_training(sd: SDComponents, *, dtype: str, attention_impl: str, max_lay
 class CompiledStep:
     compiled: Any
     compile_s: float
-    lowered: Any
+    flops: float | None
     batch: dict
     samples: int
 
@@ -590,17 +590,14 @@ class CompiledStep:
     def memory_bytes(self) -> int | None:
         return measure.compiled_memory_bytes(self.compiled)
 
-    @property
-    def flops(self) -> float | None:
-        return measure.cost_flops(self.lowered, self.compiled)
-
 
 def compile_layer_step(training: LayerTraining, step, batch: dict, compiler_options: dict | None = None) -> CompiledStep:
     """Lowers and compiles a train step for `batch` (the state's shapes do not change between steps)."""
     start = time.perf_counter()
-    lowered = step.lower(training.state, batch, training.frozen, training.empty_context)
-    compiled = lowered.compile(compiler_options=compiler_options)
-    return CompiledStep(compiled, time.perf_counter() - start, lowered, batch, samples=batch["images"].shape[1])
+    args = (training.state, batch, training.frozen, training.empty_context)
+    compiled = step.lower(*args).compile(compiler_options=compiler_options)
+    seconds = time.perf_counter() - start
+    return CompiledStep(compiled, seconds, measure.matmul_flops(step, *args), batch, samples=batch["images"].shape[1])
 
 
 def time_layer_step(training: LayerTraining, step: CompiledStep, repeats: int) -> tuple[measure.Timing, dict[str, Any]]:

@@ -241,9 +241,14 @@ def make_train_step(
             return jitted(state, batch, frozen_params, empty_prompt)
 
     def lower(state, batch, frozen_params, empty_prompt):
-        """The step lowered for these arguments: `.compile()` it to read XLA's memory and cost analyses."""
+        """The step lowered for these arguments: `.compile()` it to read XLA's memory analysis."""
         with mesh_rules(mesh):
             return jitted.lower(state, batch, frozen_params, empty_prompt)
 
-    step.lower = lower
+    def trace(state, batch, frozen_params, empty_prompt):
+        """The step traced for these arguments: its `.jaxpr` says what work one step does."""
+        with mesh_rules(mesh):
+            return jitted.trace(state, batch, frozen_params, empty_prompt)
+
+    step.lower, step.trace = lower, trace
     return step
