@@ -99,3 +99,26 @@ def test_ema_decay_warms_up_then_holds():
 
     decays = [float(ema_decay(jnp.asarray(step), 0.999)) for step in (0, 10, 990, 100_000)]
     np.testing.assert_allclose(decays, [0.1, 11 / 20, 0.991, 0.999], rtol=1e-6)
+
+
+def test_cpu_convolutions_without_ynnpack_compute_the_same_gradients():
+    """`train.cpu_ynn_convolutions = False` (the demo's setting) is an XLA option this jaxlib accepts, and a
+    convolution's gradients under it equal XLA's default ones up to float32 summation order (the weight
+    gradient sums 1,024 products per element; they differ by a few 1e-5)."""
+    from layerdiff_jax.training.step import compiler_options
+
+    train = base_config().train
+    assert compiler_options(train) is None
+    train.cpu_ynn_convolutions = False
+    options = compiler_options(train)
+    assert options is not None
+
+    def loss(x, k):
+        y = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(jnp.tanh(y) ** 2)
+
+    args = (jnp.asarray(RNG.standard_normal((4, 16, 16, 32)), jnp.float32), jnp.asarray(RNG.standard_normal((3, 3, 32, 32)), jnp.float32) * 0.05)
+    grad = jax.grad(loss, argnums=(0, 1))
+    default, without = jax.jit(grad)(*args), jax.jit(grad, compiler_options=options)(*args)
+    for a, b in zip(default, without):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4)

@@ -96,6 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.sample_posterior = True  # VAE latents drawn from the posterior (as SD trains), else its mean
     c.train.ema = False
     c.train.ema_decay = 0.9999
+    # XLA:CPU runs convolutions through YNNPACK by default; False leaves them to XLA's own kernels, whose
+    # gradients are faster for small convolutions such as the toy models' (docs/experiments.md). No effect elsewhere.
+    c.train.cpu_ynn_convolutions = True
     # Stop once the run has lasted this long (set-up and compilation included), with a checkpoint and the model
     # folder as on SIGTERM; a rerun resumes for another time_limit_s. 0: train num_steps.
     c.train.time_limit_s = 0.0
