@@ -696,7 +696,7 @@ def _train_row(ctx: Context, run: CheckRun, training, remat: bool) -> Row:
         if flops is None:
             note = "no MFU: the model FLOPs come from the remat-off step, which did not run"
     if _kernel_runs_here(ctx.impl(), ctx.bench.dtype):
-        note = (note + "; " if note else "") + f"{ctx.impl()} attention calls are not in XLA's FLOP count: MFU is a lower bound"
+        note = (note + "; " if note else "") + f"{ctx.impl()} attention calls are not in the FLOP count: MFU is a lower bound"
     row = _row(
         "d", f"LayerDiff train step, L={num_layers} ({b.image_size}x{b.image_size}, AdamW, {ctx.bench.dtype}, "
         f"remat {'on' if remat else 'off'}, B={batch})",

@@ -10,6 +10,7 @@ import dataclasses
 import datetime
 import importlib.metadata
 import logging
+import math
 import os
 import platform
 import statistics
@@ -98,28 +99,18 @@ def _jaxpr_flops(jaxpr) -> float:
     total = 0.0
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
-            (lhs_contract, _), (lhs_batch, _) = eqn.params["dimension_numbers"]
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
             lhs, out = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
-            total += 2.0 * _product(out) * _product(lhs[d] for d in lhs_contract)
+            total += 2.0 * math.prod(out) * math.prod(lhs[d] for d in lhs_contract)
         elif eqn.primitive.name == "conv_general_dilated":
             rhs, out = eqn.invars[1].aval.shape, eqn.outvars[0].aval.shape
             spec = eqn.params["dimension_numbers"].rhs_spec  # (out features, in features, *spatial)
-            per_output = _product(rhs[d] for d in (spec[1], *spec[2:]))
-            total += 2.0 * _product(out) * per_output
+            per_output = math.prod(rhs[d] for d in (spec[1], *spec[2:]))
+            total += 2.0 * math.prod(out) * per_output
+        trips = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
         for sub in jax_core.jaxprs_in_params(eqn.params):
-            total += _jaxpr_flops(sub) * _trip_count(eqn)
+            total += _jaxpr_flops(sub) * trips
     return total
-
-
-def _trip_count(eqn) -> int:
-    return eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
-
-
-def _product(values) -> float:
-    result = 1.0
-    for v in values:
-        result *= v
-    return result
 
 
 def compiled_memory_bytes(compiled) -> int | None:

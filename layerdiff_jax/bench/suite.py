@@ -5,7 +5,7 @@
    `StableDiffusionPipeline` built from the same torch components; images/s.
 3. The LayerDiff training step (`layerdiff_jax.training.step.make_train_step`) at L = 2, 3, 4, 8 layers.
 4. Memory per step: XLA's planned peak per call, the allocator peak on accelerators, host RSS on CPU.
-5. Model FLOPs per step from XLA's cost analysis, and MFU against the chip's bfloat16 peak (accelerators).
+5. Model FLOPs per step counted on the jaxpr (`measure.matmul_flops`), and MFU against the chip's bfloat16 peak (accelerators).
 
 Every measurement records the load average before and after it (`measured`); a row measured above the core
 count is unreliable and meets no target (`add_target`). The accelerator check (`check.py`) is built from the
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from typing import Any, Callable
@@ -582,13 +583,18 @@ def layer_training(sd: SDComponents, *, dtype: str, attention_impl: str, max_lay
 class CompiledStep:
     compiled: Any
     compile_s: float
-    flops: float | None
+    step: Callable  # the uncompiled step and the shapes of its arguments: what `flops` traces, if asked
+    arg_shapes: tuple
     batch: dict
     samples: int
 
     @property
     def memory_bytes(self) -> int | None:
         return measure.compiled_memory_bytes(self.compiled)
+
+    @functools.cached_property
+    def flops(self) -> float | None:
+        return measure.matmul_flops(self.step, *self.arg_shapes)
 
 
 def compile_layer_step(training: LayerTraining, step, batch: dict, compiler_options: dict | None = None) -> CompiledStep:
@@ -597,7 +603,8 @@ def compile_layer_step(training: LayerTraining, step, batch: dict, compiler_opti
     args = (training.state, batch, training.frozen, training.empty_context)
     compiled = step.lower(*args).compile(compiler_options=compiler_options)
     seconds = time.perf_counter() - start
-    return CompiledStep(compiled, seconds, measure.matmul_flops(step, *args), batch, samples=batch["images"].shape[1])
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), args)
+    return CompiledStep(compiled, seconds, step, shapes, batch, samples=batch["images"].shape[1])
 
 
 def time_layer_step(training: LayerTraining, step: CompiledStep, repeats: int) -> tuple[measure.Timing, dict[str, Any]]:
@@ -624,8 +631,7 @@ def bench_layers(settings: BenchSettings, sd: SDComponents) -> list[Row]:
     for num_layers in b.layer_counts:
         compiled = compile_layer_step(training, step, training.batch(b.batch, num_layers, b.image_size))
         timing, fields = time_layer_step(training, compiled, settings.repeats)
-        # FLOPs of the whole step from XLA's cost analysis: frozen encoders and optimizer included; with remat
-        # on, the recomputed forward is counted too.
+        # FLOPs of the whole step's matrix products and convolutions, the frozen encoders' included.
         flops = compiled.flops
         rows.append(_row(
             "3", f"LayerDiff train step, L={num_layers} (B={b.batch}, {b.image_size}x{b.image_size}, AdamW, {settings.dtype})",
