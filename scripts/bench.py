@@ -10,8 +10,8 @@
 The standard suite's rows: (1) UNet forward and forward+backward, ours vs diffusers' torch UNet with the same
 config and weights; (2) 50-step DDIM text-to-image with classifier-free guidance, ours (one jitted program) vs
 diffusers' StableDiffusionPipeline on the same weights; (3) the LayerDiff training step at L = 2, 3, 4, 8
-layers; with each, memory per step and (on accelerators) FLOPs and MFU. Times are medians of warm calls;
-compile time is a separate column. The table is Markdown; --json writes every number (default under
+layers; with each, memory per step and (on accelerators) FLOPs and MFU. Times are medians of warm calls (row 1's
+two sides take turns, so a VM whose speed drifts slows both alike); compile time is a separate column. The table is Markdown; --json writes every number (default under
 bench_results/). Every row records the load average before and after it: one measured while the load was
 above the core count is marked unreliable and never counts as meeting its target.
 
@@ -48,8 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="standard suite: where to write the results (default bench_results/bench_<device>[_quick].json)")
     parser.add_argument("--out", type=Path, help="check: the folder for check.json and check.md (default bench_results/check_<device>[_quick])")
     parser.add_argument("--rows", default="unet,ddim,layers", help="standard suite: comma-separated subset of unet,ddim,layers (default: all)")
-    parser.add_argument("--attention-impl", choices=["xla", "cudnn", "splash"],
-                        help="attention kernel (standard: default xla on CPU, cudnn on GPU; check: the kernel compared with XLA, default cudnn)")
+    parser.add_argument("--attention-impl", choices=["xla", "cudnn", "splash", "cpu"],
+                        help="attention kernel (standard: default cpu on CPU, cudnn on GPU; check: the kernel compared with XLA, default cudnn)")
     parser.add_argument("--repeats", type=int, help="standard suite: timed warm calls per measurement (default 5 on CPU, 10 on GPU, 2 with --quick)")
     parser.add_argument("--deadline-min", type=float, default=8.0, help="check: stop after this many minutes, set-up included (default 8)")
     parser.add_argument("--peak-tflops", type=float, help="the chip's dense bfloat16 peak in TFLOP/s for MFU (default: measure.BF16_PEAK_FLOPS by device kind)")

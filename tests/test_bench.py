@@ -216,3 +216,10 @@ def test_matmul_flops_counts_products_and_convolutions_as_xla_cpu_does():
 
     assert measure.matmul_flops(looped, jnp.ones((8, 8)), jnp.ones((32, 8))) == pytest.approx(3 * matmul)
     assert measure.matmul_flops(lambda a: a + 1, jnp.ones(3)) is None
+
+
+def test_interleaved_timing_takes_turns_and_reverses_the_order_every_other_round():
+    order = []
+    timings = measure.time_interleaved([lambda: order.append("a"), lambda: order.append("b")], repeats=4, warmup=1)
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then a b, b a, a b, b a
+    assert [len(t.times) for t in timings] == [4, 4] and all(t.median >= 0 for t in timings)

@@ -279,3 +279,14 @@ def test_layer_block_output_is_used_and_remat_matches(small):
     # The backward pass traces through the rematerialised blocks.
     grads = jax.eval_shape(jax.grad(lambda p: apply(p, 0.0).sum()), hooked_params)
     assert jax.tree.structure(grads) == jax.tree.structure(hooked_params)
+
+
+def test_fused_cpu_attention_matches_torch(small):
+    """The UNet with attention_impl="cpu", the fused kernel that "auto" runs on CPUs (its gradients are checked
+    against torch's in tests/test_attention.py)."""
+    model, _, unet, params, _ = small
+    args = (SMALL_LATENTS, SMALL_TIMESTEPS, SMALL_CONTEXT)
+    fused = unet.clone(attention_impl="cpu")
+    out = jax.jit(lambda p: fused.apply({"params": p}, *args))(params)
+    assert "layerdiff_cpu_attention_forward" in jax.jit(lambda p: fused.apply({"params": p}, *args)).lower(params).as_text()
+    np.testing.assert_allclose(out, _torch_forward(model, *args), rtol=0, atol=1e-4)

@@ -17,7 +17,7 @@ import statistics
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 from jax.extend import core as jax_core
@@ -70,6 +70,22 @@ def time_calls(call: Callable[[], Any], repeats: int, warmup: int = 1) -> Timing
         call()
         times.append(time.perf_counter() - start)
     return Timing(times)
+
+
+def time_interleaved(calls: Sequence[Callable[[], Any]], repeats: int, warmup: int = 1) -> list[Timing]:
+    """Times several calls taking turns, the order reversed every other round (A B, B A, ...), so that a machine
+    whose speed drifts between minutes (a shared VM) slows each side alike; one Timing per call."""
+    for call in calls:
+        for _ in range(warmup):
+            call()
+    times: list[list[float]] = [[] for _ in calls]
+    for round_ in range(repeats):
+        order = range(len(calls)) if round_ % 2 == 0 else reversed(range(len(calls)))
+        for i in order:
+            start = time.perf_counter()
+            calls[i]()
+            times[i].append(time.perf_counter() - start)
+    return [Timing(t) for t in times]
 
 
 def compile_jitted(jitted, *args, options: dict | None = None) -> tuple[Any, float]:

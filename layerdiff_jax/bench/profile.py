@@ -5,8 +5,8 @@
 Ours: the profiler's trace of the compiled program names every thunk (one fused kernel) it ran; the optimized
 HLO says what each one computes. A convolution is a forward, an input gradient (a convolution of the
 transposed program) or a weight gradient (XLA writes it as a convolution whose window spans the image); a
-fusion holding a dot is a matmul (attention, linear layers); then reductions (norm statistics, bias
-gradients), transposes and copies, and the remaining elementwise work. torch's operators (torch.profiler,
+fusion holding a dot, or the fused attention kernel, is a matmul (attention, linear layers); then reductions
+(norm statistics, bias gradients), transposes and copies, and the remaining elementwise work. torch's operators (torch.profiler,
 self time) are grouped into the same kinds; its convolution backward computes both gradients in one operator.
 """
 
@@ -50,7 +50,7 @@ def xla_kind(text: str) -> str:
         if int(conv.group(1)) > 3 or int(conv.group(2)) > 3:  # the models' kernels are at most 3x3
             return "conv weight grad"
         return "conv input grad" if "transpose(jvp(" in text else "conv forward"
-    if re.search(r"\bdot\(", text):
+    if re.search(r"\bdot\(", text) or "layerdiff_cpu_attention" in text:  # the fused CPU attention kernel too
         return "matmul"
     if "reduce(" in text:
         return "reductions and norms"
@@ -141,7 +141,7 @@ def profile_unet(unet: ProfiledUNet) -> dict[str, Any]:
     pair = build_unet_pair(unet.config, unet.batch, unet.latent_size, 77)
     cpu = torch.device("cpu")
     before = measure.load_average()[0]
-    ours = xla_breakdown(jax.jit(unet_loss_grad(unet.config, "float32", "xla")), pair.ours_args("float32"))
+    ours = xla_breakdown(jax.jit(unet_loss_grad(unet.config, "float32", "cpu")), pair.ours_args("float32"))
     theirs = torch_breakdown(torch_unet_backward_call(pair.torch_unet, pair.torch_args(cpu, "float32"), cpu))
     return {
         "unet": unet.name, "batch": unet.batch, "latent_size": unet.latent_size, "ours_ms": ours, "torch_ms": theirs,

@@ -107,7 +107,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"{versions}; python {env['python']}; torch threads {env.get('torch_threads')}; "
         f"XLA_FLAGS={env['xla_flags'] or '(none)'}",
         f"attention_impl {result['settings'].get('attention_impl') or result['settings']['bench']['attention_impl']}; "
-        f"medians of warm calls; load average (1 min) {load['start'][0]:.2f} at start, "
+        f"medians of warm calls (row 1: ours and torch taking turns); load average (1 min) {load['start'][0]:.2f} at start, "
         f"{load.get('end', load['start'])[0]:.2f} at end; rows measured with the load above the core count are "
         "marked unreliable",
     ]

@@ -119,7 +119,7 @@ class BenchSettings:
         if device == "cpu":
             mid_unet = UNetConfig(block_out_channels=(64, 128, 256, 256), cross_attention_dim=768)
             return cls(
-                "cpu", False, "float32", attention_impl or "xla", 5,
+                "cpu", False, "float32", attention_impl or "cpu", 5,
                 UNetBench(mid_unet, batch=4, latent_size=32),
                 _small_sd(vocab, width=32, image_size=64, batch=2, steps=50),
                 LayerBench(image_size=64, batch=2, layer_counts=(2, 3, 4, 8), enhancer_heads=4),
@@ -140,7 +140,7 @@ class BenchSettings:
 
 
 def _default_impl(device: str) -> str:
-    return "cudnn" if device == "gpu" else "xla"
+    return "cudnn" if device == "gpu" else "cpu"
 
 
 def _small_sd(vocab: int, *, width: int, image_size: int, batch: int, steps: int) -> SDBench:
@@ -371,14 +371,20 @@ def bench_unet(settings: BenchSettings) -> list[Row]:
          torch_unet_backward_call(torch_unet, targs, torch_device), "1b"),
     ):
         compiled, compile_s = measure.compile_jitted(program, *args)
-        timing, memory = measured(lambda: measure.time_compiled(compiled, args, settings.repeats, compile_s))
+        ours_call = lambda: jax.block_until_ready(compiled(*args))  # noqa: E731
+        _, memory = measured(lambda: measure.time_calls(ours_call, 1))  # one call each for the memory columns
+        _, torch_memory = time_torch(torch_call, 1, torch_device)
+        # The timings: the two sides take turns, so this VM's drift between minutes slows both alike.
+        load_before = measure.load_average()[0]
+        timing, torch_timing = measure.time_interleaved([ours_call, torch_call], settings.repeats)
+        load = measure.load_fields(load_before, measure.load_average()[0])
+        timing.compile_s = compile_s
         ours = _row(
             row_id, f"{label} ({shape})", "ours", timing,
-            xla_step_bytes=measure.compiled_memory_bytes(compiled), **memory,
+            xla_step_bytes=measure.compiled_memory_bytes(compiled), **{**memory, **load},
             **flops_fields(measure.matmul_flops(program, *args), timing.median, device, settings.peak_flops),
         )
-        torch_timing, torch_memory = time_torch(torch_call, settings.repeats, torch_device)
-        reference = _row(row_id, f"{label} ({shape})", "torch", torch_timing, **torch_memory)
+        reference = _row(row_id, f"{label} ({shape})", "torch", torch_timing, **{**torch_memory, **load})
         rows += [_compare(ours, reference, higher_is_better=False, target=1.0, name="ours/torch time"), reference]
 
     if settings.dtype == "float32":  # parity of the two forwards: the same network with the same weights

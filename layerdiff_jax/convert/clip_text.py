@@ -35,7 +35,7 @@ def abstract_text_encoder_params(model: CLIPTextTransformer) -> dict:
 
 
 def load_text_encoder(
-    path: str | Path, *, dtype: Any = jnp.float32, attention_impl: str = "xla"
+    path: str | Path, *, dtype: Any = jnp.float32, attention_impl: str = "auto"
 ) -> tuple[CLIPTextTransformer, dict]:
     """(module, params) from a folder with config.json and flax_params.safetensors or transformers torch weights."""
     config = core.read_config(path, CLIPTextConfig.from_diffusers_config)

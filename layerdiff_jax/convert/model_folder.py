@@ -80,7 +80,7 @@ def build_layerdiff(config: Mapping[str, Any], **module_kwargs) -> LayerDiffUNet
 
 
 def load_layerdiff(
-    folder: str | Path, *, dtype=jnp.float32, attention_impl: str = "xla", remat: bool = False
+    folder: str | Path, *, dtype=jnp.float32, attention_impl: str = "auto", remat: bool = False
 ) -> tuple[LayerDiffUNet, dict]:
     """(module, float32 numpy params) from a LayerDiff model folder (or its `layerdiff/` subfolder)."""
     folder = Path(folder)

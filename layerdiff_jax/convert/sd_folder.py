@@ -62,7 +62,7 @@ def load_sd(
     *,
     config_dir: str | Path | None = None,
     dtype: Any = jnp.float32,
-    attention_impl: str = "xla",
+    attention_impl: str = "auto",
 ) -> Components:
     """{"unet", "vae", "text_encoder"} -> (module, params) from any of the three SD layouts.
 

@@ -298,7 +298,7 @@ def convert_component(
     config: Any,
     *,
     dtype: Any = jnp.float32,
-    attention_impl: str = "xla",
+    attention_impl: str = "auto",
     source: str = "checkpoint",
 ) -> tuple[nn.Module, dict]:
     """(module, float32 params) for component `name` from its diffusers/transformers-keyed torch weights."""
@@ -323,7 +323,7 @@ def load_single_file(
     vae_config: VAEConfig | None = None,
     text_config: CLIPTextConfig | None = None,
     dtype: Any = jnp.float32,
-    attention_impl: str = "xla",
+    attention_impl: str = "auto",
 ) -> dict[str, tuple[nn.Module, dict]]:
     """{"unet", "vae", "text_encoder"} -> (module, params) from an original single-file SD-1.x checkpoint.
 

@@ -30,7 +30,7 @@ def abstract_unet_params(unet: UNet2DConditionModel) -> dict:
 
 
 def load_unet(
-    path: str | Path, *, dtype=jnp.float32, attention_impl: str = "xla", remat: bool = False
+    path: str | Path, *, dtype=jnp.float32, attention_impl: str = "auto", remat: bool = False
 ) -> tuple[UNet2DConditionModel, dict]:
     """A UNet component folder (`config.json` + `flax_params.safetensors`, or diffusers torch weights)
     -> (module, float32 numpy params)."""

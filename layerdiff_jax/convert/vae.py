@@ -30,7 +30,7 @@ def abstract_vae_params(model: AutoencoderKL) -> dict:
     return abstract_params(model, jnp.zeros((1, size, size, model.config.in_channels)))
 
 
-def load_vae(path: str | Path, *, dtype: Any = jnp.float32, attention_impl: str = "xla") -> tuple[AutoencoderKL, dict]:
+def load_vae(path: str | Path, *, dtype: Any = jnp.float32, attention_impl: str = "auto") -> tuple[AutoencoderKL, dict]:
     """(module, params) from a folder with config.json and flax_params.safetensors or diffusers torch weights."""
     model = AutoencoderKL(core.read_config(path, VAEConfig.from_diffusers_config), dtype=dtype, attention_impl=attention_impl)
     return model, core.load_params(path, abstract_vae_params(model), rename_vae_key)

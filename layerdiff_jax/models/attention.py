@@ -3,17 +3,22 @@
 That single function is where the kernel is chosen, so switching it for every model is one config value,
 `attention_impl`:
 
+- "auto" (the configs' default): "cpu" on CPUs, "xla" on GPUs and TPUs, where "cudnn" and "splash" are chosen
+  by a config (README, "Which attention on which chip"). Calls the CPU kernel does not take run XLA attention
+  without a log line; a kernel that could not be built is logged once.
 - "xla": plain XLA ops, any backend. Computed heads-major: (B, T, N, H) is transposed to (B, N, T, H) before
   the two matmuls, so they are batched matmuls over leading axes: XLA:CPU lowers
   `jax.nn.dot_product_attention`'s einsums over (B, T, N, H) with large transposes and a materialised
   broadcast of the logits' scale, and runs a UNet markedly slower with them (docs/experiments.md).
 - "cudnn": cuDNN flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`) on NVIDIA GPUs.
 - "splash": the Pallas splash-attention kernel on TPUs (`jax.experimental.pallas.ops.tpu.splash_attention`).
+- "cpu": the project's fused float32 kernel for XLA:CPU (`cpu_attention.cc`, built at first use), which never
+  writes the logits out; XLA:CPU has no fused attention of its own.
 
 A boolean key mask (padded layers, padded prompts) works with each. cuDNN takes it as an additive bias of
 shape (B, 1, T, S); splash takes it as segment ids (queries in segment 0, masked keys in segment 1). Calls a
 kernel cannot take (float32 under cuDNN, head dims over its limit, another backend, masks that are not key
-masks under splash) run the "xla" path instead, with one log line per reason. cuDNN's backward takes even
+masks under splash) run the "xla" path instead, with one log line per reason. The CPU kernel takes key masks as a (B, S) boolean. cuDNN's backward takes even
 lengths only, so odd ones are padded by a query row and a key that nothing attends to (`_cudnn_attention`).
 """
 
@@ -29,11 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from layerdiff_jax.models import layers
+from layerdiff_jax.models import cpu_attention, layers
 
 log = logging.getLogger(__name__)
 
-ATTENTION_IMPLS = ("xla", "cudnn", "splash")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "cpu")
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 _SPLASH_BLOCK = 128  # TPU lane width: splash pads sequence lengths and the head dim to multiples of it
 _fallbacks_logged: set[tuple[str, str]] = set()
@@ -172,6 +177,24 @@ def _splash_unsupported(query, key, mask, is_causal) -> str | None:
     return None
 
 
+def _cpu_unsupported(query, key, mask, is_causal) -> str | None:
+    if jax.default_backend() != "cpu":
+        return f"the fused CPU kernel runs on CPUs, the backend is {jax.default_backend()}"
+    if query.dtype != jnp.float32 or key.dtype != jnp.float32:
+        return f"the fused CPU kernel takes float32, got {query.dtype}"
+    if is_causal:
+        return "the fused CPU kernel takes no causal mask"
+    if mask is not None and not _is_key_mask(mask, query.shape[0], key.shape[1]):
+        return f"the fused CPU kernel takes key masks of shape (B, 1, 1, S), got {mask.shape}"
+    return cpu_attention.unavailable()
+
+
+def _cpu_attention(query, key, value, mask):
+    batch, kv_len = query.shape[0], key.shape[1]
+    key_valid = jnp.ones((batch, kv_len), bool) if mask is None else jnp.broadcast_to(mask[:, 0, 0, :], (batch, kv_len))
+    return cpu_attention.attention(query, key, value, key_valid, query.shape[-1] ** -0.5)
+
+
 def _as_4d_mask(mask):
     if mask is None:
         return None
@@ -183,7 +206,7 @@ def kernel_refusal(
     implementation: str, query: jax.Array, key: jax.Array, *, mask: jax.Array | None = None, is_causal: bool = False
 ) -> str | None:
     """Why `implementation`'s kernel would not take this call, so that `dot_product_attention` runs XLA
-    attention instead (None: the kernel runs; always None for "xla")."""
+    attention instead (None: the kernel runs; always None for "xla" and "auto")."""
     if implementation not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {implementation!r}")
     mask = _as_4d_mask(mask)
@@ -191,7 +214,19 @@ def kernel_refusal(
         return _cudnn_unsupported(query, key, mask, is_causal)
     if implementation == "splash":
         return _splash_unsupported(query, key, mask, is_causal)
+    if implementation == "cpu":
+        return _cpu_unsupported(query, key, mask, is_causal)
     return None
+
+
+def _auto(query, key, mask, is_causal) -> str:
+    """The kernel "auto" runs for this call: the fused one on CPUs when it takes the call, else XLA."""
+    if jax.default_backend() != "cpu":
+        return "xla"
+    reason = _cpu_unsupported(query, key, mask, is_causal)
+    if reason is not None and reason == cpu_attention.unavailable():
+        _fall_back("auto", reason)
+    return "cpu" if reason is None else "xla"
 
 
 def dot_product_attention(
@@ -201,13 +236,15 @@ def dot_product_attention(
     *,
     mask: jax.Array | None = None,
     is_causal: bool = False,
-    implementation: str = "xla",
+    implementation: str = "auto",
 ) -> jax.Array:
     """Scaled dot-product attention on (batch, length, heads, head_dim) tensors.
 
     `mask` is boolean, broadcastable to (batch, heads, q_len, kv_len); True means "may attend".
     """
     mask = _as_4d_mask(mask)
+    if implementation == "auto":
+        implementation = _auto(query, key, mask, is_causal)
     reason = kernel_refusal(implementation, query, key, mask=mask, is_causal=is_causal)
     if reason is not None:
         _fall_back(implementation, reason)
@@ -215,6 +252,8 @@ def dot_product_attention(
         return _xla_attention(query, key, value, mask, is_causal)
     if implementation == "cudnn":
         return _cudnn_attention(query, key, value, mask, is_causal)
+    if implementation == "cpu":
+        return _cpu_attention(query, key, value, mask)
     return _splash_attention(query, key, value, mask, is_causal)
 
 
@@ -229,7 +268,7 @@ class Attention(nn.Module):
     out_features: int | None = None  # defaults to the query width
     qkv_bias: bool = False
     zero_init_out: bool = False  # LayerDiff's new blocks start as the identity
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact

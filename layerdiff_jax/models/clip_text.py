@@ -103,7 +103,7 @@ class CLIPEncoderLayer(nn.Module):
     """Pre-LN block: causal self-attention then MLP, each with a residual."""
 
     config: CLIPTextConfig
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -125,7 +125,7 @@ class CLIPEncoderLayer(nn.Module):
 
 class CLIPEncoder(nn.Module):
     config: CLIPTextConfig
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -144,7 +144,7 @@ class CLIPTextTransformer(nn.Module):
 
     config: CLIPTextConfig
     dtype: Any = jnp.float32
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, input_ids: jax.Array) -> jax.Array:

@@ -73,7 +73,7 @@ class LayerCollaborativeBlock(nn.Module):
     channels: int
     num_heads: int
     use_layer_prompts: bool = True
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -112,7 +112,7 @@ class LayerPromptEnhancer(nn.Module):
 
     variant: str = "s+c"
     num_heads: int = 8
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -143,7 +143,7 @@ class LayerDiffUNet(nn.Module):
     unet_config: UNetConfig
     config: LayerDiffConfig = LayerDiffConfig()
     dtype: Dtype = jnp.float32
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     remat: bool = False
 
     def setup(self):

@@ -24,7 +24,7 @@ class TextToImageModel(nn.Module):
     unet_config: UNetConfig
     text_config: CLIPTextConfig
     dtype: Any = jnp.float32
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     remat: bool = False
 
     def setup(self):

@@ -244,7 +244,7 @@ class _Block(nn.Module):
     layout: BlockLayout
     norm_num_groups: int
     norm_eps: float
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     remat: bool = False
     layer_block: Callable[..., nn.Module] | None = None
     dtype: Dtype = jnp.float32
@@ -323,7 +323,7 @@ class UNet2DConditionModel(nn.Module):
 
     config: UNetConfig
     dtype: Dtype = jnp.float32
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     remat: bool = False  # rematerialise resnets and spatial transformers in the backward pass
     # Called as layer_block(channels=C, num_heads=H, name="layer_attentions_i") after every spatial
     # transformer `attentions_i`, then applied as h = module(h, layer_inputs).

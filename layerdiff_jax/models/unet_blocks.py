@@ -102,7 +102,7 @@ class BasicTransformerBlock(nn.Module):
 
     num_heads: int
     head_dim: int
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -128,7 +128,7 @@ class Transformer2DModel(nn.Module):
     num_heads: int
     norm_num_groups: int
     num_layers: int = 1
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
 
     @nn.compact

@@ -126,7 +126,7 @@ class SpatialSelfAttention(nn.Module):
 
     channels: int
     groups: int
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -146,7 +146,7 @@ class MidBlock(nn.Module):
     """diffusers' UNetMidBlock2D without a time embedding: resnet, attention, resnet."""
 
     groups: int
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -193,7 +193,7 @@ class Encoder(nn.Module):
     """Images (B, H, W, in_channels) -> posterior moments (B, H/f, W/f, 2 * latent_channels)."""
 
     config: VAEConfig
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -214,7 +214,7 @@ class Decoder(nn.Module):
     """Latents (B, h, w, latent_channels) -> images (B, h*f, w*f, out_channels)."""
 
     config: VAEConfig
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -245,7 +245,7 @@ class AutoencoderKL(nn.Module):
 
     config: VAEConfig
     dtype: Any = jnp.float32
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
 
     def setup(self):
         cfg = self.config

@@ -271,7 +271,7 @@ class LayerDiffPipeline:
 
     @classmethod
     def load(
-        cls, folder: str | Path, *, mesh: Mesh | None = None, dtype: Any = jnp.float32, attention_impl: str = "xla"
+        cls, folder: str | Path, *, mesh: Mesh | None = None, dtype: Any = jnp.float32, attention_impl: str = "auto"
     ) -> "LayerDiffPipeline":
         """From a LayerDiff model folder (`vae/`, `text_encoder/`, `tokenizer/`, `layerdiff/`).
         Any problem raises `CheckpointError` naming the folder."""

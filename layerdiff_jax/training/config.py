@@ -54,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.toy_vae.kl_weight = 1e-6
     c.model.layerdiff = ml_collections.ConfigDict(dataclasses.asdict(LayerDiffConfig()))
     c.model.compute_dtype = "float32"  # parameters and optimizer state stay float32
-    c.model.attention_impl = "xla"
+    c.model.attention_impl = "auto"  # layerdiff_jax/models/attention.py: the fused kernel on CPUs, XLA elsewhere
     c.model.remat = False  # rematerialise UNet resnets/transformers in the backward pass
 
     c.data = ml_collections.ConfigDict()
