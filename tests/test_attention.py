@@ -1,18 +1,15 @@
 """The attention implementations (auto, xla, cudnn, splash, cpu): each matches JAX's or torch's reference with
 padded-key masking, kernels fall back to XLA off their hardware with one log line, and say why they would not run."""
 
-import json
 import logging
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from script_support import run_on_cpu_devices
 
-from layerdiff_jax.models import attention, cpu_attention
+from layerdiff_jax.models import attention, cpu_kernels
 
 
 def _qkv(seed, batch=2, q_len=12, kv_len=5, heads=2, head_dim=8, dtype=jnp.float32):
@@ -140,7 +137,7 @@ def _torch_sdpa_with_grads(q, k, v, key_valid):
 @pytest.mark.parametrize("q_len, kv_len, head_dim", [(13, 77, 8), (16, 5, 40), (9, 33, 3)])
 def test_fused_cpu_kernel_matches_torch_sdpa_forward_and_backward(q_len, kv_len, head_dim):
     """Lengths that are not whole vectors (77, 5, 33), a head dim that is not a power of two, a key mask."""
-    assert cpu_attention.unavailable() is None
+    assert cpu_kernels.unavailable() is None
     q, k, v = _qkv(10, batch=3, q_len=q_len, kv_len=kv_len, heads=2, head_dim=head_dim)
     key_valid = np.random.default_rng(11).random((3, kv_len)) > 0.3
     key_valid[:, 0] = True
@@ -189,9 +186,9 @@ def test_auto_runs_the_fused_kernel_on_cpu_and_xla_where_it_refuses(caplog):
 
 
 def test_a_kernel_that_cannot_be_built_says_why_and_auto_falls_back_with_one_log_line(monkeypatch, caplog):
-    assert "no C++ compiler ('no-such-compiler'" in cpu_attention._load("no-such-compiler")
-    assert "did not build" in cpu_attention._load("false")
-    monkeypatch.setattr(cpu_attention, "unavailable", lambda: "no C++ compiler ('g++'; set CXX)")
+    assert "no C++ compiler ('no-such-compiler'" in cpu_kernels._load("no-such-compiler")
+    assert "did not build" in cpu_kernels._load("false")
+    monkeypatch.setattr(cpu_kernels, "unavailable", lambda: "no C++ compiler ('g++'; set CXX)")
     q, k, v = _qkv(14)
     attention._fallbacks_logged.clear()
     with caplog.at_level(logging.WARNING, logger=attention.__name__):
@@ -229,10 +226,7 @@ print(json.dumps(result))
 
 def test_fused_cpu_kernel_is_split_over_a_mesh_without_gathers():
     """custom_partitioning: on 8 devices each runs the kernel on its share of batch and heads."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_on_cpu_devices(SHARDED_SCRIPT)
     assert result["cpu"]["gathers"] == 0 and result["cpu"]["dq_spec"].startswith("P('data', None, 'tensor'")
     assert abs(result["cpu"]["value"] - result["xla"]["value"]) < 1e-4
     for got, want in zip(result["cpu"]["grads"], result["xla"]["grads"]):

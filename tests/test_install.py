@@ -80,9 +80,9 @@ def test_offline_install_from_a_folder_of_wheels(tmp_path):
     installed = _pip("install", "--no-index", "--find-links", str(wheels), "layerdiff_jax", python=python)
     assert installed.returncode == 0, installed.stdout + installed.stderr
     assert f"Successfully installed layerdiff_jax-{wheel.name.split('-')[1]}" in installed.stdout
-    # The wheel carries the fused CPU attention kernel's source, which builds at first use.
+    # The wheel carries the fused CPU kernels' source, which builds at first use.
     script = "import configs.gpu_h100, layerdiff_jax.bench.check, layerdiff_jax\n" \
-        "from layerdiff_jax.models import cpu_attention\nprint(cpu_attention.unavailable(), layerdiff_jax.__file__)"
+        "from layerdiff_jax.models import cpu_kernels\nprint(cpu_kernels.unavailable(), layerdiff_jax.__file__)"
     imported = subprocess.run(
         [str(python), "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
         env={**os.environ, "LAYERDIFF_JAX_CACHE": str(tmp_path / "cache")},
@@ -90,7 +90,7 @@ def test_offline_install_from_a_folder_of_wheels(tmp_path):
     assert imported.returncode == 0, imported.stderr
     kernel, location = imported.stdout.split()
     assert kernel == "None" and location.startswith(str(target_site))
-    assert list((tmp_path / "cache" / "cpu_attention").glob("cpu_attention-*.so"))
+    assert list((tmp_path / "cache" / "cpu_kernels").glob("cpu_kernels-*.so"))
 
     # The CUDA extra resolves to jax's own plugin at jax's version: absent from the folder, so it is named.
     cuda = _pip("install", "--dry-run", "--no-index", "--find-links", str(wheels), "layerdiff_jax[cuda]", python=python)

@@ -5,12 +5,8 @@ the size training recorded, settings checked by the library, model folders' conf
 import contextlib
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 from types import SimpleNamespace
 
 import jax
@@ -18,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from sampling_toy import SIZE, make_random_layerdiff
+from script_support import run_on_cpu_devices
 
 from layerdiff_jax.convert.model_folder import load_layerdiff
 from layerdiff_jax.data.synthetic import generate_sample
@@ -280,11 +277,7 @@ SHARDED_SCRIPT = textwrap.dedent(
 
 
 def test_sharded_sampling_matches_single_device(checkpoint):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(checkpoint)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_on_cpu_devices(SHARDED_SCRIPT, str(checkpoint), timeout=600)
     assert result["devices"] == 8 and result["shard_batch"] == [1] * 8 and result["params_replicated"]
     assert result["latent_scale"] > 0.1 and result["latent_diff"] <= 1e-4, result
     assert result["image_diff"] <= 1 and result["mask_diff"] <= 1, result  # uint8 rounding at most

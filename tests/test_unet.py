@@ -15,6 +15,7 @@ from safetensors.numpy import save_file
 
 from layerdiff_jax.convert import core
 from layerdiff_jax.convert.unet import abstract_unet_params, load_unet, rename
+from layerdiff_jax.models import cpu_kernels
 from layerdiff_jax.models.unet import UNet2DConditionModel, UNetConfig, broadcast_timesteps
 
 # SD-1.5's block types at small widths; per-block heads and transformer depths check the up path's mirroring.
@@ -281,12 +282,19 @@ def test_layer_block_output_is_used_and_remat_matches(small):
     assert jax.tree.structure(grads) == jax.tree.structure(hooked_params)
 
 
-def test_fused_cpu_attention_matches_torch(small):
-    """The UNet with attention_impl="cpu", the fused kernel that "auto" runs on CPUs (its gradients are checked
-    against torch's in tests/test_attention.py)."""
+def test_fused_cpu_kernels_and_plain_xla_ops_both_match_torch(small, monkeypatch):
+    """The UNet with attention_impl="cpu" and its GroupNorms fused, as "auto" runs it on CPUs (the kernels'
+    gradients are checked against torch's in tests/test_attention.py and tests/test_group_norm.py), and with
+    plain XLA ops throughout, as it runs where the kernels cannot be built and, but for attention, on GPUs."""
     model, _, unet, params, _ = small
     args = (SMALL_LATENTS, SMALL_TIMESTEPS, SMALL_CONTEXT)
+    want = _torch_forward(model, *args)
     fused = unet.clone(attention_impl="cpu")
-    out = jax.jit(lambda p: fused.apply({"params": p}, *args))(params)
-    assert "layerdiff_cpu_attention_forward" in jax.jit(lambda p: fused.apply({"params": p}, *args)).lower(params).as_text()
-    np.testing.assert_allclose(out, _torch_forward(model, *args), rtol=0, atol=1e-4)
+    text = jax.jit(lambda p: fused.apply({"params": p}, *args)).lower(params).as_text()
+    assert "layerdiff_cpu_attention_forward" in text and "layerdiff_cpu_group_norm_forward" in text
+    np.testing.assert_allclose(jax.jit(lambda p: fused.apply({"params": p}, *args))(params), want, rtol=0, atol=1e-4)
+
+    monkeypatch.setattr(cpu_kernels, "unavailable", lambda: "no C++ compiler ('g++'; set CXX)")
+    plain = jax.jit(lambda p: unet.clone(attention_impl="auto").apply({"params": p}, *args))
+    assert "layerdiff_cpu" not in plain.lower(params).as_text()
+    np.testing.assert_allclose(plain(params), want, rtol=0, atol=1e-4)

@@ -52,7 +52,7 @@ def xla_kind(text: str) -> str:
         return "conv input grad" if "transpose(jvp(" in text else "conv forward"
     if re.search(r"\bdot\(", text) or "layerdiff_cpu_attention" in text:  # the fused CPU attention kernel too
         return "matmul"
-    if "reduce(" in text:
+    if "reduce(" in text or "layerdiff_cpu_group_norm" in text:  # the fused CPU GroupNorm too
         return "reductions and norms"
     if re.search(r"(ROOT \S+ = |^)\S+ (transpose|copy)\(", text, re.M):
         return "transposes and copies"

@@ -12,7 +12,7 @@ That single function is where the kernel is chosen, so switching it for every mo
   broadcast of the logits' scale, and runs a UNet markedly slower with them (docs/experiments.md).
 - "cudnn": cuDNN flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`) on NVIDIA GPUs.
 - "splash": the Pallas splash-attention kernel on TPUs (`jax.experimental.pallas.ops.tpu.splash_attention`).
-- "cpu": the project's fused float32 kernel for XLA:CPU (`cpu_attention.cc`, built at first use), which never
+- "cpu": the project's fused float32 kernel for XLA:CPU (`cpu_kernels.cc`, built at first use), which never
   writes the logits out; XLA:CPU has no fused attention of its own.
 
 A boolean key mask (padded layers, padded prompts) works with each. cuDNN takes it as an additive bias of
@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from layerdiff_jax.models import cpu_attention, layers
+from layerdiff_jax.models import cpu_kernels, layers
 
 log = logging.getLogger(__name__)
 
@@ -186,13 +186,13 @@ def _cpu_unsupported(query, key, mask, is_causal) -> str | None:
         return "the fused CPU kernel takes no causal mask"
     if mask is not None and not _is_key_mask(mask, query.shape[0], key.shape[1]):
         return f"the fused CPU kernel takes key masks of shape (B, 1, 1, S), got {mask.shape}"
-    return cpu_attention.unavailable()
+    return cpu_kernels.unavailable()
 
 
 def _cpu_attention(query, key, value, mask):
     batch, kv_len = query.shape[0], key.shape[1]
     key_valid = jnp.ones((batch, kv_len), bool) if mask is None else jnp.broadcast_to(mask[:, 0, 0, :], (batch, kv_len))
-    return cpu_attention.attention(query, key, value, key_valid, query.shape[-1] ** -0.5)
+    return cpu_kernels.attention(query, key, value, key_valid, query.shape[-1] ** -0.5)
 
 
 def _as_4d_mask(mask):
@@ -224,7 +224,7 @@ def _auto(query, key, mask, is_causal) -> str:
     if jax.default_backend() != "cpu":
         return "xla"
     reason = _cpu_unsupported(query, key, mask, is_causal)
-    if reason is not None and reason == cpu_attention.unavailable():
+    if reason is not None and reason == cpu_kernels.unavailable():
         _fall_back("auto", reason)
     return "cpu" if reason is None else "xla"
 

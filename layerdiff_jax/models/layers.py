@@ -12,6 +12,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from layerdiff_jax.models import cpu_kernels
+
 Dtype = Any
 
 _default_kernel_init = nn.initializers.lecun_normal()
@@ -67,14 +69,48 @@ def conv(
     )
 
 
-def group_norm(num_groups: int, epsilon: float, *, name: str, dtype: Dtype = jnp.float32) -> nn.GroupNorm:
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (the same parameters), then SiLU when `silu`. On CPUs, float32 calls run the fused kernel of
+    `cpu_kernels` (XLA:CPU runs a GroupNorm's reductions and the SiLU after it as several slow passes); where
+    that kernel cannot be built (`cpu_kernels.unavailable()` says why), and on other backends, XLA ops."""
+
+    silu: bool = False
+
+    @nn.compact
+    def __call__(self, x, *, mask=None):
+        if self._fused(x, mask):
+            features = (x.shape[-1],)
+            scale = self.param("scale", self.scale_init, features, self.param_dtype)
+            bias = self.param("bias", self.bias_init, features, self.param_dtype)
+            return cpu_kernels.group_norm(x, scale, bias, self.num_groups, self.epsilon, self.silu)
+        y = super().__call__(x, mask=mask)
+        return nn.silu(y) if self.silu else y
+
+    def _fused(self, x, mask) -> bool:
+        return (
+            jnp.dtype(self.dtype or jnp.float32) == jnp.float32
+            and self.param_dtype == jnp.float32
+            and mask is None
+            and self.use_scale
+            and self.use_bias
+            and self.group_size is None
+            and self.num_groups is not None
+            and x.ndim >= 2
+            and x.shape[-1] % self.num_groups == 0
+            and cpu_kernels.runs_on(x)
+        )
+
+
+def group_norm(num_groups: int, epsilon: float, *, name: str, dtype: Dtype = jnp.float32, silu: bool = False) -> GroupNorm:
+    """GroupNorm over `num_groups` groups of channels, then SiLU when `silu` (fused on CPUs)."""
     # use_fast_variance=False: E[(x-mean)^2] like torch, not E[x^2]-mean^2, for exact parity.
-    return nn.GroupNorm(
+    return GroupNorm(
         num_groups=num_groups,
         epsilon=epsilon,
         dtype=dtype,
         param_dtype=jnp.float32,
         use_fast_variance=False,
+        silu=silu,
         scale_init=_partitioned(nn.initializers.ones_init(), ("norm",)),
         bias_init=_partitioned(nn.initializers.zeros_init(), ("norm",)),
         name=name,

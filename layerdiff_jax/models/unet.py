@@ -346,7 +346,9 @@ class UNet2DConditionModel(nn.Module):
         self.down_blocks = [DownBlock(layout, **common) for layout in layouts[:n]]
         self.mid_block = MidBlock(layouts[n], **common)
         self.up_blocks = [UpBlock(layout, **common) for layout in layouts[n + 1 :]]
-        self.conv_norm_out = layers.group_norm(c.norm_num_groups, c.norm_eps, dtype=self.dtype, name="conv_norm_out")
+        self.conv_norm_out = layers.group_norm(
+            c.norm_num_groups, c.norm_eps, dtype=self.dtype, silu=True, name="conv_norm_out"
+        )
         self.conv_out = layers.conv(c.out_channels, 3, dtype=self.dtype, name="conv_out")
 
     def time_embed(self, timesteps: jax.Array) -> jax.Array:
@@ -375,7 +377,7 @@ class UNet2DConditionModel(nn.Module):
 
     def head(self, h: jax.Array) -> jax.Array:
         """conv_norm_out + SiLU: the features conv_out reads."""
-        return nn.silu(self.conv_norm_out(h))
+        return self.conv_norm_out(h)
 
     def __call__(self, latents, timesteps, context, layer_inputs: Any = None):
         latents, context = jnp.asarray(latents), jnp.asarray(context)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from layerdiff_jax.models import layers
+from layerdiff_jax.models import cpu_kernels, layers
 from layerdiff_jax.models.attention import Attention
 
 Dtype = Any
@@ -59,13 +59,13 @@ class ResnetBlock2D(nn.Module):
 
     @nn.compact
     def __call__(self, x, emb=None):
-        h = layers.group_norm(self.norm_num_groups, self.norm_eps, dtype=self.dtype, name="norm1")(x)
-        h = layers.conv(self.out_channels, 3, dtype=self.dtype, name="conv1")(nn.silu(h))
+        h = layers.group_norm(self.norm_num_groups, self.norm_eps, dtype=self.dtype, silu=True, name="norm1")(x)
+        h = layers.conv(self.out_channels, 3, dtype=self.dtype, name="conv1")(h)
         if emb is not None:
             t = layers.dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(emb))
             h = h + t[:, None, None, :]
-        h = layers.group_norm(self.norm_num_groups, self.norm_eps, dtype=self.dtype, name="norm2")(h)
-        h = layers.conv(self.out_channels, 3, dtype=self.dtype, name="conv2")(nn.silu(h))
+        h = layers.group_norm(self.norm_num_groups, self.norm_eps, dtype=self.dtype, silu=True, name="norm2")(h)
+        h = layers.conv(self.out_channels, 3, dtype=self.dtype, name="conv2")(h)
         if x.shape[-1] != self.out_channels:
             x = layers.conv(self.out_channels, 1, dtype=self.dtype, name="conv_shortcut")(x)
         return x + h
@@ -79,7 +79,10 @@ class GEGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        value, gate = jnp.split(layers.dense(2 * self.features, dtype=self.dtype, name="proj")(x), 2, axis=-1)
+        h = layers.dense(2 * self.features, dtype=self.dtype, name="proj")(x)
+        if cpu_kernels.runs_on(h):  # one pass each way instead of XLA:CPU's several for erf
+            return cpu_kernels.geglu(h.reshape(h.shape[0], -1, h.shape[-1])).reshape(*h.shape[:-1], self.features)
+        value, gate = jnp.split(h, 2, axis=-1)
         return value * jax.nn.gelu(gate, approximate=False)
 
 

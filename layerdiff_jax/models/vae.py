@@ -206,7 +206,7 @@ class Encoder(nn.Module):
                 channels, cfg.layers_per_block, groups, add_downsample=not is_last, dtype=self.dtype, name=f"down_blocks_{i}"
             )(x)
         x = MidBlock(groups, attention_impl=self.attention_impl, dtype=self.dtype, name="mid_block")(x)
-        x = nn.silu(layers.group_norm(groups, _NORM_EPS, dtype=self.dtype, name="conv_norm_out")(x))
+        x = layers.group_norm(groups, _NORM_EPS, dtype=self.dtype, silu=True, name="conv_norm_out")(x)
         return layers.conv(2 * cfg.latent_channels, 3, dtype=self.dtype, name="conv_out")(x)
 
 
@@ -228,7 +228,7 @@ class Decoder(nn.Module):
             x = UpDecoderBlock(
                 channels, cfg.layers_per_block + 1, groups, add_upsample=not is_last, dtype=self.dtype, name=f"up_blocks_{i}"
             )(x)
-        x = nn.silu(layers.group_norm(groups, _NORM_EPS, dtype=self.dtype, name="conv_norm_out")(x))
+        x = layers.group_norm(groups, _NORM_EPS, dtype=self.dtype, silu=True, name="conv_norm_out")(x)
         return layers.conv(cfg.out_channels, 3, dtype=self.dtype, name="conv_out")(x)
 
 
