@@ -89,6 +89,16 @@ def test_xla_ops_where_the_kernel_does_not_run(monkeypatch, caplog):
     ]
 
 
+def test_empty_batches_and_constant_inputs():
+    """No division by zero for a batch of none; a constant group normalises to 0 (then bias), as in torch."""
+    scale, bias = jnp.ones(32), jnp.full(32, 0.5)
+    assert cpu_kernels.group_norm(jnp.zeros((0, 4, 4, 32)), scale, bias, 8, 1e-5, True).shape == (0, 4, 4, 32)
+    grad = jax.grad(lambda x: cpu_kernels.group_norm(x, scale, bias, 8, 1e-5, True).sum())(jnp.zeros((0, 4, 4, 32)))
+    assert grad.shape == (0, 4, 4, 32)
+    assert cpu_kernels.geglu(jnp.zeros((0, 3, 8))).shape == (0, 3, 4)
+    np.testing.assert_array_equal(cpu_kernels.group_norm(jnp.full((2, 3, 32), 7.0), scale, bias, 8, 1e-5, False), 0.5)
+
+
 def test_the_kernel_refuses_bad_shapes_with_a_clear_error():
     x, scale, bias = _inputs((2, 4, 4, 16))
     with pytest.raises(Exception, match="scale and bias must have x's channel count"):

@@ -335,7 +335,8 @@ struct NormDims {
 
 NormDims MakeNormDims(ffi::ThreadPool& pool, ffi::Span<const int64_t> x, int64_t groups) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t chunks = std::min<int64_t>(x[1], std::max<int64_t>(1, (4 * threads + x[0] - 1) / x[0]));
+  const int64_t images = std::max<int64_t>(1, x[0]);
+  const int64_t chunks = std::min<int64_t>(x[1], (4 * threads + images - 1) / images);
   return NormDims{x[0], x[1], x[2], groups, std::max<int64_t>(1, chunks)};
 }
 

@@ -13,6 +13,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -205,7 +206,7 @@ def _norm_attributes(groups, epsilon, silu):
 
 
 def _group_norm_fwd(x, scale, bias, groups, epsilon, silu):
-    pixels = x.reshape(x.shape[0], -1, x.shape[-1])
+    pixels = x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])
     y, mean, rstd = _norm_forward(_norm_attributes(groups, epsilon, silu), pixels, scale, bias)
     return y.reshape(x.shape), (pixels, scale, bias, mean, rstd)
 

@@ -81,7 +81,8 @@ class GEGLU(nn.Module):
     def __call__(self, x):
         h = layers.dense(2 * self.features, dtype=self.dtype, name="proj")(x)
         if cpu_kernels.runs_on(h):  # one pass each way instead of XLA:CPU's several for erf
-            return cpu_kernels.geglu(h.reshape(h.shape[0], -1, h.shape[-1])).reshape(*h.shape[:-1], self.features)
+            tokens = h.reshape(h.shape[0], math.prod(h.shape[1:-1]), h.shape[-1])
+            return cpu_kernels.geglu(tokens).reshape(*h.shape[:-1], self.features)
         value, gate = jnp.split(h, 2, axis=-1)
         return value * jax.nn.gelu(gate, approximate=False)
 
