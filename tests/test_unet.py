@@ -284,7 +284,7 @@ def test_layer_block_output_is_used_and_remat_matches(small):
 
 def test_fused_cpu_kernels_and_plain_xla_ops_both_match_torch(small, monkeypatch):
     """The UNet with attention_impl="cpu" and its GroupNorms fused, as "auto" runs it on CPUs (the kernels'
-    gradients are checked against torch's in tests/test_attention.py and tests/test_group_norm.py), and with
+    gradients are checked against torch's in tests/test_attention.py and tests/test_cpu_kernels.py), and with
     plain XLA ops throughout, as it runs where the kernels cannot be built and, but for attention, on GPUs."""
     model, _, unet, params, _ = small
     args = (SMALL_LATENTS, SMALL_TIMESTEPS, SMALL_CONTEXT)

@@ -1,5 +1,5 @@
-// Fused kernels for XLA:CPU, as XLA FFI custom calls: scaled dot-product attention and GroupNorm (with an
-// optional SiLU), each forward and backward. Built at first use by layerdiff_jax/models/cpu_kernels.py
+// Fused kernels for XLA:CPU, as XLA FFI custom calls: scaled dot-product attention, GroupNorm (with an
+// optional SiLU) and GEGLU, each forward and backward. Built at first use by layerdiff_jax/models/cpu_kernels.py
 // (g++ -O3 -march=native -ffast-math, which lets the exponentials vectorise through glibc's libmvec). Work is
 // split on XLA's intra-op thread pool.
 //
@@ -528,8 +528,7 @@ void GroupNormBackwardPasses(ffi::ThreadPool& pool, const NormDims& d, const flo
 
 ffi::Error GroupNormBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gamma,
                              ffi::Buffer<ffi::F32> beta, ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> rstd,
-                             ffi::Buffer<ffi::F32> dy, int64_t groups, float epsilon, bool silu,
-                             ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dgamma,
+                             ffi::Buffer<ffi::F32> dy, int64_t groups, bool silu, ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dgamma,
                              ffi::ResultBuffer<ffi::F32> dbeta) {
   if (ffi::Error error = CheckNorm(x.dimensions(), gamma.dimensions(), beta.dimensions(), groups); error.failure())
     return error;
@@ -646,7 +645,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LayerdiffCpuGroupNormBackward, GroupNormBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("groups")
-                                  .Attr<float>("epsilon")
                                   .Attr<bool>("silu")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

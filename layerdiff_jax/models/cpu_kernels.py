@@ -1,10 +1,11 @@
-"""Fused kernels for XLA:CPU (`cpu_kernels.cc`): attention and GroupNorm, built with the machine's C++ compiler.
+"""Fused kernels for XLA:CPU (`cpu_kernels.cc`): attention, GroupNorm (+ SiLU) and GEGLU, built with the machine's
+C++ compiler.
 
 The library is compiled at first use, once per source, jaxlib version and CPU (it is built for the CPU it runs
 on), into `$LAYERDIFF_JAX_CACHE` (default `~/.cache/layerdiff_jax`), loaded with ctypes and registered as XLA
-FFI targets. `attention(q, k, v, key_valid, scale)` and `group_norm(x, scale, bias, groups, epsilon, silu)` are
-differentiable through custom VJPs whose backwards are the library's own. When the library cannot be built,
-`unavailable()` says why, and the models run the same operations as XLA ops instead.
+FFI targets. `attention(q, k, v, key_valid, scale)`, `group_norm(x, scale, bias, groups, epsilon, silu)` and
+`geglu(h)` are differentiable through custom VJPs whose backwards are the library's own. When the library cannot
+be built, `unavailable()` says why, and the models run the same operations as XLA ops instead.
 """
 
 from __future__ import annotations
@@ -201,20 +202,22 @@ def group_norm(x, scale, bias, groups: int, epsilon: float, silu: bool):
     return _group_norm_fwd(x, scale, bias, groups, epsilon, silu)[0]
 
 
-def _norm_attributes(groups, epsilon, silu):
-    return (("groups", int(groups)), ("epsilon", float(epsilon)), ("silu", bool(silu)))
+def _norm_attributes(groups, silu, epsilon=None):
+    """The kernels' attributes; the backward takes no epsilon, as it reads the saved 1 / std."""
+    epsilon = () if epsilon is None else (("epsilon", float(epsilon)),)
+    return (("groups", int(groups)), *epsilon, ("silu", bool(silu)))
 
 
 def _group_norm_fwd(x, scale, bias, groups, epsilon, silu):
     pixels = x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])
-    y, mean, rstd = _norm_forward(_norm_attributes(groups, epsilon, silu), pixels, scale, bias)
+    y, mean, rstd = _norm_forward(_norm_attributes(groups, silu, epsilon), pixels, scale, bias)
     return y.reshape(x.shape), (pixels, scale, bias, mean, rstd)
 
 
 def _group_norm_bwd(groups, epsilon, silu, residuals, dy):
     pixels, scale, bias, mean, rstd = residuals
     flat = dy.reshape(pixels.shape).astype(jnp.float32)
-    dx, dscale, dbias = _norm_backward(_norm_attributes(groups, epsilon, silu), pixels, scale, bias, mean, rstd, flat)
+    dx, dscale, dbias = _norm_backward(_norm_attributes(groups, silu), pixels, scale, bias, mean, rstd, flat)
     return dx.reshape(dy.shape), dscale.sum(0), dbias.sum(0)
 
 
