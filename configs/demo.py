@@ -19,7 +19,7 @@ from layerdiff_jax.demo import demo_config
 
 def get_config():
     c = demo_config()
-    c.finetune = shapes_cpu.get_config()  # model.sd_path and data.path are filled in by the demo
+    c.finetune = shapes_cpu.get_config()  # model.sd_path, data.path and log.sample_* are filled in by the demo
     c.finetune.model.toy_vae.steps = 1000  # base "scratch" only: fit the toy VAE first
     c.finetune.train.num_steps = 3000  # at most: on a 2-core CPU the time budget stops fine-tuning well before
     # Batch 4 rather than 8: the same samples per second on this CPU, so twice the updates in the budget, and
@@ -46,6 +46,7 @@ def get_config():
 
     c.sample.steps = 25  # DDIM steps (the paper samples 100): the demo spends its budget on fine-tuning
     # Of guidance 1, 2 and 3 on the demo's fine-tuned model, 1 scored best: guiding against the layer-aware
-    # negatives cost background colour (README, "Guidance").
+    # negatives cost background colour (README, "Guidance"). The model folders record sample.steps and
+    # sample.guidance (sampling.json): sample.py and edit.py default to them.
     c.sample.guidance = 1.0
     return c

@@ -39,7 +39,7 @@ from layerdiff_jax.training.config import (
     check_fields,
     validate_config,
 )
-from layerdiff_jax.training.export import export_model
+from layerdiff_jax.training.export import export_model, recorded_sampling
 from layerdiff_jax.training.metric_writer import read_metrics
 from layerdiff_jax.training.trainer import prepare_sd, train
 
@@ -48,7 +48,7 @@ SHIPPED, SCRATCH = "shipped", "scratch"  # config.base: the shipped toy base, or
 
 def demo_config() -> ml_collections.ConfigDict:
     """Every field `run` reads; configs/demo.py starts from it. `finetune` is a training config
-    (`training.config.base_config()` schema) whose model.sd_path and data.path the demo fills in."""
+    (`training.config.base_config()` schema) whose model.sd_path, data.path and log.sample_* the demo fills in."""
     c = ml_collections.ConfigDict()
     c.out_dir = "outputs/demo"
     # What fine-tuning starts from: "shipped" (the pretrained toy base), "scratch" (a random toy SD whose VAE is
@@ -88,6 +88,16 @@ def validate_demo_config(config: ml_collections.ConfigDict) -> ml_collections.Co
     if config.base not in (SHIPPED, SCRATCH) and not Path(config.base).is_dir():
         raise ConfigError(f"config.base={config.base!r} is neither 'shipped', 'scratch' nor an SD folder")
     return config
+
+
+def finetune_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The training config of the fine-tuning (model.sd_path and data.path still to fill in): `config.finetune` at
+    the data's resolution, its model folders recording the settings the demo samples them with (sampling.json)."""
+    train_config = config.finetune.copy_and_resolve_references()
+    train_config.data.resolution = config.data.resolution
+    train_config.log.sample_steps, train_config.log.sample_guidance = config.sample.steps, config.sample.guidance
+    train_config.log.record_sample_settings = True
+    return train_config
 
 
 class Stage:
@@ -153,7 +163,7 @@ def export_step0(base: Path, train_config: ml_collections.ConfigDict, out_dir: P
     unet, unet_params = load_unet(base / "unet")
     model, params = init_from_sd(unet, unet_params, LayerDiffConfig(**train_config.model.layerdiff), jax.random.key(train_config.seed))
     scheduler = dataclasses.replace(load_scheduler_config(base), prediction_type=train_config.diffusion.prediction_type)
-    return export_model(out_dir, base, model, params, scheduler)
+    return export_model(out_dir, base, model, params, scheduler, sampling=recorded_sampling(train_config))
 
 
 def sample_and_score(model_dir: Path, requests: list[LayerRequest], sample: ml_collections.ConfigDict, resolution: int, out_dir: Path) -> dict[str, Any]:
@@ -181,8 +191,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     timings: dict[str, float] = {}
     validate_demo_config(config)
-    train_config = config.finetune.copy_and_resolve_references()
-    train_config.data.resolution = config.data.resolution
+    train_config = finetune_config(config)
     requests = held_out_requests(config.sample.per_layer_count, config.sample.request_seed, config.sample.seed, config.data.resolution)
     print(f"layerdiff_jax demo on {jax.device_count()} {jax.devices()[0].platform} device(s); writing to {out}")
 

@@ -80,7 +80,15 @@ def main(argv: list[str] | None = None) -> int:
 
     # Imported after argument checks so that usage errors come back at once, without loading JAX.
     from layerdiff_jax.convert.core import ConversionError
-    from layerdiff_jax.convert.sd_folder import check_output_dir, check_tokenizer_dir, load_sd, save_converted
+    from layerdiff_jax.convert.sd_folder import (
+        CONVERSION_RECORD,
+        CONVERTED_ENTRIES,
+        check_output_dir,
+        check_tokenizer_dir,
+        load_sd,
+        save_converted,
+    )
+    from layerdiff_jax.fileio import claim_output_folder
 
     kind = "diffusers folder" if args.source.is_dir() else "single-file checkpoint"
     config_dir = args.source if args.source.is_dir() else args.config  # where config.json files are copied from
@@ -89,22 +97,26 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = default_tokenizer(args.tokenizer, config_dir)
         if tokenizer is not None:
             check_tokenizer_dir(tokenizer)
-        # Checked before the (long) conversion, and again by save_converted.
-        check_output_dir(args.output, inputs=[args.source, config_dir, tokenizer], overwrite=args.overwrite)
-        print(f"converting {args.source} ({kind})")
-        components = load_sd(args.source, config_dir=args.config)
-        print(f"writing {args.output}")
-        record = save_converted(
-            args.output,
-            components,
-            source=args.source,
-            config_dir=config_dir,
-            tokenizer_dir=tokenizer,
-            overwrite=args.overwrite,
-        )
-    except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
+        # Checked before the (long) conversion: files inside the entries a conversion replaces, then the folder.
+        inputs = [args.source, config_dir, tokenizer]
+        check_output_dir(args.output, inputs=inputs, overwrite=args.overwrite)
+        # A folder converted before output records existed is adopted by its conversion record.
+        adopt = CONVERTED_ENTRIES if (args.output / CONVERSION_RECORD).is_file() else ()
+        with claim_output_folder(args.output, tool="convert_weights.py", overwrite=args.overwrite, inputs=inputs, adopt=adopt) as written:
+            print(f"converting {args.source} ({kind})")
+            components = load_sd(args.source, config_dir=args.config)
+            print(f"writing {args.output}")
+            written.add(*CONVERTED_ENTRIES)  # before writing: an interrupted write is recorded as such
+            record = save_converted(
+                args.output, components, source=args.source, config_dir=config_dir, tokenizer_dir=tokenizer, overwrite=True
+            )
+            written.finish()
+    except (ConversionError, ValueError, OSError) as e:  # OSError: missing inputs, the folder's lock, a full disk
         print(f"convert_weights.py: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"convert_weights.py: interrupted; {args.output} is marked as an unfinished conversion", file=sys.stderr)
+        return 130
     finally:
         package_logger.removeHandler(handler)
         package_logger.setLevel(level)

@@ -20,6 +20,7 @@ import json
 import sys
 from pathlib import Path
 
+from layerdiff_jax.cli import int_in
 from layerdiff_jax.convert.core import ConversionError
 from layerdiff_jax.data.layers import DataError
 from layerdiff_jax.evaluation.report import evaluate_samples, format_table
@@ -33,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", type=Path, help="real images for FID: sample folders or PNG/JPEG files")
     p.add_argument("--inception", type=Path, help="FID Inception weights (.pth or .safetensors)")
     p.add_argument("--clip", type=Path, help="transformers CLIP checkpoint folder")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int_in(1), default=32, help="images per Inception / CLIP batch")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable sample folders and list them")
     return p
 
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = "" if args.skip_bad else "\n(use --skip-bad to skip unreadable sample folders)"
         print(f"error: {e}{hint}", file=sys.stderr)
         return 1
-    except (ConversionError, ValueError, FileNotFoundError, ImportError) as e:
+    except (ConversionError, ValueError, OSError, ImportError) as e:  # OSError: also an unfinished run's folder
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(format_table(metrics))

@@ -6,13 +6,19 @@
 
 Each sample gets a folder in the layered exchange format (composite.png, background.png, layer_NN.png
 RGBA with the mask as alpha, mask_NN.png, sample.json) plus layers.ora and layers.psd; the run gets
-contact_sheet.png. Samples are written as each batch finishes, each folder all at once (a killed run
-keeps the finished samples and leaves no half-written folder under its name).
+contact_sheet.png (of the first 64 samples). Samples are written as each batch finishes, each folder all
+at once (a killed run keeps the finished samples and leaves no half-written folder under its name).
+
+--out is locked while the run writes (a second run on it is refused, naming the first), and
+records what the run wrote (.layerdiff_outputs.json): --overwrite replaces only an earlier run's samples,
+and a run that did not finish (interrupted, a sample that could not be written) is marked so, which
+evaluate.py and build_dataset.py refuse.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -23,11 +29,13 @@ from layerdiff_jax.diffusion.settings import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
     RequestError,
+    check_prompt,
     check_sampling_settings,
 )
-from layerdiff_jax.fileio import output_folder_problem
+from layerdiff_jax.fileio import claim_output_folder, output_problem
 
 DESCRIPTION = __doc__.split("\n\n")[0]
+CONTACT_SHEET_ROWS = 64  # the sheet shows the first samples only: a run's size is not bounded by memory
 EPILOG = """\
 prompts:
   --layer-prompt names one FOREGROUND layer; repeat it for each, deepest (furthest back) first. The
@@ -61,15 +69,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--background-prompt", default=BACKGROUND_PROMPT, help=f'the background layer\'s prompt (default: "{BACKGROUND_PROMPT}")')
     parser.add_argument("--num-samples", type=int, default=1, help="samples of --prompt (default 1)")
     parser.add_argument("--spec", type=Path, help="JSON file with a list of requests, instead of --prompt")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"DDIM steps (default {DEFAULT_STEPS})")
-    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE})")
+    parser.add_argument("--steps", type=int, help=f"DDIM steps (default: the model folder's sampling.json, else {DEFAULT_STEPS})")
+    parser.add_argument("--guidance", type=float,
+                        help=f"classifier-free guidance scale (default: the model folder's sampling.json, else {DEFAULT_GUIDANCE})")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta, 0 = deterministic (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="first seed of the run (default 0)")
     parser.add_argument("--batch-size", type=int, help="samples per compiled batch (default: the number of devices)")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                         help="image size (default: the size the model was trained at; another size is allowed, with a warning)")
     parser.add_argument("--formats", nargs="*", default=["ora", "psd"], choices=["ora", "psd"], help="layered files per sample (default: ora psd)")
-    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier sample.py run in --out (nothing else there is deleted)")
     parser.add_argument("--distributed", action="store_true", help="multi-host run: call jax.distributed.initialize() first")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -80,15 +89,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--spec replaces --prompt/--layer-prompt: give one or the other")
     if args.prompt is not None and not args.layer_prompt:
         parser.error("no layer prompt: give at least one --layer-prompt (a foreground layer)")
-    for name in ("num_samples", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    prompts = [("prompt", args.prompt), ("background-prompt", args.background_prompt)]
+    prompts += [(f"layer-prompt #{i}", p) for i, p in enumerate(args.layer_prompt, start=1)]
     try:
-        check_sampling_settings(steps=args.steps, guidance=args.guidance, eta=args.eta, seed=args.seed)
-    except RequestError as e:
-        parser.error(f"--{e}")
-    problem = output_folder_problem(args.out, overwrite=args.overwrite)
+        for name, text in prompts:
+            if text is not None:
+                check_prompt(name, text)
+        check_sampling_settings(
+            steps=args.steps, guidance=args.guidance, eta=args.eta, seed=args.seed, num_samples=args.num_samples,
+            batch_size=args.batch_size, size=tuple(args.size) if args.size else None,
+        )
+    except RequestError as e:  # the message starts with the setting's name: num_samples is --num-samples
+        name, _, rest = str(e).partition(" ")
+        parser.error(f"--{name.replace('_', '-')} {rest}")
+    problem = output_problem(args.out, overwrite=args.overwrite, inputs=[args.checkpoint, args.spec])
     if problem:
         parser.error(f"--out {problem}")
     return args
@@ -109,37 +123,58 @@ def main(argv: list[str] | None = None) -> int:
     from layerdiff_jax.sampling import CheckpointError, LayerDiffPipeline, LayerRequest, read_request_file
     from layerdiff_jax.sampling.outputs import CONTACT_SHEET, write_contact_sheet, write_sample
 
+    written = 0
     try:
         if args.distributed:
             jax.distributed.initialize()
-        if args.spec is not None:
-            requests = read_request_file(args.spec)
-        else:
-            requests = [LayerRequest(args.prompt, args.layer_prompt, args.background_prompt, args.num_samples)]
-        start = time.perf_counter()
-        pipe = LayerDiffPipeline.load(args.checkpoint, mesh=data_parallel_mesh())
-        pipe.check_requests(requests)  # before the first compilation
-        writer = jax.process_index() == 0
-        if writer:
-            print(f"loaded {args.checkpoint} in {time.perf_counter() - start:.1f} s; {sum(r.num_samples for r in requests)} sample(s) "
-                  f"on {jax.device_count()} device(s)")
-        start = time.perf_counter()
-        samples, failures = [], []
-        generated = pipe.iter_generate(
-            requests, steps=args.steps, guidance=args.guidance, eta=args.eta, seed=args.seed,
-            batch_size=args.batch_size or jax.device_count(), size=tuple(args.size) if args.size else None,
-            progress=writer and not args.quiet,
-        )
-        for i, sample in enumerate(generated):  # written as each batch finishes
-            samples.append(sample)
-            if writer:  # a sample that cannot be written must not lose the others
-                failures += _attempt(write_sample, sample, args.out / f"sample_{i:04d}", formats=args.formats)
-        if writer:
-            failures += _attempt(write_contact_sheet, samples, args.out / CONTACT_SHEET)
-            print(f"{len(samples)} sample(s) in {time.perf_counter() - start:.1f} s -> {args.out}")
-    except (CheckpointError, RequestError, DataError) as e:
+        writer = jax.process_index() == 0  # process 0 writes every output
+        with contextlib.ExitStack() as stack:
+            if writer:  # before any work: one writer per folder
+                record = stack.enter_context(
+                    claim_output_folder(args.out, tool="sample.py", overwrite=args.overwrite, inputs=[args.checkpoint, args.spec])
+                )
+            if args.spec is not None:
+                requests = read_request_file(args.spec)
+            else:
+                requests = [LayerRequest(args.prompt, args.layer_prompt, args.background_prompt, args.num_samples)]
+            start = time.perf_counter()
+            pipe = LayerDiffPipeline.load(args.checkpoint, mesh=data_parallel_mesh())
+            pipe.check_requests(requests)  # before the first compilation
+            steps, guidance, settings_used = pipe.sampling.choose(args.steps, args.guidance)
+            total = sum(r.num_samples for r in requests)
+            if writer:
+                print(f"loaded {args.checkpoint} in {time.perf_counter() - start:.1f} s; {total} sample(s) "
+                      f"on {jax.device_count()} device(s)")
+                print(settings_used)
+            start = time.perf_counter()
+            shown, failures = [], []
+            generated = pipe.iter_generate(
+                requests, steps=steps, guidance=guidance, eta=args.eta, seed=args.seed,
+                batch_size=args.batch_size or jax.device_count(), size=tuple(args.size) if args.size else None,
+                progress=writer and not args.quiet,
+            )
+            for i, sample in enumerate(generated):  # written as each batch finishes
+                if len(shown) < CONTACT_SHEET_ROWS:
+                    shown.append(sample)
+                if writer:  # a sample that cannot be written must not lose the others
+                    name = f"sample_{i:04d}"
+                    record.add(name)
+                    failure = _attempt(write_sample, sample, args.out / name, formats=args.formats)
+                    failures += failure
+                    written += not failure
+            if writer:
+                record.add(CONTACT_SHEET)
+                failures += _attempt(write_contact_sheet, shown, args.out / CONTACT_SHEET)
+                if not failures:  # a run that lost a sample stays unfinished: readers refuse it
+                    record.finish()
+                print(f"{written} sample(s) in {time.perf_counter() - start:.1f} s -> {args.out}")
+    except (CheckpointError, RequestError, DataError, OSError) as e:  # OSError: the folder's lock, a full disk
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        kept = f"{args.out} keeps them, marked as an unfinished run (rerun with --overwrite)" if written else "nothing written"
+        print(f"sample.py: interrupted after {written} sample(s); {kept}", file=sys.stderr)
+        return 130
     finally:
         package_logger.removeHandler(handler)
     for failure in failures:

@@ -7,9 +7,13 @@
 Override any config field with --config.<field>=<value>. A run resumes from the latest checkpoint in its
 workdir unless --noresume. Several processes: jax.distributed starts from --coordinator_address,
 --num_processes, --process_id (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), or by
-itself on a multi-host Cloud TPU slice or a SLURM job. Exit status: 0 when the run finished, or stopped on
-SIGTERM or at config.train.time_limit_s after its checkpoint, 1 on a non-finite loss, 2 on a bad config
-(a missing --config file, an unknown field, a bad value) or a missing or unreadable input.
+itself on a multi-host Cloud TPU slice or a SLURM job. One run at a time may use a workdir (it is locked
+while the run lasts). Ctrl-C stops after the current step with a checkpoint, as SIGTERM does; a second
+Ctrl-C stops at once. Exit status: 0 when the run finished, or stopped on SIGTERM, Ctrl-C or at
+config.train.time_limit_s after its checkpoint, 1 on a non-finite loss or a checkpoint that could not be
+written (a full disk), 2 on a bad config (a missing --config file or one that does not load, an unknown
+field, a bad value), a missing or unreadable input, or a workdir that is in use or cannot be written, 130
+on a second Ctrl-C.
 """
 
 from __future__ import annotations
@@ -40,7 +44,16 @@ def _config_problem(error: BaseException) -> str:
             return f"no config field {field}" + (f" ({' '.join(hint)})" if hint else "")
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     reason = next((line for line in reversed(lines) if "Errno" in line), lines[-1] if lines else type(error).__name__)
+    if isinstance(error, (SyntaxError, NameError, ImportError)):
+        return f"the --config file does not load: {type(error).__name__}: {reason}"
     return f"the --config file does not load: {reason}" if isinstance(error, OSError) else reason
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    """Keeps a log record's message, drops its traceback: orbax's background threads log a failed checkpoint
+    write with a traceback per thread, and the trainer reports the failure itself."""
+    record.exc_info, record.exc_text = None, None
+    return True
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -49,7 +62,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except flags.Error as e:
         message = str(e)
-    except (KeyError, AttributeError, TypeError, ValueError, OSError) as e:
+    except (KeyError, AttributeError, TypeError, ValueError, OSError, SyntaxError, NameError, ImportError) as e:
         message = f"bad config: {_config_problem(e)}"
     print(f"train.py: {message}", file=sys.stderr)
     sys.exit(2)
@@ -60,6 +73,7 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
+    logging.getLogger("absl").addFilter(_without_traceback)  # a failed save is reported once, in one line
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config configs/shapes_cpu.py")
 
@@ -78,6 +92,7 @@ def main(argv: list[str]) -> int:
 
     from layerdiff_jax.convert.core import ConversionError
     from layerdiff_jax.data.layers import DataError
+    from layerdiff_jax.fileio import OutputFolderError
     from layerdiff_jax.training.checkpoint import CheckpointRestoreError
     from layerdiff_jax.training.trainer import NonFiniteLossError, train
 
@@ -86,13 +101,20 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"bad config: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError, ConversionError, CheckpointRestoreError, DataError) as e:
-        # a missing or unreadable SD folder or dataset, checkpoints with --noresume, none that restores
+    except (FileNotFoundError, FileExistsError, ConversionError, CheckpointRestoreError, DataError, OutputFolderError) as e:
+        # a missing or unreadable SD folder or dataset, checkpoints with --noresume, none that restores, a workdir
+        # that another run holds or that cannot be written
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a checkpoint or the model folder could not be written (a full disk)
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # a second Ctrl-C (the first stops after the step, with a checkpoint)
+        print(f"training interrupted: it resumes from the last checkpoint in {_WORKDIR.value}/checkpoints", file=sys.stderr)
+        return 130
     how = "stopped on request" if result.stopped_early else "stopped at the time limit" if result.out_of_time else "finished"
     print(f"{how} at step {result.step}" + (f"; model folder: {result.model_dir}" if result.model_dir else ""))
     return 0

@@ -8,7 +8,7 @@ import PIL.Image
 import pytest
 from script_support import load_script
 
-from layerdiff_jax.data.layers import DataError, write_sample_folder
+from layerdiff_jax.data.layers import DataError, list_sample_folders, write_sample_folder
 from layerdiff_jax.data.synthetic import generate_sample
 from layerdiff_jax.data.tfds_builders import (
     build_from_folders,
@@ -105,7 +105,7 @@ def test_folder_splits_from_subfolders(tmp_path):
 def test_build_script(tmp_path, capsys):
     script = load_script("build_dataset")
     assert script.main(["export", "--out", str(tmp_path / "samples"), "--num", "5", "--resolution", "32"]) == 0
-    assert len(list((tmp_path / "samples").iterdir())) == 5
+    assert len(list_sample_folders(tmp_path / "samples")) == 5
     _break_three(tmp_path / "samples")
     capsys.readouterr()
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from layerdiff_jax.convert.model_folder import load_scheduler_config
+from layerdiff_jax.convert.model_folder import load_sampling_settings, load_scheduler_config
 from layerdiff_jax.data.layers import list_sample_folders, read_sample_folder
 from layerdiff_jax.toy import TOY_BASE
 
@@ -43,6 +43,9 @@ def test_shortened_demo_writes_every_output(tmp_path):
     assert (out / "train" / "model" / "layerdiff" / "flax_params.safetensors").is_file()
     # The model folder tells sampling what the demo trained: velocity targets.
     assert load_scheduler_config(out / "train" / "model").prediction_type == "v_prediction"
+    # ... and the settings it was sampled and scored with: sample.py's and edit.py's defaults (training's export).
+    recorded = load_sampling_settings(out / "train" / "model")
+    assert (recorded.steps, recorded.guidance) == (2, 1.0)
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["groups"]) == {"2", "3", "4", "overall"}
     assert metrics["demo"]["timings_s"]["total_s"] > 0

@@ -37,7 +37,11 @@ def assert_only_target_changed(before: LayeredSample, after: LayeredSample, targ
     for i, (a, b) in enumerate(zip(before.masks, after.masks), start=1):
         if i != target:
             np.testing.assert_array_equal(a, b)
-    assert after.global_prompt == before.global_prompt
+    # The global prompt follows the target's new prompt: the old one replaced where it appears.
+    old, new = before.layer_prompts[target], after.layer_prompts[target]
+    assert old in before.global_prompt and after.global_prompt == before.global_prompt.replace(old, new)
+    assert after.metadata["edits"][-1]["global_prompt_from"] == "replaced"
+    assert after.metadata["edits"][-1]["previous_global_prompt"] == before.global_prompt
     assert [p for i, p in enumerate(after.layer_prompts) if i != target] == [p for i, p in enumerate(before.layer_prompts) if i != target]
 
 

@@ -2,6 +2,7 @@
 outputs refused before any work; any prompt written; one output failing, or a kill, loses nothing else."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,8 @@ from psd_tools import PSDImage
 from sampling_toy import SIZE, make_random_layerdiff
 from script_support import load_script
 
-from layerdiff_jax.data.layers import read_sample_folder
+from layerdiff_jax.data.layers import list_sample_folders, read_sample_folder
+from layerdiff_jax.fileio import OutputFolderError, recorded_entries
 from layerdiff_jax.sampling import outputs
 from layerdiff_jax.sampling.outputs import CONTACT_SHEET, PSD_FILE, check_layered_files
 from layerdiff_jax.sampling.sampler import LayerDiffPipeline
@@ -46,7 +48,8 @@ def run(checkpoint, tmp_path_factory):
 
 
 def test_sample_cli_writes_exchange_folders_layered_files_and_contact_sheet(run, checkpoint):
-    assert sorted(p.name for p in run.iterdir()) == ["contact_sheet.png", "sample_0000", "sample_0001", "sample_0002"]
+    assert _listing(run) == ["contact_sheet.png", "sample_0000", "sample_0001", "sample_0002"]
+    assert recorded_entries(run) == set(_listing(run))
     samples = [read_sample_folder(run / f"sample_{i:04d}") for i in range(3)]
     assert [s.num_layers for s in samples] == [2, 2, 3]
     assert samples[2].layer_prompts == ["a striped background", "a green square", "a red circle"]
@@ -111,6 +114,11 @@ def test_edit_cli_errors(run, checkpoint, tmp_path, capsys):
     assert "not a layered sample folder" in capsys.readouterr().err
 
 
+def _listing(folder):
+    """The entries of an output folder, without its lock and record."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
 def _spec(folder, requests):
     path = folder / "requests.json"
     path.write_text(json.dumps(requests, ensure_ascii=False), encoding="utf-8")
@@ -132,7 +140,7 @@ def _sample(checkpoint, spec, out, *extra):
 def test_unicode_prompts_are_written_with_every_sample(run, checkpoint, tmp_path, capsys):
     out = tmp_path / "samples"
     assert _sample(checkpoint, _spec(tmp_path, UNICODE_REQUESTS), out) == 0
-    assert sorted(p.name for p in out.iterdir()) == [CONTACT_SHEET, "sample_0000", "sample_0001", "sample_0002"]
+    assert _listing(out) == [CONTACT_SHEET, "sample_0000", "sample_0001", "sample_0002"]
     psd = PSDImage.open(out / "sample_0002" / PSD_FILE)
     assert [layer.name for layer in psd] == ["background: the background", "layer 01: a green square", "layer 02: a red circle 🔴"]
     assert read_sample_folder(out / "sample_0002").global_prompt == "二つの形"
@@ -155,15 +163,18 @@ def test_an_output_that_fails_loses_no_other(run, checkpoint, tmp_path, monkeypa
     out = tmp_path / "samples"
     assert _sample(checkpoint, _spec(tmp_path, UNICODE_REQUESTS), out) == 1
     assert "sample_0000: written without layers.psd (OSError: simulated write failure)" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == [CONTACT_SHEET, "sample_0000", "sample_0001", "sample_0002"]
+    assert _listing(out) == [CONTACT_SHEET, "sample_0000", "sample_0001", "sample_0002"]
     assert not (out / "sample_0000" / PSD_FILE).exists() and (out / "sample_0001" / PSD_FILE).is_file()
     for folder in out.glob("sample_*"):
         read_sample_folder(folder)
         check_layered_files(folder)
+    with pytest.raises(OutputFolderError, match="unfinished run of sample.py"):  # a sample lacks a file
+        list_sample_folders(out)
 
 
-def test_samples_are_written_as_each_batch_finishes(run, checkpoint, tmp_path, monkeypatch):
-    """A run killed during its second batch (KeyboardInterrupt stands in for the kill) keeps the first batch."""
+def test_samples_are_written_as_each_batch_finishes(run, checkpoint, tmp_path, monkeypatch, capsys):
+    """A run interrupted during its second batch (Ctrl-C) keeps the first batch, says so in one line, and
+    the folder is marked as an unfinished run, which readers of sample folders refuse."""
     denoise, calls = LayerDiffPipeline.denoise, []
 
     def killed_in_second_batch(self, *args, **kwargs):
@@ -174,12 +185,17 @@ def test_samples_are_written_as_each_batch_finishes(run, checkpoint, tmp_path, m
 
     monkeypatch.setattr(LayerDiffPipeline, "denoise", killed_in_second_batch)
     out = tmp_path / "samples"
-    with pytest.raises(KeyboardInterrupt):
-        _sample(checkpoint, _spec(tmp_path, UNICODE_REQUESTS), out, "--size", str(SIZE), str(SIZE))
-    assert sorted(p.name for p in out.iterdir()) == ["sample_0000", "sample_0001"]
+    assert _sample(checkpoint, _spec(tmp_path, UNICODE_REQUESTS), out, "--size", str(SIZE), str(SIZE)) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"sample.py: interrupted after 2 sample(s); {out} keeps them, marked as an unfinished run (rerun with --overwrite)"
+    )
+    assert _listing(out) == ["sample_0000", "sample_0001"]
     for folder in out.iterdir():
-        read_sample_folder(folder)
-        check_layered_files(folder)
+        if not folder.name.startswith("."):
+            read_sample_folder(folder)
+            check_layered_files(folder)
+    with pytest.raises(OutputFolderError, match="unfinished run of sample.py"):
+        list_sample_folders(out)
 
 
 @pytest.mark.parametrize(
@@ -222,3 +238,48 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_loading(checkpoi
             script.main([*args, "--checkpoint", str(checkpoint), "--out", str(tmp_path / "file" / "out")])
         assert exit_.value.code == 2
         assert f"{tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_only_an_earlier_run(run, checkpoint, tmp_path, capsys):
+    """A rerun with fewer samples leaves none of the earlier run's behind (evaluate.py would score both), and a
+    folder holding anything the tool did not write is refused, naming it, with nothing deleted."""
+    out = tmp_path / "samples"
+    shutil.copytree(run, out)
+    one = [{"prompt": "a red circle on a blue background", "layer_prompts": ["a red circle"]}]
+    assert _sample(checkpoint, _spec(tmp_path, one), out, "--size", str(SIZE), str(SIZE), "--overwrite") == 0
+    assert _listing(out) == [CONTACT_SHEET, "sample_0000"] and len(list_sample_folders(out)) == 1
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exit_:
+        _sample(checkpoint, _spec(tmp_path, one), out, "--overwrite")
+    assert exit_.value.code == 2 and "holds entries this tool did not write (notes.txt)" in capsys.readouterr().err
+    assert _listing(out) == [CONTACT_SHEET, "notes.txt", "sample_0000"]
+
+
+def test_edit_output_may_not_hold_the_source_the_model_or_foreign_files(run, checkpoint, tmp_path, capsys):
+    """edit.py --overwrite pointed at the folder of the sample it edits, at the model, or at a folder of the
+    user's files is refused before any work, and every file there is kept."""
+    runs = tmp_path / "runs"
+    shutil.copytree(run, runs)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "photo.png").write_bytes(b"x")
+    for out, message in [
+        (runs, "it contains the input"),
+        (runs / "sample_0000", "it is the input"),
+        (runs / "sample_0000" / "edited", "it lies inside the input"),
+        (checkpoint, "it is the input"),
+        (mine, "holds entries this tool did not write (photo.png)"),
+    ]:
+        before = sorted(p.relative_to(out.parent) for p in out.parent.rglob("*"))
+        with pytest.raises(SystemExit) as exit_:
+            edit_script.main(["inpaint", "--checkpoint", str(checkpoint), "--sample", str(runs / "sample_0000"), "--layer", "1",
+                              "--prompt", "a blue square", "--out", str(out), "--overwrite"])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+        assert sorted(p.relative_to(out.parent) for p in out.parent.rglob("*")) == before
+    # An edit's own folder is replaced by --overwrite (its record lists the sample's files).
+    out = tmp_path / "edited"
+    args = ["restyle", "--checkpoint", str(checkpoint), "--sample", str(runs / "sample_0000"), "--layer", "0", "--style", "striped",
+            "--steps", "4", "--strength", "0.5", "--out", str(out)]
+    assert edit_script.main(args) == 0 and edit_script.main([*args, "--overwrite"]) == 0
+    assert recorded_entries(out) == set(_listing(out)) and "sample.json" in _listing(out)
+    assert read_sample_folder(out).metadata["edits"][0]["style"] == "striped"

@@ -44,7 +44,17 @@ def test_base_config_needs_model_and_data():
 
 
 def _valid():
-    return load_config("shapes_cpu")
+    return load_config("shapes_cpu")  # synthetic data, 512 samples at 64 px, the toy SD
+
+
+def _set(config, field: str, value) -> None:
+    """config.<field> = value, past the type check (as a bad --config override would arrive)."""
+    group, _, leaf = field.rpartition(".")
+    target = config
+    for part in group.split("."):
+        target = target[part]
+    with target.ignore_type():
+        target[leaf] = value
 
 
 @pytest.mark.parametrize(
@@ -62,12 +72,7 @@ def _valid():
 )
 def test_bad_values_name_the_field(field, value, message):
     config = _valid()
-    group, _, leaf = field.rpartition(".")
-    target = config
-    for part in group.split("."):
-        target = target[part]
-    with target.ignore_type():
-        target[leaf] = value
+    _set(config, field, value)
     with pytest.raises(ConfigError, match=message):
         validate_config(config)
 
@@ -133,3 +138,26 @@ def test_script_names_a_bad_config_flag_in_one_line(tmp_path, flags, message):
     result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 2
     assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"model.layerdiff.max_layers": 1000}, r"config\.model\.layerdiff\.max_layers must be in \[2, 64\] .*got 1000"),
+        ({"data.resolution": 100_000}, r"config\.data\.resolution must be in \[1, 8192\] \(pixels\), got 100000"),
+        ({"train.time_limit_s": float("inf")}, r"config\.train\.time_limit_s must be a finite number, got inf"),
+        ({"train.learning_rate": float("inf")}, r"config\.train\.learning_rate must be a finite number, got inf"),
+        ({"mesh.shape": (True, 1, 1)}, r"config\.mesh\.shape must be 3 positive ints"),
+        ({"log.sample_count": 1000}, r"config\.log\.sample_count must be in \[1, 64\] \(a grid, sampled as one batch\)"),
+        ({"log.sample_steps": 5000}, r"config\.log\.sample_steps=5000 exceeds config\.diffusion\.num_train_timesteps=1000"),
+        ({"train.per_host_batch_size": 1024}, r"per_host_batch_size=1024 exceeds config\.data\.synthetic\.num_train=512"),
+        ({"model.layerdiff.max_layers": 3}, r"layer_mix draws samples of 4 layers, more than config\.model\.layerdiff\.max_layers=3"),
+        ({"model.toy_vae.steps": 10, "model.toy_vae.crop": 128}, r"toy_vae\.crop=128 exceeds config\.data\.resolution=64"),
+    ],
+)
+def test_training_config_bounds(changes, message):
+    config = _valid()
+    for field, value in changes.items():
+        _set(config, field, value)
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config)

@@ -7,8 +7,8 @@ jobs on its 2 cores, differed from step 7 on in the last bits (at most 1e-8 abso
 not pinned down, so the comparison allows float32 rounding (rtol 1e-5). A lost piece of state or a
 shifted data stream shows up as differences of 1e-3 or more in the losses and parameters.
 A damaged newest checkpoint is named in one line and set aside, and the run resumes from the one before
-(still to the same state), logging each step once. Also here: the time limit stops a run as SIGTERM does, and
-a non-finite loss stops the run with a clear message and keeps the last good checkpoint.
+(still to the same state), logging each step once. Also here: the time limit and Ctrl-C stop a run as SIGTERM
+does, and a non-finite loss stops the run with a clear message and keeps the last good checkpoint.
 """
 
 import json
@@ -35,7 +35,7 @@ from train_support import (
 )
 
 from layerdiff_jax.convert.model_folder import load_layerdiff
-from layerdiff_jax.training.checkpoint import Checkpointer, CheckpointRestoreError
+from layerdiff_jax.training.checkpoint import Checkpointer, CheckpointRestoreError, StopRequest
 from layerdiff_jax.training.metric_writer import MetricWriter
 from layerdiff_jax.training.trainer import train
 
@@ -227,3 +227,15 @@ def test_metrics_of_redone_steps_are_written_once(tmp_path):
     writer.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 30.0}, {"step": 4, "loss": 40.0}, {"step": 5, "loss": 50.0}]
+
+
+def test_ctrl_c_asks_to_stop_after_the_step_and_a_second_interrupts():
+    import os
+
+    with StopRequest(checkpointer=None) as stop_requested:
+        assert not stop_requested(1)
+        os.kill(os.getpid(), signal.SIGINT)  # delivered to the handler before the next bytecode
+        assert stop_requested(1)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

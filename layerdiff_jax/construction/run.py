@@ -56,6 +56,7 @@ from layerdiff_jax.data.layers import (
     LayeredSample,
     cut_foreground,
     dilate_mask,
+    image_array,
     list_sample_folders,
     write_sample_folder,
 )
@@ -99,7 +100,9 @@ def load_image(path: Path, max_side: int | None) -> np.ndarray:
     """RGB uint8, EXIF orientation applied, downscaled so the long side is at most `max_side`."""
     try:
         with PIL.Image.open(path) as img:
-            img = PIL.ImageOps.exif_transpose(img).convert("RGB")
+            img = PIL.Image.fromarray(image_array(PIL.ImageOps.exif_transpose(img), "RGB", path))
+    except DataError as e:  # a mode that is not read (float images)
+        raise ImageLoadError(str(e)) from None
     except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as e:
         raise ImageLoadError(f"{path}: not a readable image ({e})") from None
     if max_side is not None and max(img.size) > max_side:

@@ -4,7 +4,9 @@ A LayerDiff model folder is an SD folder (`vae/`, `text_encoder/`, `tokenizer/`,
 `convert/sd_folder.save_converted`) plus `layerdiff/`: `config.json` ({"unet": diffusers-style UNet config,
 "layerdiff": LayerDiffConfig fields}) and `flax_params.safetensors`, and `scheduler/scheduler_config.json`
 (the schedule and prediction type it was trained with, as a diffusers DDIMScheduler config; a folder
-without one was trained as SD 1.5 is). Training exports this; sampling reads it.
+without one was trained as SD 1.5 is), and optionally `sampling.json` ({"steps": 25, "guidance": 1.0}: the DDIM
+steps and guidance scale its training validated, which sampling and editing then default to instead of the
+paper's). Training exports this; sampling reads it.
 
 The params file's header records the `max_layers` the weights were trained for: the layer blocks and
 the prompt enhancer only ever saw that many layers, so a config raised above it is warned about.
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 
 from layerdiff_jax.convert import core
 from layerdiff_jax.diffusion.schedules import SchedulerConfig
+from layerdiff_jax.diffusion.settings import DEFAULT_GUIDANCE, DEFAULT_STEPS, check_sampling_settings
 from layerdiff_jax.models.config_types import check_field_types
 from layerdiff_jax.models.init import abstract_params
 from layerdiff_jax.models.layerdiff import LayerDiffConfig, LayerDiffUNet
@@ -33,6 +36,24 @@ log = logging.getLogger(__name__)
 LAYERDIFF_DIR = "layerdiff"
 TRAINED_MAX_LAYERS = "max_layers"  # key in the params file's header
 SCHEDULER_DIR, SCHEDULER_FILE = "scheduler", "scheduler_config.json"  # diffusers' names
+SAMPLING_FILE = "sampling.json"
+PAPER_SETTINGS = "the paper's default"
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    """The DDIM steps and guidance scale sampling and editing default to, and where they come from."""
+
+    steps: int = DEFAULT_STEPS
+    guidance: float = DEFAULT_GUIDANCE
+    source: str = PAPER_SETTINGS
+
+    def choose(self, steps: int | None = None, guidance: float | None = None) -> tuple[int, float, str]:
+        """(steps, guidance): each the given value, else this default; and a line saying which and from where."""
+        steps_from, guidance_from = (self.source if given is None else "given" for given in (steps, guidance))
+        steps = self.steps if steps is None else steps
+        guidance = self.guidance if guidance is None else guidance
+        return steps, guidance, f"sampling settings: {steps} DDIM steps ({steps_from}), guidance {guidance:g} ({guidance_from})"
 
 
 def layerdiff_config_dict(model: LayerDiffUNet) -> dict[str, Any]:
@@ -65,6 +86,28 @@ def load_scheduler_config(folder: str | Path) -> SchedulerConfig:
         return SchedulerConfig.from_diffusers_config(json.loads(path.read_text()))
     except (ValueError, TypeError) as e:
         raise ValueError(f"{path}: {e}") from None
+
+
+def save_sampling_settings(folder: str | Path, settings: SamplingSettings) -> None:
+    """Writes `folder/sampling.json`: the steps and guidance sampling should default to for this model."""
+    check_sampling_settings(steps=settings.steps, guidance=settings.guidance)
+    record = {"steps": settings.steps, "guidance": float(settings.guidance)}
+    (Path(folder) / SAMPLING_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def load_sampling_settings(folder: str | Path, num_train_timesteps: int | None = None) -> SamplingSettings:
+    """The settings `folder/sampling.json` records, else the paper's; a broken file is a ValueError naming it."""
+    path = Path(folder) / SAMPLING_FILE
+    if not path.is_file():
+        return SamplingSettings()
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or set(record) != {"steps", "guidance"}:
+            raise ValueError(f'expected {{"steps": int, "guidance": number}}, got {record!r}')
+        check_sampling_settings(steps=record["steps"], guidance=record["guidance"], num_train_timesteps=num_train_timesteps)
+    except ValueError as e:  # json.JSONDecodeError and RequestError are ValueErrors
+        raise ValueError(f"{path}: {e}") from None
+    return SamplingSettings(record["steps"], float(record["guidance"]), f"recorded in {path}")
 
 
 def build_layerdiff(config: Mapping[str, Any], **module_kwargs) -> LayerDiffUNet:

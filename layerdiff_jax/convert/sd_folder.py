@@ -30,7 +30,7 @@ from layerdiff_jax.convert.core import COMPONENTS, count_params, log_loaded
 from layerdiff_jax.convert.single_file import load_single_file
 from layerdiff_jax.convert.unet import load_unet
 from layerdiff_jax.convert.vae import load_vae
-from layerdiff_jax.fileio import output_folder_problem
+from layerdiff_jax.fileio import check_finished, output_folder_problem
 from layerdiff_jax.models.clip_text import CLIPTextConfig
 from layerdiff_jax.models.unet import UNetConfig
 from layerdiff_jax.models.vae import VAEConfig
@@ -44,7 +44,7 @@ _TOKENIZER_FILES = ("vocab.json", "tokenizer.json", "tokenizer_config.json")
 # What a conversion that predates the record's file list wrote into tokenizer/.
 _SAVED_TOKENIZER_FILES = (*_TOKENIZER_FILES, "merges.txt", "special_tokens_map.json", "added_tokens.json")
 
-_WRITTEN = (*COMPONENTS, TOKENIZER_DIR, CONVERSION_RECORD)  # what save_converted writes (and replaces)
+CONVERTED_ENTRIES = (*COMPONENTS, TOKENIZER_DIR, CONVERSION_RECORD)  # what save_converted writes (and replaces)
 _FOLDER_LOADERS = {"unet": load_unet, "vae": load_vae, "text_encoder": load_text_encoder}
 _CONFIG_CLASSES = {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig}
 
@@ -85,6 +85,7 @@ def load_sd(
         raise FileNotFoundError(f"no Stable Diffusion model at {path}: expected a folder or a single checkpoint file")
     if config_dir is not None:
         raise ValueError(f"config_dir is only for single-file checkpoints; {path} is a folder with its own configs")
+    check_finished(path)  # a conversion that did not finish: its files may be cut short
     absent = [name for name in COMPONENTS if not (path / name).is_dir()]
     if absent:
         raise FileNotFoundError(f"{path} is not a Stable Diffusion folder: it has no {'/, '.join(absent)}/")
@@ -127,7 +128,7 @@ def save_converted(
         tokenizer_dir = check_tokenizer_dir(tokenizer_dir)
     check_output_dir(output_dir, inputs=[source, config_dir, tokenizer_dir], overwrite=overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
-    for name in _WRITTEN:
+    for name in CONVERTED_ENTRIES:
         target = output_dir / name
         if target.is_dir():
             shutil.rmtree(target)
@@ -171,7 +172,7 @@ def save_converted(
 def _relative_files(output_dir: Path) -> set[str]:
     """The files under the entries a conversion writes, as paths relative to `output_dir`."""
     found = set()
-    for name in _WRITTEN:
+    for name in CONVERTED_ENTRIES:
         entry = output_dir / name
         files = entry.rglob("*") if entry.is_dir() else [entry] if entry.exists() else []
         found.update(p.relative_to(output_dir).as_posix() for p in files if not p.is_dir())
@@ -198,7 +199,7 @@ def check_output_dir(output_dir: str | Path, *, inputs: list[str | Path | None],
     if problem:
         raise FileExistsError(f"output {problem}")
     out = output_dir.resolve()
-    replaced = [out / name for name in _WRITTEN]
+    replaced = [out / name for name in CONVERTED_ENTRIES]
     for path in [Path(p).resolve() for p in inputs if p is not None]:
         if path == out or any(path == r or r in path.parents for r in replaced):
             raise ValueError(f"writing to {output_dir} would overwrite the input {path}; choose another output folder")

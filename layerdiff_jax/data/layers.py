@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
-from layerdiff_jax.fileio import staged_folder
+from layerdiff_jax.diffusion.settings import RequestError, check_prompt
+from layerdiff_jax.fileio import check_finished, staged_folder
 
 DILATION_KERNEL = 5
 SAMPLE_JSON = "sample.json"
@@ -190,16 +191,71 @@ def write_sample_folder(
     return folder
 
 
-def _read_image(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
-    """Reads `path` as a PIL `mode` image, checking that it exists, decodes and is `size` (H, W)."""
+# 16-bit gray as PIL opens it ("I": older Pillow, TIFF). PIL's convert() clips these to 8 bits instead of
+# scaling them: a 46% mask would read as 100%.
+_DEEP_GRAY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+_DEEP_MAX = 65535
+_ALPHA_MODES = frozenset({"LA", "PA", "RGBA"})
+
+
+def _deep_gray_to_8bit(img: PIL.Image.Image, name: str | os.PathLike) -> PIL.Image.Image:
+    """16-bit gray scaled to 8-bit "L" (65535 -> 255, rounded); "LA" when the file marks a gray value transparent."""
+    values = np.asarray(img).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > _DEEP_MAX):
+        raise DataError(f"{name}: mode {img.mode} with values outside 0..{_DEEP_MAX}; only 8- and 16-bit images are read")
+    gray = np.round(values * (255 / _DEEP_MAX)).astype(np.uint8)
+    if "transparency" not in img.info:
+        return PIL.Image.fromarray(gray)
+    alpha = np.where(values == img.info["transparency"], 0, 255).astype(np.uint8)
+    return PIL.Image.fromarray(np.stack([gray, alpha], axis=-1))
+
+
+def image_array(img: PIL.Image.Image, mode: str, name: str | os.PathLike) -> np.ndarray:
+    """`img`, in any mode PIL opens, as 8-bit "RGB" colour (H, W, 3) or an "L" mask (H, W); DataError naming
+    `name` when it cannot be read.
+
+    16-bit gray is scaled (65535 -> 255, rounded), where PIL's convert() would clip it; Pillow opens 16-bit
+    colour PNGs as 8-bit already (their high byte: within 1 of scaling). Float ("F") images are refused: their
+    range is unknown. Colour ignores transparency: a layer's colour beyond its mask is kept as stored. A mask is
+    the gray value (ITU-R 601 luma, as PIL converts colour) composited over black: 255 = inside, and a
+    transparent pixel (alpha channel, palette or gray-value transparency) is outside. The project's own masks
+    are 8-bit "L" and read unchanged.
+    """
+    if img.mode == "F":
+        raise DataError(f"{name}: mode F (floating point) images are not read; store it as 8- or 16-bit integers")
+    if img.mode in _DEEP_GRAY_MODES:
+        img = _deep_gray_to_8bit(img, name)
+    try:
+        if img.mode not in _ALPHA_MODES and "transparency" not in img.info:
+            return np.asarray(img.convert(mode))
+        rgba = np.asarray(img.convert("RGBA"))  # PIL reads palette and gray-value transparency only via RGBA
+        if mode == "RGB":
+            return rgba[..., :3]
+        gray, alpha = np.moveaxis(np.asarray(PIL.Image.fromarray(rgba).convert("LA"), np.uint32), -1, 0)
+        return ((gray * alpha + 127) // 255).astype(np.uint8)
+    except ValueError as e:  # convert() has no conversion from this mode
+        raise DataError(f"{name}: mode {img.mode} cannot be read as {mode} ({e})") from None
+
+
+def read_image(path: str | os.PathLike, mode: str) -> np.ndarray:
+    """The image file at `path` as `image_array` reads it ("RGB" colour or "L" mask, uint8); DataError naming
+    the file when it is missing, does not decode or has a mode that is not read."""
+    path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: missing")
     try:
         with PIL.Image.open(path) as img:
             img.load()
-            array = np.asarray(img.convert(mode))
-    except (OSError, ValueError, PIL.Image.DecompressionBombError) as e:
+            return image_array(img, mode, path)
+    except DataError:
+        raise
+    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as e:
         raise DataError(f"{path}: not a readable image ({e})") from None
+
+
+def _read_image(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
+    """`read_image`, checking that the image is `size` (H, W)."""
+    array = read_image(path, mode)
     if array.shape[:2] != tuple(size):
         raise DataError(f"{path}: size {array.shape[0]}x{array.shape[1]} but {SAMPLE_JSON} says {size[0]}x{size[1]}")
     return array
@@ -226,12 +282,19 @@ def _read_sample_json(path: Path) -> dict[str, Any]:
         raise DataError(f"{path}: layer_prompts must be a list of {n} strings (num_layers), got {prompts!r}")
     if not (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
         raise DataError(f"{path}: size must be [H, W], got {size!r}")
+    try:
+        check_prompt("global_prompt", info["global_prompt"])
+        for i, prompt in enumerate(prompts):
+            check_prompt(f"layer_prompts[{i}]", prompt)
+    except RequestError as e:
+        raise DataError(f"{path}: {e}") from None
     return info
 
 
 def read_sample_folder(folder: str | os.PathLike) -> LayeredSample:
     """Reads one exchange-format folder; any problem raises `DataError` naming the file."""
     folder = Path(folder)
+    check_finished(folder)  # an edit's output folder records its run
     info = _read_sample_json(folder / SAMPLE_JSON)
     size = tuple(info["size"])
     k = info["num_layers"] - 1
@@ -248,8 +311,10 @@ def read_sample_folder(folder: str | os.PathLike) -> LayeredSample:
 
 
 def list_sample_folders(root: str | os.PathLike) -> list[Path]:
-    """The sample folders directly under `root` (every non-hidden subdirectory), sorted by name."""
+    """The sample folders directly under `root` (every non-hidden subdirectory), sorted by name. A run that
+    recorded not finishing (`fileio.check_finished`) is refused: its samples are not the whole run."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: not a directory")
+    check_finished(root)
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))

@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import PIL.Image
 
-from layerdiff_jax.data.layers import SAMPLE_JSON, DataError, list_sample_folders, read_sample_folder
+from layerdiff_jax.data.layers import SAMPLE_JSON, DataError, list_sample_folders, read_image, read_sample_folder
 from layerdiff_jax.evaluation import prompt_following as pf
 from layerdiff_jax.evaluation import shapes
 from layerdiff_jax.evaluation.fid import fid_from_features
@@ -70,13 +69,7 @@ def read_reference_images(root: str | Path) -> tuple[list[np.ndarray], list[int 
     files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DataError(f"{root}: holds neither sample folders nor PNG/JPEG images")
-    images = []
-    for path in files:
-        try:
-            with PIL.Image.open(path) as img:
-                images.append(np.asarray(img.convert("RGB")))
-        except (OSError, ValueError) as e:
-            raise DataError(f"{path}: not a readable image ({e})") from None
+    images = [read_image(path, "RGB") for path in files]
     return images, [None] * len(images)
 
 

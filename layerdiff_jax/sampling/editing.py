@@ -10,17 +10,23 @@ into the result, so non-target layers stay bit-identical.
 - Layer style transfer: the target is noised to the first of the last `strength` x `steps` DDIM steps
   (0.25 x 100 = 25, like img2img) and denoised over them, with the style appended to its layer prompt.
 Guidance uses the layer-aware negatives of the edited prompts.
+
+The global prompt follows the edited layer prompt (`edited_global_prompt`): every layer attends to the global
+prompt, so one that still names the old object draws it again (docs/experiments.md has the measurement).
 """
 
 from __future__ import annotations
 
+import re
+
 import jax.numpy as jnp
 import numpy as np
 
+from layerdiff_jax.data import synthetic
 from layerdiff_jax.data.layers import LayeredSample, background_mask
 from layerdiff_jax.diffusion.ddim import img2img_start
 from layerdiff_jax.diffusion.guidance import PROMPT_JOINER
-from layerdiff_jax.diffusion.settings import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_STRENGTH
+from layerdiff_jax.diffusion.settings import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_STRENGTH, check_prompt
 from layerdiff_jax.sampling.sampler import LayerDiffPipeline, RequestError, to_uint8
 
 
@@ -30,6 +36,20 @@ def sample_arrays(sample: LayeredSample) -> tuple[np.ndarray, np.ndarray]:
     images = np.concatenate([sample.background[None], sample.foregrounds]).astype(np.float32) / 255.0
     masks = np.concatenate([background_mask(fg_masks[..., None])[None, ..., 0], fg_masks])
     return images, masks
+
+
+def edited_global_prompt(sample: LayeredSample, target: int, layer_prompt: str) -> tuple[str, str]:
+    """The global prompt once layer `target`'s prompt becomes `layer_prompt`, and how it was obtained: "replaced"
+    (the old layer prompt, found once in the global prompt as whole words, replaced by the new one) or "rebuilt"
+    (composed from the layer prompts as the training data composes them)."""
+    old = sample.layer_prompts[target].strip()
+    phrase = re.compile(rf"(?<!\w){re.escape(old)}(?!\w)", re.IGNORECASE)
+    # Found twice (two layers with one prompt), which occurrence names this layer is unknown: rebuilt.
+    if old and len(phrase.findall(sample.global_prompt)) == 1:
+        return phrase.sub(lambda _: layer_prompt, sample.global_prompt), "replaced"
+    layer_prompts = [*sample.layer_prompts[:target], layer_prompt, *sample.layer_prompts[target + 1 :]]
+    objects = [p for p in layer_prompts[1:] if p.strip()]
+    return (synthetic.global_prompt(objects, layer_prompts[0]) if objects else layer_prompts[0]), "rebuilt"
 
 
 def _check_edit(pipe: LayerDiffPipeline, sample: LayeredSample, target: int, **settings) -> None:
@@ -50,7 +70,7 @@ def _edit(
     sample: LayeredSample,
     target: int,
     layer_prompts: list[str],
-    global_prompt: str,
+    given_global_prompt: str | None,
     *,
     seed: int,
     steps: int,
@@ -59,7 +79,12 @@ def _edit(
     eta: float,
     record: dict,
 ) -> LayeredSample:
-    """Re-generates layer `target` (from noise, or img2img at `strength`) with every other layer frozen."""
+    """Re-generates layer `target` (from noise, or img2img at `strength`) with every other layer frozen; the global
+    prompt is `given_global_prompt`, else follows the target's new prompt."""
+    if given_global_prompt is None:
+        global_prompt, obtained = edited_global_prompt(sample, target, layer_prompts[target])
+    else:
+        global_prompt, obtained = given_global_prompt, "given"
     n = sample.num_layers
     batch = pipe.pad_batch(1)  # a mesh needs one item per batch shard; the repeats are dropped
     images, masks = sample_arrays(sample)
@@ -81,7 +106,10 @@ def _edit(
     else:
         foregrounds[target - 1] = to_uint8(new_images[0, 0])
         fg_masks[target - 1] = to_uint8(new_masks[0, 0])
-    edit = {**record, "target_layer": target, "seed": seed, "steps": steps, "guidance": guidance, "eta": eta, "checkpoint": pipe.checkpoint}
+    edit = {
+        **record, "global_prompt_from": obtained, "previous_global_prompt": sample.global_prompt,
+        "target_layer": target, "seed": seed, "steps": steps, "guidance": guidance, "eta": eta, "checkpoint": pipe.checkpoint,
+    }
     metadata = {**sample.metadata, "edits": [*sample.metadata.get("edits", []), edit]}
     return LayeredSample(background, foregrounds, fg_masks, global_prompt, layer_prompts, metadata)
 
@@ -99,15 +127,19 @@ def inpaint_layer(
     eta: float = 0.0,
 ) -> LayeredSample:
     """Layer inpainting: layer `target` (0 = background) re-generated from noise with layer prompt `prompt`;
-    every other layer unchanged. `global_prompt` replaces the sample's global prompt if given."""
+    every other layer unchanged. The global prompt is `global_prompt` if given, else the sample's with the old
+    layer prompt replaced by `prompt` (`edited_global_prompt`)."""
     _check_edit(pipe, sample, target, seed=seed, steps=steps, guidance=guidance, eta=eta)
     if not isinstance(prompt, str) or not prompt.strip():
         raise RequestError("inpainting needs a non-empty layer prompt for the target layer")
+    check_prompt("prompt", prompt)
+    if global_prompt is not None:
+        check_prompt("global_prompt", global_prompt)
     layer_prompts = list(sample.layer_prompts)
     layer_prompts[target] = prompt
     record = {"edit": "inpaint", "previous_layer_prompt": sample.layer_prompts[target]}
     return _edit(
-        pipe, sample, target, layer_prompts, sample.global_prompt if global_prompt is None else global_prompt,
+        pipe, sample, target, layer_prompts, global_prompt,
         seed=seed, steps=steps, strength=None, guidance=guidance, eta=eta, record=record,
     )
 
@@ -125,14 +157,16 @@ def restyle_layer(
     eta: float = 0.0,
 ) -> LayeredSample:
     """Layer style transfer: layer `target` noised to strength x steps DDIM steps and denoised with
-    "<its prompt>, <style>"; every other layer unchanged."""
+    "<its prompt>, <style>"; every other layer unchanged. The global prompt carries the style too: the layer's
+    denoising attends to it, and one that names the object unstyled pulls the layer back to its old look."""
     _check_edit(pipe, sample, target, seed=seed, steps=steps, guidance=guidance, eta=eta, strength=strength)
     if not isinstance(style, str) or not style.strip():
         raise RequestError("restyling needs a non-empty style text")
+    check_prompt("style", style)
     layer_prompts = list(sample.layer_prompts)
     layer_prompts[target] = f"{layer_prompts[target]}{PROMPT_JOINER}{style}"
     record = {"edit": "restyle", "style": style, "strength": strength, "previous_layer_prompt": sample.layer_prompts[target]}
     return _edit(
-        pipe, sample, target, layer_prompts, sample.global_prompt,
+        pipe, sample, target, layer_prompts, None,
         seed=seed, steps=steps, strength=strength, guidance=guidance, eta=eta, record=record,
     )

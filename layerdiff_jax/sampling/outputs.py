@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +42,8 @@ LAYERED_FORMATS = ("ora", "psd")
 ORA_MIMETYPE = b"image/openraster"
 ORA_THUMBNAIL_MAX = 256  # the OpenRaster spec's thumbnail bound
 MAX_LAYER_NAME = 120  # keeps names within every editor's (and PSD's 255-byte legacy) limits
+# What XML 1.0 cannot hold: a stack.xml with one of these does not parse (GIMP and Krita refuse the file).
+_NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 def layer_names(sample: LayeredSample) -> list[str]:
@@ -71,6 +74,10 @@ def write_ora(sample: LayeredSample, path: str | os.PathLike) -> Path:
     path = Path(path)
     h, w = sample.size
     names, pixels = layer_names(sample), layer_pixels(sample)
+    for name in names:  # prompts are checked on the way in (`check_prompt`); this keeps any sample's file valid
+        bad = _NOT_XML_CHAR.search(name)
+        if bad:
+            raise DataError(f"{path}: layer name {name!r} holds {ascii(bad.group())[1:-1]}, which XML cannot hold")
     sources = ["data/background.png"] + [f"data/{layer_file(i)}" for i in range(1, sample.num_layers)]
     image = ElementTree.Element("image", {"version": "0.0.6", "w": str(w), "h": str(h), "xres": "72", "yres": "72"})
     stack = ElementTree.SubElement(image, "stack")
@@ -122,18 +129,38 @@ def write_sample(sample: LayeredSample, folder: str | os.PathLike, formats: Sequ
     return write_sample_folder(sample, folder, extras=dict(_WRITERS[f] for f in LAYERED_FORMATS if f in formats))
 
 
+def _check_ora(ora: Path) -> None:
+    """The zip reads back, `mimetype` is OpenRaster's, `stack.xml` parses and every layer's `src` is in the zip."""
+    try:
+        with zipfile.ZipFile(ora) as zf:
+            bad = zf.testzip()
+            if bad is not None:
+                raise DataError(f"{ora}: {bad} in it is damaged")
+            names = set(zf.namelist())
+            mimetype = zf.read("mimetype") if "mimetype" in names else None
+            stack = zf.read("stack.xml") if "stack.xml" in names else None
+    except (OSError, zipfile.BadZipFile) as e:
+        raise DataError(f"{ora}: not a readable OpenRaster file ({e})") from None
+    if mimetype != ORA_MIMETYPE:
+        raise DataError(f"{ora}: not an OpenRaster file (mimetype {mimetype!r}, expected {ORA_MIMETYPE!r})")
+    if stack is None:
+        raise DataError(f"{ora}: no stack.xml in it")
+    try:  # expat fetches no external entities: the file is only parsed
+        root = ElementTree.fromstring(stack)
+    except ElementTree.ParseError as e:
+        raise DataError(f"{ora}: its stack.xml is not valid XML ({e})") from None
+    missing = [src for src in (layer.get("src") for layer in root.iter("layer")) if src not in names]
+    if missing:
+        raise DataError(f"{ora}: stack.xml names layer files that are not in it: {missing}")
+
+
 def check_layered_files(folder: str | os.PathLike) -> None:
-    """Raises DataError when a `layers.ora` or `layers.psd` in `folder` does not open (a truncated write)."""
+    """Raises DataError when a `layers.ora` or `layers.psd` in `folder` does not open (a truncated write) or,
+    for OpenRaster, is not a valid one (`_check_ora`)."""
     folder = Path(folder)
     ora, psd = folder / ORA_FILE, folder / PSD_FILE
     if ora.exists():
-        try:
-            with zipfile.ZipFile(ora) as zf:
-                bad = zf.testzip()
-        except (OSError, zipfile.BadZipFile) as e:
-            raise DataError(f"{ora}: not a readable OpenRaster file ({e})") from None
-        if bad is not None:
-            raise DataError(f"{ora}: {bad} in it is damaged")
+        _check_ora(ora)
     if psd.exists():
         try:
             PSDImage.open(psd)

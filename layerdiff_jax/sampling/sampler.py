@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from layerdiff_jax.convert.clip_text import load_text_encoder
 from layerdiff_jax.convert.core import ConversionError
-from layerdiff_jax.convert.model_folder import load_layerdiff, load_scheduler_config
+from layerdiff_jax.convert.model_folder import SamplingSettings, load_layerdiff, load_sampling_settings, load_scheduler_config
 from layerdiff_jax.convert.vae import load_vae
 from layerdiff_jax.data.layers import LayeredSample
 from layerdiff_jax.data.tokenizer import PromptTokenizer, load_tokenizer
@@ -39,8 +39,10 @@ from layerdiff_jax.diffusion.schedules import SchedulerConfig
 from layerdiff_jax.diffusion.settings import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
+    MAX_SAMPLES,
     MAX_SEED,
     RequestError,
+    check_prompt,
     check_sampling_settings,
 )
 from layerdiff_jax.mesh import BATCH_AXES, REPLICATED, batch_sharding, batch_size_divisor, batch_spec, gather_to_host
@@ -75,15 +77,14 @@ class LayerRequest:
             raise RequestError(f"layer_prompts must be a list of strings, not the string {self.layer_prompts!r}")
         object.__setattr__(self, "layer_prompts", tuple(self.layer_prompts))
         for name in ("prompt", "background_prompt"):
-            if not isinstance(getattr(self, name), str):
-                raise RequestError(f"{name} must be a string, got {getattr(self, name)!r}")
+            check_prompt(name, getattr(self, name))
         if not self.layer_prompts:
             raise RequestError(f"request {self.prompt!r} has no layer prompt: give at least one foreground layer prompt")
         if not all(isinstance(p, str) for p in self.layer_prompts):
             raise RequestError(f"layer prompts must be strings, got {list(self.layer_prompts)!r}")
-        if not isinstance(self.num_samples, int) or self.num_samples < 1:
-            raise RequestError(f"num_samples must be an integer >= 1, got {self.num_samples!r}")
-        check_sampling_settings(seed=self.seed)
+        for i, p in enumerate(self.layer_prompts):
+            check_prompt(f"layer_prompts[{i}]", p)
+        check_sampling_settings(num_samples=self.num_samples, seed=self.seed)
 
     @property
     def all_layer_prompts(self) -> list[str]:
@@ -158,6 +159,19 @@ def to_unit(images: jax.Array) -> jax.Array:
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.round(np.asarray(x) * 255.0), 0, 255).astype(np.uint8)
+
+
+def available_bytes(device: jax.Device) -> int | None:
+    """Memory `device` can still allocate: its allocator's limit less what is in use (GPU, TPU), or the host's
+    MemAvailable for a CPU device, which allocates from host memory; None where neither is known."""
+    if device.platform == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration):  # not Linux
+            return None
+    stats = device.memory_stats() or {}
+    return stats["bytes_limit"] - stats.get("bytes_in_use", 0) if "bytes_limit" in stats else None
 
 
 # Jitted programs, keyed by what they are built from (Flax modules compare by configuration) and the
@@ -243,6 +257,7 @@ class LayerDiffPipeline:
         tokenizer: PromptTokenizer,
         *,
         scheduler: SchedulerConfig = SchedulerConfig(),
+        sampling: SamplingSettings = SamplingSettings(),
         checkpoint: str = "",
         mesh: Mesh | None = None,
     ):
@@ -258,6 +273,7 @@ class LayerDiffPipeline:
             )
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.scheduler = scheduler  # the schedule and prediction type the UNet was trained with
+        self.sampling = sampling  # the steps and guidance the tools default to: the model folder's, else the paper's
         self.schedule = scheduler.make_schedule()
         self.checkpoint = checkpoint
         self.mesh = mesh
@@ -266,6 +282,7 @@ class LayerDiffPipeline:
         self.batch_shards = 1 if mesh is None else batch_size_divisor(mesh)
         params = {"unet": unet_params, "vae": vae_params, "text": text_params}
         self.params = jax.device_put(params) if mesh is None else jax.device_put(params, NamedSharding(mesh, REPLICATED))
+        self._executables: dict[tuple, Any] = {}  # see `_executable`
 
     # ------------------------------------------------------------------ loading
 
@@ -290,10 +307,12 @@ class LayerDiffPipeline:
             text, text_params = load_text_encoder(folder / "text_encoder", dtype=dtype, attention_impl=attention_impl)
             tokenizer = load_tokenizer(folder / "tokenizer", max_length=text.config.max_position_embeddings)
             scheduler = load_scheduler_config(folder)
+            sampling = load_sampling_settings(folder, scheduler.num_train_timesteps)
         except (ConversionError, FileNotFoundError, OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"checkpoint {folder}: cannot be loaded: {type(e).__name__}: {e}") from None
         return cls(
-            unet, unet_params, vae, vae_params, text, text_params, tokenizer, scheduler=scheduler, checkpoint=str(folder), mesh=mesh
+            unet, unet_params, vae, vae_params, text, text_params, tokenizer,
+            scheduler=scheduler, sampling=sampling, checkpoint=str(folder), mesh=mesh,
         )
 
     # ------------------------------------------------------------------ geometry
@@ -342,6 +361,7 @@ class LayerDiffPipeline:
         return self.check_size(tuple(size))
 
     def check_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        check_sampling_settings(size=size)
         h, w = size
         m = self.size_multiple
         if h < m or w < m or h % m or w % m:
@@ -364,6 +384,11 @@ class LayerDiffPipeline:
     def check_requests(self, requests: Sequence[LayerRequest]) -> None:
         if not requests:
             raise RequestError("no request to sample")
+        total = sum(r.num_samples for r in requests)
+        if total > MAX_SAMPLES:
+            raise RequestError(
+                f"the {len(requests)} requests ask for {total} samples, a run draws at most {MAX_SAMPLES}: split it into runs"
+            )
         for r in requests:
             if r.num_layers > self.max_layers:
                 raise RequestError(
@@ -410,6 +435,59 @@ class LayerDiffPipeline:
                     out_shardings=out if num_outputs == 1 else (out,) * num_outputs,
                 )
         return _PROGRAMS[key]
+
+    def _executable(self, program, args: tuple, latents_shape: tuple[int, ...]):
+        """`program` (from `_program`) compiled ahead of time for `args` (arrays or ShapeDtypeStructs, the params
+        first), once per argument shape on this pipeline; JAX's cache shares the compilation itself with other
+        pipelines of the same model. Before it is first returned, `_check_memory` refuses a program that cannot fit,
+        so that a batch too large fails with a RequestError before it runs, not in the allocator."""
+        key = (program, *((a.shape, a.dtype) for a in jax.tree.leaves(args[1:])))
+        if key not in self._executables:
+            compiled = program.lower(*args).compile()
+            self._check_memory(compiled, latents_shape)
+            self._executables[key] = compiled
+        return self._executables[key]
+
+    def _check_memory(self, compiled, latents_shape: tuple[int, ...]) -> None:
+        """RequestError if a call of `compiled`, on latents of `latents_shape` (B, L, h, w, 8), needs more memory than
+        its device has available. The need is what the call allocates as XLA's buffer assignment plans it, its
+        outputs and temporaries; its arguments are not counted: the params are in memory already (and a
+        program's unused params are not even its arguments), the batch's inputs are small next to the
+        temporaries. It is per device; CPU devices all allocate from the host's memory."""
+        analysis = compiled.memory_analysis()
+        devices = [jax.devices()[0]] if self.mesh is None else self.mesh.local_devices
+        available = available_bytes(devices[0])
+        if analysis is None or available is None:  # a backend that does not say: the allocator will
+            return
+        need = analysis.output_size_in_bytes + analysis.temp_size_in_bytes
+        need *= len(devices) if devices[0].platform == "cpu" else 1
+        if need > available:
+            batch, layers, h, w, _ = latents_shape
+            raise RequestError(
+                f"batch {batch} at {h * self.vae_factor}x{w * self.vae_factor} with {layers} layers needs "
+                f"~{need / 2**30:.3g} GiB, the device has {available / 2**30:.3g} GiB available; use a smaller --batch-size or --size"
+            )
+
+    def check_batch_fits(
+        self, batch: int, latent_shape: tuple[int, ...], num_tokens: int, steps: int, *, guidance: float, eta: float
+    ) -> None:
+        """Compiles the denoise and decode programs for batches of `batch` samples of `latent_shape` (L, h, w, 8),
+        prompts of `num_tokens` tokens and `steps` steps, as `iter_generate` runs them, and refuses them if they
+        cannot fit (`_executable`) before any of their inputs is made: the run's first batch then reuses them."""
+        num_layers = latent_shape[0]
+        latents = jax.ShapeDtypeStruct((batch, *latent_shape), jnp.float32)  # the noise's and the denoised latents' type
+
+        def rows(*shape, dtype):
+            return jax.ShapeDtypeStruct((batch, *shape), dtype)
+
+        # As `denoise` passes them: params, schedule, x_start, frozen, layer_valid, ids, seeds, timesteps, scale.
+        denoise_args = (
+            self.params, self.schedule, latents, rows(num_layers, dtype=bool), rows(num_layers, dtype=bool),
+            rows(2 + 2 * num_layers, num_tokens, dtype=np.int32), rows(dtype=np.uint32),
+            jax.ShapeDtypeStruct((steps,), np.int32), jax.ShapeDtypeStruct((), np.float32),
+        )
+        self._executable(self._denoiser(guidance, eta), denoise_args, latents.shape)
+        self._executable(self._decoder(), (self.params, latents), latents.shape)
 
     # ------------------------------------------------------------------ prompts
 
@@ -459,17 +537,18 @@ class LayerDiffPipeline:
         Timestep values, prompts and the guidance scale are traced: changing them does not recompile (except
         to or from guidance 1, which skips the negative-prompt branch).
         """
-        guided = float(guidance) != 1.0
-        fn = self._program(
-            _denoise_program, self.unet, self.text_encoder, float(eta), self.scheduler.prediction_type, guided,
-            # params, schedule | x_start, frozen, layer_valid, ids, seeds | timesteps, scale
-            inputs=(REPLICATED, REPLICATED, BATCH, BATCH, BATCH, BATCH, BATCH, REPLICATED, REPLICATED),
-        )
         batch = self.batch_to_device(
             (np.asarray(frozen, bool), np.asarray(layer_valid, bool), np.asarray(ids, np.int32), np.asarray(seeds, np.uint32))
         )
-        return fn(
-            self.params, self.schedule, self.on_batch_shards(x_start), *batch, np.asarray(timesteps, np.int32), np.float32(guidance)
+        args = (self.params, self.schedule, self.on_batch_shards(x_start), *batch, np.asarray(timesteps, np.int32), np.float32(guidance))
+        return self._executable(self._denoiser(guidance, eta), args, x_start.shape)(*args)
+
+    def _denoiser(self, guidance: float, eta: float):
+        """The jitted denoise program; guidance 1 runs the conditional branch alone."""
+        return self._program(
+            _denoise_program, self.unet, self.text_encoder, float(eta), self.scheduler.prediction_type, float(guidance) != 1.0,
+            # params, schedule | x_start, frozen, layer_valid, ids, seeds | timesteps, scale
+            inputs=(REPLICATED, REPLICATED, BATCH, BATCH, BATCH, BATCH, BATCH, REPLICATED, REPLICATED),
         )
 
     def decode(self, latents: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -477,8 +556,12 @@ class LayerDiffPipeline:
 
         mask = mean of the 3 decoded mask channels, mapped from [-1, 1] to [0, 1] (as the paper samples).
         """
-        fn = self._program(_decode_program, self.vae, inputs=(REPLICATED, BATCH), num_outputs=2)
-        return fn(self.params, self.on_batch_shards(latents))
+        args = (self.params, self.on_batch_shards(latents))
+        return self._executable(self._decoder(), args, latents.shape)(*args)
+
+    def _decoder(self):
+        """The jitted decode program."""
+        return self._program(_decode_program, self.vae, inputs=(REPLICATED, BATCH), num_outputs=2)
 
     def encode(self, images: np.ndarray, masks: np.ndarray) -> jax.Array:
         """images (B, L, H, W, 3) and masks (B, L, H, W), both in [0, 1] -> latents (B, L, h, w, 8).
@@ -509,21 +592,24 @@ class LayerDiffPipeline:
         """Draws every sample of every request (in request order) as `LayeredSample`s, yielded as each batch
         finishes, so that a caller can write them before the next batch runs.
 
-        Batches of `batch_size` (default: one per batch shard; rounded up to a multiple of the shards)
-        share one compiled program: all run at the largest layer count in `requests`, and the last batch
-        is filled with repeats that are then dropped. `size` defaults to the training resolution the model
-        records. `metadata` records the sampling settings. Settings are checked before anything runs.
+        Batches of `batch_size` (default: one per batch shard; at most the run's samples, since a larger batch
+        would only compute repeats; rounded up to a multiple of the shards) share one compiled program: all run
+        at the largest layer count in `requests`, and the last batch is filled with repeats that are then
+        dropped. `size` defaults to the training resolution the model records. `metadata` records the sampling
+        settings. Settings are checked before anything runs, and so is memory: a batch that XLA's plan says
+        cannot fit in the device's available memory is refused with RequestError (`check_batch_fits`).
         """
         self.check_requests(requests)
-        self.check_settings(steps=steps, guidance=guidance, eta=eta, seed=seed)
+        self.check_settings(steps=steps, guidance=guidance, eta=eta, seed=seed, batch_size=batch_size)
         size = self.image_size(size)
         timesteps = self.timesteps_for(steps)
         jobs = expand_requests(requests, seed)
-        batch = self.pad_batch(batch_size or 1)
+        batch = self.pad_batch(min(batch_size or 1, len(jobs)))
         num_layers = max(r.num_layers for r in requests)
         latent_shape = self.latent_shape(num_layers, size)
         # Tokenized once per request (a truncated prompt warns once), then gathered per batch.
         ids, valid = self.prompt_ids([r.prompt for r in requests], [r.all_layer_prompts for r in requests], num_layers)
+        self.check_batch_fits(batch, latent_shape, ids.shape[-1], len(timesteps), guidance=guidance, eta=eta)
         settings = {"steps": steps, "guidance": guidance, "eta": eta, "checkpoint": self.checkpoint}
         for start in tqdm.tqdm(range(0, len(jobs), batch), desc="sampling", unit="batch", disable=not progress):
             chunk = jobs[start : start + batch]

@@ -1,4 +1,4 @@
-"""Checkpoints with orbax: the train state, the data iterator's position, and stopping on SIGTERM.
+"""Checkpoints with orbax: the train state, the data iterator's position, and stopping on SIGTERM or Ctrl-C.
 
 A checkpoint `<workdir>/checkpoints/<step>/` holds three items:
 
@@ -21,10 +21,12 @@ rather than the files.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,11 @@ UNRESTORABLE_SUFFIX = "_unrestorable"
 
 class CheckpointRestoreError(RuntimeError):
     """No checkpoint of the run could be restored; the message names the newest and why."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a folder that became unwritable); the message says why in
+    one line and names the last complete checkpoint, which the next run resumes from."""
 
 
 def _one_line(error: BaseException, limit: int = 300) -> str:
@@ -73,7 +80,8 @@ class Checkpointer:
             data=grain_checkpoint.CheckpointSave(data_iterator),
             meta=ocp.args.JsonSave({"step": step, "process_count": jax.process_count()}),
         )
-        return self.manager.save(step, args=args, force=True)
+        with self._writing(step):
+            return self.manager.save(step, args=args, force=True)
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None) -> Any:
         """The state at `step`, placed as `abstract_state`'s ShapeDtypeStructs say; moves `data_iterator`
@@ -133,37 +141,56 @@ class Checkpointer:
         return self.manager.reached_preemption(step)
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._writing():
+            self.manager.wait_until_finished()
+
+    @contextlib.contextmanager
+    def _writing(self, step: int | None = None) -> Iterator[None]:
+        """Turns a failed write (raised here, or by an earlier asynchronous save) into one CheckpointWriteError."""
+        try:
+            yield
+        except (OSError, ValueError, RuntimeError) as e:  # tensorstore reports a full disk as a ValueError
+            with contextlib.suppress(Exception):  # let the save's other writers end before the error unwinds
+                self.manager.wait_until_finished()
+            complete = [s for s in self.manager.all_steps() if s != step]
+            last = f"the last complete checkpoint is step {max(complete)}" if complete else "no checkpoint is complete"
+            raise CheckpointWriteError(f"a checkpoint could not be written to {self.directory} ({_one_line(e)}); {last}") from None
 
     def close(self) -> None:
         self.manager.close()
 
 
 class StopRequest:
-    """Notices a request to stop (SIGTERM, as schedulers send before preempting a job).
+    """Notices a request to stop: SIGTERM, as schedulers send before preempting a job, or Ctrl-C (SIGINT).
 
-    One process: a SIGTERM handler sets a flag while this is entered. Several processes: JAX's preemption
-    service (started by `jax.distributed.initialize`) owns SIGTERM and agrees on a step at which every
-    process stops, so the check asks the checkpoint manager instead.
+    One process: while this is entered, either signal sets a flag, and the run stops after the current step
+    with a checkpoint; a second Ctrl-C interrupts at once (KeyboardInterrupt), losing the steps since the last
+    checkpoint. Several processes: JAX's preemption service (started by `jax.distributed.initialize`) owns
+    SIGTERM and agrees on a step at which every process stops, so the check asks the checkpoint manager instead.
     """
+
+    _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, checkpointer: Checkpointer):
         self.checkpointer = checkpointer
         self.signalled = threading.Event()
-        self._previous = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopRequest":
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self._SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
-    def _on_sigterm(self, signum, frame) -> None:
-        log.warning("SIGTERM: stopping after this step with a checkpoint")
+    def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signalled.is_set():
+            raise KeyboardInterrupt
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        log.warning("%s: stopping after this step with a checkpoint%s", name, " (Ctrl-C again stops at once)" if signum == signal.SIGINT else "")
         self.signalled.set()
 
     def __call__(self, step: int) -> bool:

@@ -12,6 +12,7 @@ per_host_batch_size x processes x grad_accum_steps.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import ml_collections
@@ -19,6 +20,7 @@ import ml_collections
 from layerdiff_jax.data.loader import FLAT_VIEWS, parse_flat_views
 from layerdiff_jax.data.synthetic import parse_layer_mix
 from layerdiff_jax.diffusion.schedules import BETA_SCHEDULES, PREDICTION_TYPES
+from layerdiff_jax.diffusion.settings import MAX_IMAGE_SIDE
 from layerdiff_jax.models.attention import ATTENTION_IMPLS
 from layerdiff_jax.models.layerdiff import PROMPT_ENHANCER_VARIANTS, LayerDiffConfig
 from layerdiff_jax.sharding import MESH_AXES
@@ -27,6 +29,11 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 MODEL_KINDS = ("layerdiff", "text_to_image")
 TOY_SD = "toy"  # model.sd_path: write and train on the toy SD (layerdiff_jax.toy)
 SYNTHETIC_DATA = "synthetic"  # data.path: build the synthetic dataset in the workdir
+# The loader pads every sample to max_layers layers and every step runs the UNet on all of them, so memory and
+# time grow with it: 64, 16x the paper's 4, is past any layered image, and a larger value a typo.
+MAX_LAYERS = 64
+# Training draws its sample grids as one batch, next to the training state in memory.
+MAX_GRID_SAMPLES = 64
 
 
 class ConfigError(ValueError):
@@ -117,6 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.log.sample_count = 4  # prompts of the first training samples
     c.log.sample_steps = 50  # DDIM steps
     c.log.sample_guidance = 3.0
+    # Record sample_steps and sample_guidance in the exported LayerDiff model folder (sampling.json) as the settings
+    # sampling and editing default to: set it when they are the settings the run was validated with.
+    c.log.record_sample_settings = False
     return c
 
 
@@ -143,7 +153,8 @@ def _one_of(options):
 
 
 def _mesh_shape(shape):
-    return len(shape) == len(MESH_AXES) and all(isinstance(n, int) and (n > 0 or n == -1) for n in shape) and list(shape).count(-1) <= 1
+    sizes_ok = all(isinstance(n, int) and not isinstance(n, bool) and (n > 0 or n == -1) for n in shape)
+    return len(shape) == len(MESH_AXES) and sizes_ok and list(shape).count(-1) <= 1
 
 
 def _layer_mix(text):
@@ -176,14 +187,14 @@ RULES: dict[str, _Rule] = {
     "model.toy_vae.learning_rate": _POSITIVE,
     "model.toy_vae.kl_weight": _NON_NEGATIVE,
     "model.sd_path": _Rule(bool, 'must be set: an SD-1.x folder (converted or diffusers) or "toy"'),
-    "model.layerdiff.max_layers": _POSITIVE,
+    "model.layerdiff.max_layers": _Rule(lambda v: 2 <= v <= MAX_LAYERS, f"must be in [2, {MAX_LAYERS}] (a background, 1+ foregrounds)"),
     "model.layerdiff.prompt_enhancer": _one_of(PROMPT_ENHANCER_VARIANTS),
     "model.layerdiff.enhancer_heads": _POSITIVE,
     "model.compute_dtype": _one_of(COMPUTE_DTYPES),
     "model.attention_impl": _one_of(ATTENTION_IMPLS),
     "data.path": _Rule(bool, 'must be set: a built dataset folder or "synthetic"'),
     "data.split": _Rule(bool, "must be a split name"),
-    "data.resolution": _POSITIVE,
+    "data.resolution": _Rule(lambda v: 0 < v <= MAX_IMAGE_SIDE, f"must be in [1, {MAX_IMAGE_SIDE}] (pixels)"),
     "data.worker_count": _NON_NEGATIVE,
     "data.synthetic.num_train": _POSITIVE,
     "data.synthetic.layer_mix": _Rule(_layer_mix, "must be 'layers:weight,...' with 1 to 4 layers, e.g. '2:0.5,3:0.5'"),
@@ -215,7 +226,7 @@ RULES: dict[str, _Rule] = {
     "checkpoint.max_to_keep": _POSITIVE,
     "log.every_steps": _POSITIVE,
     "log.sample_every_steps": _NON_NEGATIVE,
-    "log.sample_count": _POSITIVE,
+    "log.sample_count": _Rule(lambda v: 0 < v <= MAX_GRID_SAMPLES, f"must be in [1, {MAX_GRID_SAMPLES}] (a grid, sampled as one batch)"),
     "log.sample_steps": _POSITIVE,
     "log.sample_guidance": _NON_NEGATIVE,
 }
@@ -249,6 +260,8 @@ def check_fields(config: ml_collections.ConfigDict, reference: ml_collections.Co
             check_fields(value, ref, f"{prefix}{key}.")
         elif not _same_type(value, ref):
             raise ConfigError(f"config.{prefix}{key} must be of type {type(ref).__name__}, got {value!r}")
+        elif isinstance(ref, float) and not math.isfinite(value):
+            raise ConfigError(f"config.{prefix}{key} must be a finite number, got {value!r}")
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str):
@@ -270,8 +283,36 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         )
     if config.model.kind == "text_to_image" and config.log.sample_every_steps:
         raise ConfigError("config.log.sample_every_steps: sample grids are drawn by LayerDiff models only; set it to 0")
+    _check_together(config)
     try:
         LayerDiffConfig(**config.model.layerdiff)
     except ValueError as e:
         raise ConfigError(f"config.model.layerdiff: {e}") from None
     return config
+
+
+def _check_together(config: ml_collections.ConfigDict) -> None:
+    """Fields in range alone but not together: found now rather than after the data is built and the model compiled."""
+    if config.log.sample_steps > config.diffusion.num_train_timesteps:
+        raise ConfigError(
+            f"config.log.sample_steps={config.log.sample_steps} exceeds config.diffusion.num_train_timesteps="
+            f"{config.diffusion.num_train_timesteps}: DDIM steps are a subset of the training timesteps"
+        )
+    if config.data.path == SYNTHETIC_DATA:
+        s = config.data.synthetic
+        if config.train.per_host_batch_size > s.num_train:
+            raise ConfigError(
+                f"config.train.per_host_batch_size={config.train.per_host_batch_size} exceeds config.data.synthetic."
+                f"num_train={s.num_train}: a batch needs that many samples"
+            )
+        most = max(n for n, weight in parse_layer_mix(s.layer_mix).items() if weight > 0)
+        if config.model.kind == "layerdiff" and most > config.model.layerdiff.max_layers:
+            raise ConfigError(
+                f"config.data.synthetic.layer_mix draws samples of {most} layers, more than config.model.layerdiff."
+                f"max_layers={config.model.layerdiff.max_layers}"
+            )
+    fit = config.model.toy_vae
+    if config.model.sd_path == TOY_SD and fit.steps and fit.crop > config.data.resolution:
+        raise ConfigError(
+            f"config.model.toy_vae.crop={fit.crop} exceeds config.data.resolution={config.data.resolution}: it crops those images"
+        )

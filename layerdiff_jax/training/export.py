@@ -2,7 +2,8 @@
 pretraining, as an SD folder (what LayerDiff training starts from).
 
 A LayerDiff model folder is the training SD folder's `vae/`, `text_encoder/` and `tokenizer/` (hard links where the file
-system allows, else copies) plus `layerdiff/` (`convert/model_folder.save_layerdiff`). It is written beside
+system allows, else copies) plus `layerdiff/` (`convert/model_folder.save_layerdiff`), and `sampling.json` when
+training records the sampling settings it validated (`log.record_sample_settings`). It is written beside
 its destination and renamed into place (`fileio.staged_folder`), so a folder at the destination is always
 complete; its UNet config records the training resolution (`sample_size`, in latent pixels), which sampling
 and editing take as their default size. An SD folder is the layout `convert_weights.py` writes (`vae/`,
@@ -17,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from layerdiff_jax.convert.model_folder import save_layerdiff, save_scheduler_config
+from layerdiff_jax.convert.model_folder import SamplingSettings, save_layerdiff, save_sampling_settings, save_scheduler_config
 from layerdiff_jax.convert.sd_folder import TOKENIZER_DIR, save_converted
 from layerdiff_jax.convert.vae import load_vae
 from layerdiff_jax.diffusion.schedules import SchedulerConfig
@@ -50,6 +51,11 @@ def _check_components(sd_path: Path, names, what: str) -> None:
         raise FileNotFoundError(f"{sd_path} has no {', '.join(missing)}: cannot assemble {what}")
 
 
+def recorded_sampling(config: Any) -> SamplingSettings | None:
+    """The sampling settings a training config says to record in its model folder (`log.record_sample_settings`)."""
+    return SamplingSettings(config.log.sample_steps, config.log.sample_guidance) if config.log.record_sample_settings else None
+
+
 def export_model(
     out_dir: str | os.PathLike,
     sd_path: str | os.PathLike,
@@ -57,10 +63,11 @@ def export_model(
     params: Any,
     scheduler: SchedulerConfig,
     sample_size: int | None = None,
+    sampling: SamplingSettings | None = None,
 ) -> Path:
     """Writes `out_dir` (replacing an earlier export) from host params and the schedule they were trained with;
-    returns it. `sample_size` is the training resolution in latent pixels (image side / VAE factor). Call on
-    one process."""
+    returns it. `sample_size` is the training resolution in latent pixels (image side / VAE factor); `sampling`
+    the steps and guidance to record as the model's sampling defaults. Call on one process."""
     sd_path = Path(sd_path)
     _check_components(sd_path, COPIED_COMPONENTS, "a LayerDiff model folder")
     if sample_size is not None:
@@ -70,6 +77,8 @@ def export_model(
         for name in COPIED_COMPONENTS:
             shutil.copytree(sd_path / name, staging / name, copy_function=_link_or_copy)
         save_layerdiff(staging, model, params, scheduler)
+        if sampling is not None:
+            save_sampling_settings(staging, sampling)
 
     return _replace_with(Path(out_dir), write)
 

@@ -6,20 +6,22 @@
 3. data        grain loader over the built (or synthetic) dataset; one loader batch = one step's micro-batches
 4. state       abstract state -> shardings; restored from the latest checkpoint, or initialised from SD
 5. step        the jitted train step (`step.py`)
-6. loop        steps, metrics, checkpoints, sample grids, SIGTERM, the time limit, non-finite loss
+6. loop        steps, metrics, checkpoints, sample grids, SIGTERM / Ctrl-C, the time limit, non-finite loss
 7. finish      last checkpoint, model folder export (`workdir/model/`)
 
-Everything the run writes lives in `workdir`: checkpoints/, model/, metrics.jsonl, tensorboard/, config.json,
-samples/ when sample grids are on, and toy_sd/ or data/ when the config asks for the toy SD or the
-synthetic dataset.
+Everything the run writes lives in `workdir`, which one run at a time may use (its main process holds the
+folder's lock): checkpoints/, model/, metrics.jsonl, tensorboard/, config.json, samples/ when sample grids are
+on, and toy_sd/ or data/ when the config asks for the toy SD or the synthetic dataset.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ from layerdiff_jax.data.loader import make_dataloader, parse_flat_views
 from layerdiff_jax.data.synthetic import parse_layer_mix
 from layerdiff_jax.data.tfds_builders import build_synthetic, find_dataset_dir
 from layerdiff_jax.data.tokenizer import load_tokenizer
+from layerdiff_jax.fileio import OutputFolderError, folder_lock
 from layerdiff_jax.mesh import (
     batch_size_divisor,
     gather_to_host,
@@ -63,6 +66,7 @@ from layerdiff_jax.training.config import (
 from layerdiff_jax.training.export import (
     export_model,
     export_text_to_image,
+    recorded_sampling,
 )
 from layerdiff_jax.training.metric_writer import MetricWriter, read_metrics
 from layerdiff_jax.training.samples import data_requests, write_sample_grid
@@ -91,7 +95,7 @@ class NonFiniteLossError(FloatingPointError):
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
     step: int  # optimizer updates done
-    stopped_early: bool  # by SIGTERM / preemption, after saving a checkpoint
+    stopped_early: bool  # by SIGTERM / Ctrl-C / preemption, after saving a checkpoint
     out_of_time: bool  # stopped at config.train.time_limit_s, after saving a checkpoint
     model_dir: Path | None  # the exported LayerDiff model (or SD) folder; None on processes other than the main one
     state: Any  # the final TrainState (global arrays on the mesh)
@@ -195,11 +199,35 @@ def _time_limit(train_cfg: ml_collections.ConfigDict, log_every: int):
     return lambda step: step % log_every == 0 and bool(multihost_utils.broadcast_one_to_all(time.monotonic() >= deadline))
 
 
+@contextlib.contextmanager
+def _workdir_lock(workdir: Path) -> Iterator[None]:
+    """One run per workdir: the main process holds its lock (`fileio.folder_lock`) for the whole run, and every
+    process learns whether it could, before any work."""
+    problem = None
+    with contextlib.ExitStack() as stack:
+        if jax.process_index() == 0:
+            try:
+                stack.enter_context(folder_lock(workdir, "train.py"))
+            except OutputFolderError as e:
+                problem = str(e)
+        if jax.process_count() > 1 and not multihost_utils.broadcast_one_to_all(np.int32(problem is None)):
+            problem = problem or f"process 0 could not lock the workdir {workdir}"
+        if problem:
+            raise OutputFolderError(problem)
+        yield
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: bool = True) -> TrainResult:
+    """Trains as `config` says, writing everything under `workdir` (which one run at a time may use)."""
+    workdir = Path(workdir).absolute()
+    with _workdir_lock(workdir):
+        return _train(config, workdir, resume)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: Path, resume: bool) -> TrainResult:
     run_start = time.perf_counter()
     config = validate_config(config)
     out_of_time = _time_limit(config.train, config.log.every_steps)
-    workdir = Path(workdir).absolute()
     is_main = jax.process_index() == 0
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -375,9 +403,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
         checkpointer.wait()
         params = gather_to_host(state.ema_params if train_cfg.ema else state.params)
         export = export_model if layered else export_text_to_image
-        # The LayerDiff folder records the training resolution: sampling's default size.
-        size = {"sample_size": config.data.resolution // vae.config.downsample_factor} if layered else {}
-        model_dir = export(workdir / "model", sd_path, model, params, scheduler, **size) if is_main else None
+        # The LayerDiff folder records the training resolution (sampling's default size) and, if the config says
+        # so, the sampling settings the run was validated with (sampling's default steps and guidance).
+        size = config.data.resolution // vae.config.downsample_factor
+        recorded = {"sample_size": size, "sampling": recorded_sampling(config)} if layered else {}
+        model_dir = export(workdir / "model", sd_path, model, params, scheduler, **recorded) if is_main else None
         _sync("export")
         if is_main:
             log.info("model folder written: %s", model_dir)
