@@ -23,12 +23,14 @@ from typing import Any
 import jax
 import ml_collections
 
+from layerdiff_jax.convert.core import read_config
 from layerdiff_jax.convert.model_folder import load_scheduler_config
 from layerdiff_jax.convert.unet import load_unet
 from layerdiff_jax.data.synthetic import generate_sample, parse_layer_mix
 from layerdiff_jax.data.tfds_builders import build_synthetic, find_dataset_dir
 from layerdiff_jax.evaluation.report import evaluate_samples, format_table
 from layerdiff_jax.models.layerdiff import LayerDiffConfig, init_from_sd
+from layerdiff_jax.models.vae import VAEConfig
 from layerdiff_jax.sampling.outputs import write_contact_sheet, write_sample
 from layerdiff_jax.sampling.sampler import LayerDiffPipeline, LayerRequest
 from layerdiff_jax.toy import TOY_BASE
@@ -157,13 +159,15 @@ def base_folder(config: ml_collections.ConfigDict, train_config: ml_collections.
 
 
 def export_step0(base: Path, train_config: ml_collections.ConfigDict, out_dir: Path) -> Path:
-    """The LayerDiff model folder of the base with LayerDiff's new modules at their initialisation."""
+    """The LayerDiff model folder of the base with LayerDiff's new modules at their initialisation, recording what
+    fine-tuning's export records: the training resolution and the sampling settings."""
     if (out_dir / "layerdiff").is_dir():
         return out_dir
     unet, unet_params = load_unet(base / "unet")
     model, params = init_from_sd(unet, unet_params, LayerDiffConfig(**train_config.model.layerdiff), jax.random.key(train_config.seed))
     scheduler = dataclasses.replace(load_scheduler_config(base), prediction_type=train_config.diffusion.prediction_type)
-    return export_model(out_dir, base, model, params, scheduler, sampling=recorded_sampling(train_config))
+    latent_size = train_config.data.resolution // read_config(base / "vae", VAEConfig.from_diffusers_config).downsample_factor
+    return export_model(out_dir, base, model, params, scheduler, sample_size=latent_size, sampling=recorded_sampling(train_config))
 
 
 def sample_and_score(model_dir: Path, requests: list[LayerRequest], sample: ml_collections.ConfigDict, resolution: int, out_dir: Path) -> dict[str, Any]:

@@ -6,6 +6,7 @@
   python scripts/bench.py --device gpu --suite check --out DIR     # the accelerator check, at most 8 minutes
   python scripts/bench.py --device cpu --suite check --quick --out DIR   # its CPU path (toy sizes; the tests)
   python scripts/bench.py --suite profile  # CPU: where a UNet forward+backward's time goes, ours vs torch
+  python scripts/bench.py --suite studio --checkpoint outputs/demo/train/model   # the layer studio's latencies
 
 The standard suite's rows: (1) UNet forward and forward+backward, ours vs diffusers' torch UNet with the same
 config and weights; (2) 50-step DDIM text-to-image with classifier-free guidance, ours (one jitted program) vs
@@ -41,9 +42,14 @@ if importlib.util.find_spec("layerdiff_jax") is None:  # a source checkout that 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench.py", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="where both sides run (default cpu)")
-    parser.add_argument("--suite", choices=["standard", "check", "profile"], default="standard",
+    parser.add_argument("--suite", choices=["standard", "check", "profile", "studio"], default="standard",
                         help="standard: the rows below; check: the time-boxed accelerator check (writes to --out); "
-                        "profile: where the CPU time of a UNet forward+backward goes, ours and torch's, by kind of work")
+                        "profile: where the CPU time of a UNet forward+backward goes, ours and torch's, by kind of work; "
+                        "studio: the layer studio's request latencies on --checkpoint")
+    parser.add_argument("--checkpoint", type=Path, default=Path("outputs/demo/train/model"),
+                        help="studio: the LayerDiff model folder to serve (default: the main job's)")
+    parser.add_argument("--sample-steps", type=int, help="studio: DDIM steps (default: the model's recorded settings)")
+    parser.add_argument("--guidance", type=float, help="studio: guidance scale (default: the model's recorded settings)")
     parser.add_argument("--quick", action="store_true", help="toy sizes and 2 repeats: checks that every row runs")
     parser.add_argument("--json", type=Path, help="standard suite: where to write the results (default bench_results/bench_<device>[_quick].json)")
     parser.add_argument("--out", type=Path, help="check: the folder for check.json and check.md (default bench_results/check_<device>[_quick])")
@@ -78,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     from layerdiff_jax.bench.requirements import import_problem
 
     modules = ["jax", "layerdiff_jax.bench.suite", "layerdiff_jax.bench.torch_reference"]
-    if args.suite in ("check", "profile"):
+    if args.suite in ("check", "profile", "studio"):
         modules.append(f"layerdiff_jax.bench.{args.suite}")
     problem = import_problem(tuple(modules))
     if problem:
@@ -99,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_check(args)
         if args.suite == "profile":
             return _run_profile(args)
+        if args.suite == "studio":
+            return _run_studio(args)
         return _run_standard(args)
     except (ValueError, RuntimeError) as error:  # settings that cannot run here, a torch without CUDA
         print(f"bench.py: {error}", file=sys.stderr)
@@ -133,6 +141,20 @@ def _run_profile(args: argparse.Namespace) -> int:
     json_path = args.json or Path("bench_results") / f"profile_cpu{'_quick' if args.quick else ''}.json"
     write_json(result, json_path)
     print(format_breakdown(result))
+    print(f"\nresults written to {json_path}")
+    return 0
+
+
+def _run_studio(args: argparse.Namespace) -> int:
+    from layerdiff_jax.bench.report import write_json
+    from layerdiff_jax.bench.studio import format_studio, run_studio_bench
+
+    if not (args.checkpoint / "layerdiff").is_dir():
+        raise ValueError(f"--checkpoint {args.checkpoint} is not a LayerDiff model folder (the main job writes outputs/demo/train/model)")
+    result = run_studio_bench(args.checkpoint, repeats=args.repeats or 5, steps=args.sample_steps, guidance=args.guidance)
+    json_path = args.json or Path("bench_results") / f"studio_{args.device}.json"
+    write_json(result, json_path)
+    print(format_studio(result))
     print(f"\nresults written to {json_path}")
     return 0
 

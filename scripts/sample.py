@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from layerdiff_jax.data.prompt_split import PromptSplitError, split_prompt
 from layerdiff_jax.diffusion.settings import (
     BACKGROUND_PROMPT,
     DEFAULT_GUIDANCE,
@@ -42,6 +43,13 @@ prompts:
   background is layer 0, prompted by --background-prompt ("the background" by default). A checkpoint
   with max_layers=L takes at most L-1 --layer-prompt. A prompt longer than the tokenizer's limit (77
   tokens for CLIP) is truncated with a warning.
+  --prompt alone is split into layers by rules over how English lists and places objects
+  (layerdiff_jax/sampling/prompt_split.py): "a cat and a lamp in front of a window" gives the background
+  "a window" and the layers "a cat", "a lamp", in the sentence's order; "with" describes an object ("a
+  girl with a red umbrella" is one layer), style ("a photo of", ", digital art") stays in the global
+  prompt only, and with no place named the background is "the background". The split is printed; a
+  prompt the rules cannot split is refused: give --layer-prompt then. --background-prompt, if given,
+  replaces the split's background.
 
 --spec FILE.json: a list of requests, each with its own prompts and layer count, e.g.
   [{"prompt": "a red circle on a blue background", "layer_prompts": ["a red circle"]},
@@ -66,7 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, type=Path, help="output folder (created; must be empty unless --overwrite)")
     parser.add_argument("--prompt", help="global prompt of the image")
     parser.add_argument("--layer-prompt", action="append", default=[], help="a foreground layer's prompt; repeat, deepest first")
-    parser.add_argument("--background-prompt", default=BACKGROUND_PROMPT, help=f'the background layer\'s prompt (default: "{BACKGROUND_PROMPT}")')
+    parser.add_argument("--background-prompt",
+                        help=f'the background layer\'s prompt (default: "{BACKGROUND_PROMPT}", or the one a --prompt alone names)')
     parser.add_argument("--num-samples", type=int, default=1, help="samples of --prompt (default 1)")
     parser.add_argument("--spec", type=Path, help="JSON file with a list of requests, instead of --prompt")
     parser.add_argument("--steps", type=int, help=f"DDIM steps (default: the model folder's sampling.json, else {DEFAULT_STEPS})")
@@ -84,11 +93,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
 
     if args.spec is None and args.prompt is None:
-        parser.error("give --prompt with at least one --layer-prompt, or --spec FILE.json")
+        parser.error("give --prompt (alone, split into layers, or with --layer-prompt), or --spec FILE.json")
     if args.spec is not None and (args.prompt is not None or args.layer_prompt):
         parser.error("--spec replaces --prompt/--layer-prompt: give one or the other")
-    if args.prompt is not None and not args.layer_prompt:
-        parser.error("no layer prompt: give at least one --layer-prompt (a foreground layer)")
     prompts = [("prompt", args.prompt), ("background-prompt", args.background_prompt)]
     prompts += [(f"layer-prompt #{i}", p) for i, p in enumerate(args.layer_prompt, start=1)]
     try:
@@ -105,6 +112,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     problem = output_problem(args.out, overwrite=args.overwrite, inputs=[args.checkpoint, args.spec])
     if problem:
         parser.error(f"--out {problem}")
+    if args.prompt is not None and not args.layer_prompt:  # the prompt alone: its layers, by prompt_split's rules
+        try:
+            split = split_prompt(args.prompt)
+        except PromptSplitError as e:
+            parser.error(f"--prompt without --layer-prompt: {e}")
+        args.layer_prompt = list(split.layer_prompts)
+        if args.background_prompt is None:  # one given beside the prompt is the user's word
+            args.background_prompt = split.background_prompt
+        layers = ", ".join(f"'{p}'" for p in args.layer_prompt)
+        print(f"layers from the prompt: background '{args.background_prompt}', layers: {layers}")
+    if args.background_prompt is None:
+        args.background_prompt = BACKGROUND_PROMPT
     return args
 
 

@@ -80,9 +80,11 @@ def test_offline_install_from_a_folder_of_wheels(tmp_path):
     installed = _pip("install", "--no-index", "--find-links", str(wheels), "layerdiff_jax", python=python)
     assert installed.returncode == 0, installed.stdout + installed.stderr
     assert f"Successfully installed layerdiff_jax-{wheel.name.split('-')[1]}" in installed.stdout
-    # The wheel carries the fused CPU kernels' source, which builds at first use.
+    # The wheel carries the fused CPU kernels' source, which builds at first use, and the studio's page.
     script = "import configs.gpu_h100, layerdiff_jax.bench.check, layerdiff_jax\n" \
-        "from layerdiff_jax.models import cpu_kernels\nprint(cpu_kernels.unavailable(), layerdiff_jax.__file__)"
+        "from layerdiff_jax.models import cpu_kernels\nfrom layerdiff_jax.studio.server import STATIC\n" \
+        "assert all((STATIC / f).is_file() for f in ('index.html', 'studio.js', 'studio.css'))\n" \
+        "print(cpu_kernels.unavailable(), layerdiff_jax.__file__)"
     imported = subprocess.run(
         [str(python), "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
         env={**os.environ, "LAYERDIFF_JAX_CACHE": str(tmp_path / "cache")},

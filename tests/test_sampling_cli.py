@@ -85,7 +85,7 @@ def test_sample_cli_errors(checkpoint, tmp_path, capsys):
         assert e.value.code == 2
         assert message in capsys.readouterr().err
 
-    usage_error(["--prompt", "a red circle"], "no layer prompt")
+    usage_error(["--prompt", "a red circle"], "could not split this prompt: give the layers yourself")  # one object
     usage_error([], "give --prompt")
     usage_error(["--prompt", "a", "--layer-prompt", "b", "--steps", "0"], "--steps must be an integer >= 1, got 0")
     (tmp_path / "full").mkdir()

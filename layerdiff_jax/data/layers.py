@@ -22,6 +22,7 @@ last), so a sample folder is either complete or absent (`fileio.staged_folder`).
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -146,18 +147,15 @@ def mask_file(i: int) -> str:
     return f"mask_{i:02d}.png"
 
 
-def write_sample_folder(
-    sample: LayeredSample,
-    folder: str | os.PathLike,
-    extras: Mapping[str, Callable[[LayeredSample, Path], Any]] | None = None,
-) -> Path:
-    """Writes `sample` in the exchange format to `folder`, replacing a folder there, all at once (see above).
+def png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    PIL.Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
 
-    `extras` {file name: writer(sample, path)} adds files, written after the images and before sample.json.
-    An extra that fails is left out and the rest of the folder is still written; then ExtraFileError names
-    what failed.
-    """
-    folder = Path(folder)
+
+def exchange_files(sample: LayeredSample, where: str | os.PathLike = "") -> dict[str, bytes]:
+    """The files of `sample`'s exchange-format folder, {file name: content}, sample.json last; `where` names the
+    folder in errors."""
     clash = sorted(set(sample.metadata) & set(REQUIRED_JSON_FIELDS))
     if clash:
         raise DataError(f"metadata keys {clash} clash with the fields of {SAMPLE_JSON}")
@@ -171,21 +169,40 @@ def write_sample_folder(
     try:  # NaN and infinity are not JSON: most readers refuse a file holding them
         text = json.dumps(info, indent=2, allow_nan=False) + "\n"
     except (TypeError, ValueError) as e:
-        raise DataError(f"{folder / SAMPLE_JSON}: the metadata cannot be written as JSON ({e})") from None
+        raise DataError(f"{Path(where) / SAMPLE_JSON}: the metadata cannot be written as JSON ({e})") from None
+    files = {"composite.png": png_bytes(sample.composite()), "background.png": png_bytes(sample.background)}
+    for i, (fg, mask) in enumerate(zip(sample.foregrounds, sample.masks), start=1):
+        files[layer_file(i)] = png_bytes(np.concatenate([fg, mask[..., None]], axis=-1))
+        files[mask_file(i)] = png_bytes(mask)
+    files[SAMPLE_JSON] = text.encode("utf-8")
+    return files
+
+
+def write_sample_folder(
+    sample: LayeredSample,
+    folder: str | os.PathLike,
+    extras: Mapping[str, Callable[[LayeredSample, Path], Any]] | None = None,
+) -> Path:
+    """Writes `sample` in the exchange format to `folder`, replacing a folder there, all at once (see above).
+
+    `extras` {file name: writer(sample, path)} adds files, written after the images and before sample.json.
+    An extra that fails is left out and the rest of the folder is still written; then ExtraFileError names
+    what failed.
+    """
+    folder = Path(folder)
+    files = exchange_files(sample, folder)
+    info = files.pop(SAMPLE_JSON)
     failures: dict[str, BaseException] = {}
     with staged_folder(folder) as staging:
-        PIL.Image.fromarray(sample.composite()).save(staging / "composite.png")
-        PIL.Image.fromarray(sample.background).save(staging / "background.png")
-        for i, (fg, mask) in enumerate(zip(sample.foregrounds, sample.masks), start=1):
-            PIL.Image.fromarray(np.concatenate([fg, mask[..., None]], axis=-1)).save(staging / layer_file(i))
-            PIL.Image.fromarray(mask).save(staging / mask_file(i))
+        for name, data in files.items():
+            (staging / name).write_bytes(data)
         for name, write in (extras or {}).items():
             try:
                 write(sample, staging / name)
             except Exception as e:  # one format's failure must not lose the sample or the other formats
                 (staging / name).unlink(missing_ok=True)
                 failures[name] = e
-        (staging / SAMPLE_JSON).write_text(text, encoding="utf-8")
+        (staging / SAMPLE_JSON).write_bytes(info)
     if failures:
         raise ExtraFileError(folder, failures)
     return folder
@@ -211,8 +228,9 @@ def _deep_gray_to_8bit(img: PIL.Image.Image, name: str | os.PathLike) -> PIL.Ima
 
 
 def image_array(img: PIL.Image.Image, mode: str, name: str | os.PathLike) -> np.ndarray:
-    """`img`, in any mode PIL opens, as 8-bit "RGB" colour (H, W, 3) or an "L" mask (H, W); DataError naming
-    `name` when it cannot be read.
+    """`img`, in any mode PIL opens, as 8-bit "RGB" colour (H, W, 3), an "L" mask (H, W) or "RGBA" colour with
+    its transparency as alpha (H, W, 4; the layers of layered files); DataError naming `name` when it cannot be
+    read.
 
     16-bit gray is scaled (65535 -> 255, rounded), where PIL's convert() would clip it; Pillow opens 16-bit
     colour PNGs as 8-bit already (their high byte: within 1 of scaling). Float ("F") images are refused: their
@@ -229,44 +247,58 @@ def image_array(img: PIL.Image.Image, mode: str, name: str | os.PathLike) -> np.
         if img.mode not in _ALPHA_MODES and "transparency" not in img.info:
             return np.asarray(img.convert(mode))
         rgba = np.asarray(img.convert("RGBA"))  # PIL reads palette and gray-value transparency only via RGBA
-        if mode == "RGB":
-            return rgba[..., :3]
+        if mode in ("RGB", "RGBA"):
+            return rgba[..., : len(mode)]
         gray, alpha = np.moveaxis(np.asarray(PIL.Image.fromarray(rgba).convert("LA"), np.uint32), -1, 0)
         return ((gray * alpha + 127) // 255).astype(np.uint8)
     except ValueError as e:  # convert() has no conversion from this mode
         raise DataError(f"{name}: mode {img.mode} cannot be read as {mode} ({e})") from None
 
 
+_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError)
+
+
+def decode_image(data: bytes, mode: str, name: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
+    """An image file's bytes as `image_array` reads them; DataError naming `name` when they do not decode or the
+    mode is not read. Given `size` (H, W, as sample.json says), another size is refused before decoding."""
+    try:
+        with PIL.Image.open(io.BytesIO(data)) as img:
+            if size is not None and (img.height, img.width) != tuple(size):
+                raise DataError(f"{name}: size {img.height}x{img.width} but {SAMPLE_JSON} says {size[0]}x{size[1]}")
+            img.load()
+            return image_array(img, mode, name)
+    except DataError:
+        raise
+    except _IMAGE_ERRORS as e:
+        raise DataError(f"{name}: not a readable image ({e})") from None
+
+
+def _file_bytes(path: Path) -> bytes | None:
+    """The file's content, None when there is no file."""
+    if not path.is_file():
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
 def read_image(path: str | os.PathLike, mode: str) -> np.ndarray:
     """The image file at `path` as `image_array` reads it ("RGB" colour or "L" mask, uint8); DataError naming
     the file when it is missing, does not decode or has a mode that is not read."""
     path = Path(path)
-    if not path.is_file():
+    data = _file_bytes(path)
+    if data is None:
+        raise DataError(f"{path}: missing")
+    return decode_image(data, mode, path)
+
+
+def _read_sample_json(data: bytes | None, path: Path) -> dict[str, Any]:
+    if data is None:
         raise DataError(f"{path}: missing")
     try:
-        with PIL.Image.open(path) as img:
-            img.load()
-            return image_array(img, mode, path)
-    except DataError:
-        raise
-    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: not a readable image ({e})") from None
-
-
-def _read_image(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
-    """`read_image`, checking that the image is `size` (H, W)."""
-    array = read_image(path, mode)
-    if array.shape[:2] != tuple(size):
-        raise DataError(f"{path}: size {array.shape[0]}x{array.shape[1]} but {SAMPLE_JSON} says {size[0]}x{size[1]}")
-    return array
-
-
-def _read_sample_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise DataError(f"{path}: missing")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        info = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, an over-long number, nesting too deep
         raise DataError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(info, dict):
         raise DataError(f"{path}: expected a JSON object")
@@ -291,23 +323,43 @@ def _read_sample_json(path: Path) -> dict[str, Any]:
     return info
 
 
+def read_sample_files(
+    read: Callable[[str], bytes | None], where: str | os.PathLike, *, max_layers: int | None = None
+) -> LayeredSample:
+    """Parses one exchange-format sample from `read(file name)`, the file's bytes or None when it is missing (a
+    folder's files, an uploaded zip's members); any problem raises `DataError` naming the file as `where/<file>`.
+    A sample of more than `max_layers` layers is refused before any image is read."""
+    where = Path(where)
+    info = _read_sample_json(read(SAMPLE_JSON), where / SAMPLE_JSON)
+    if max_layers is not None and info["num_layers"] > max_layers:
+        raise DataError(f"{where / SAMPLE_JSON}: {info['num_layers']} layers, over the limit of {max_layers}")
+    size = tuple(info["size"])
+
+    def image(file: str, mode: str) -> np.ndarray:
+        data = read(file)
+        if data is None:
+            raise DataError(f"{where / file}: missing")
+        return decode_image(data, mode, where / file, size)
+
+    k = info["num_layers"] - 1
+    background = image("background.png", "RGB")
+    foregrounds = np.zeros((k, *size, 3), np.uint8)
+    masks = np.zeros((k, *size), np.uint8)
+    for i in range(1, k + 1):
+        foregrounds[i - 1] = image(layer_file(i), "RGB")
+        masks[i - 1] = image(mask_file(i), "L")
+    composite = read("composite.png")
+    if composite is not None:  # derived, but a broken one is still worth reporting
+        decode_image(composite, "RGB", where / "composite.png", size)
+    metadata = {k_: v for k_, v in info.items() if k_ not in REQUIRED_JSON_FIELDS}
+    return LayeredSample(background, foregrounds, masks, info["global_prompt"], info["layer_prompts"], metadata)
+
+
 def read_sample_folder(folder: str | os.PathLike) -> LayeredSample:
     """Reads one exchange-format folder; any problem raises `DataError` naming the file."""
     folder = Path(folder)
     check_finished(folder)  # an edit's output folder records its run
-    info = _read_sample_json(folder / SAMPLE_JSON)
-    size = tuple(info["size"])
-    k = info["num_layers"] - 1
-    background = _read_image(folder / "background.png", "RGB", size)
-    foregrounds = np.zeros((k, *size, 3), np.uint8)
-    masks = np.zeros((k, *size), np.uint8)
-    for i in range(1, k + 1):
-        foregrounds[i - 1] = _read_image(folder / layer_file(i), "RGB", size)
-        masks[i - 1] = _read_image(folder / mask_file(i), "L", size)
-    if (folder / "composite.png").exists():  # derived, but a broken one is still worth reporting
-        _read_image(folder / "composite.png", "RGB", size)
-    metadata = {k_: v for k_, v in info.items() if k_ not in REQUIRED_JSON_FIELDS}
-    return LayeredSample(background, foregrounds, masks, info["global_prompt"], info["layer_prompts"], metadata)
+    return read_sample_files(lambda name: _file_bytes(folder / name), folder)
 
 
 def list_sample_folders(root: str | os.PathLike) -> list[Path]:

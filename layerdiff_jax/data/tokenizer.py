@@ -83,6 +83,10 @@ class PromptTokenizer:
         self._warned.update(new, new_words)
         return out
 
+    def count(self, text: str) -> int:
+        """The tokens `text` takes, start and end tokens included (more than `max_length` are truncated)."""
+        return len(self.hf_tokenizer(text, verbose=False)["input_ids"])
+
     def save(self, folder: str | os.PathLike) -> None:
         """Saves the tokenizer files so that `load_tokenizer(folder)` gives it back."""
         self.hf_tokenizer.save_pretrained(os.fspath(folder))

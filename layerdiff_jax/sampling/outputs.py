@@ -6,6 +6,9 @@ plus the same layers as a file that image editors open:
 
 - OpenRaster (`layers.ora`; GIMP, Krita, MyPaint): a zip of PNGs and stack.xml, written here with
   `zipfile`. The format is a few lines of spec, and the one PyPI writer (pyora) has had no release since 2021.
+  stack.xml also records the prompts in full, as attributes in our own namespace (`layerdiff:global-prompt` on
+  <image>, `layerdiff:prompt` on each <layer>): layer names are shortened, and the global prompt has no place
+  in the format. Readers ignore attributes they do not know; an editor that saves the file drops them.
 - Photoshop (`layers.psd`; Photoshop, GIMP, Photopea, Affinity): written with psd-tools. Foregrounds keep
   their alpha in the layer's own transparency channel (real transparency, not a layer mask). Layer names
   are stored twice, as PSD does: in full in the Unicode layer name block ('luni', which editors show), and
@@ -19,12 +22,12 @@ is left out, the rest is written, and the failure is raised after (`ExtraFileErr
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 from xml.etree import ElementTree
 
 import numpy as np
@@ -32,7 +35,7 @@ import PIL.Image
 from psd_tools import PSDImage
 from psd_tools.constants import Tag
 
-from layerdiff_jax.data.layers import DataError, LayeredSample, layer_file, write_sample_folder
+from layerdiff_jax.data.layers import DataError, LayeredSample, layer_file, png_bytes, write_sample_folder
 from layerdiff_jax.data.visualize import sample_grid
 
 ORA_FILE = "layers.ora"
@@ -44,6 +47,10 @@ ORA_THUMBNAIL_MAX = 256  # the OpenRaster spec's thumbnail bound
 MAX_LAYER_NAME = 120  # keeps names within every editor's (and PSD's 255-byte legacy) limits
 # What XML 1.0 cannot hold: a stack.xml with one of these does not parse (GIMP and Krita refuse the file).
 _NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+ORA_NAMESPACE = "urn:layerdiff-jax:openraster"
+ORA_GLOBAL_PROMPT = f"{{{ORA_NAMESPACE}}}global-prompt"  # attribute of <image>
+ORA_PROMPT = f"{{{ORA_NAMESPACE}}}prompt"  # attribute of <layer>
+ElementTree.register_namespace("layerdiff", ORA_NAMESPACE)
 
 
 def layer_names(sample: LayeredSample) -> list[str]:
@@ -62,40 +69,47 @@ def layer_pixels(sample: LayeredSample) -> list[np.ndarray]:
     return layers
 
 
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    PIL.Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
+def _open_destination(dest: str | os.PathLike | BinaryIO) -> Path | BinaryIO:
+    """A binary file object (an in-memory download) as it is; a path with its folder created."""
+    if hasattr(dest, "write"):
+        return dest
+    path = Path(dest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
-def write_ora(sample: LayeredSample, path: str | os.PathLike) -> Path:
-    """An OpenRaster file: `mimetype` first and stored uncompressed, `stack.xml` listing the layers top
-    first, `data/<layer>.png` RGBA, `mergedimage.png` (the composite) and `Thumbnails/thumbnail.png`."""
-    path = Path(path)
+def write_ora(sample: LayeredSample, dest: str | os.PathLike | BinaryIO) -> Path | BinaryIO:
+    """An OpenRaster file at the path or binary file object `dest`: `mimetype` first and stored uncompressed,
+    `stack.xml` listing the layers top first, `data/<layer>.png` RGBA, `mergedimage.png` (the composite) and
+    `Thumbnails/thumbnail.png`."""
+    where = ORA_FILE if hasattr(dest, "write") else Path(dest)
     h, w = sample.size
     names, pixels = layer_names(sample), layer_pixels(sample)
-    for name in names:  # prompts are checked on the way in (`check_prompt`); this keeps any sample's file valid
-        bad = _NOT_XML_CHAR.search(name)
+    # Prompts are checked on the way in (`check_prompt`); this keeps any sample's file valid.
+    texts = [("layer name", n) for n in names] + [("layer prompt", p) for p in sample.layer_prompts]
+    for what, text in texts + [("global prompt", sample.global_prompt)]:
+        bad = _NOT_XML_CHAR.search(text)
         if bad:
-            raise DataError(f"{path}: layer name {name!r} holds {ascii(bad.group())[1:-1]}, which XML cannot hold")
+            raise DataError(f"{where}: {what} {text!r} holds {ascii(bad.group())[1:-1]}, which XML cannot hold")
     sources = ["data/background.png"] + [f"data/{layer_file(i)}" for i in range(1, sample.num_layers)]
     image = ElementTree.Element("image", {"version": "0.0.6", "w": str(w), "h": str(h), "xres": "72", "yres": "72"})
+    image.set(ORA_GLOBAL_PROMPT, sample.global_prompt)
     stack = ElementTree.SubElement(image, "stack")
-    for name, src in reversed(list(zip(names, sources))):  # stack.xml lists the topmost layer first
+    for name, prompt, src in reversed(list(zip(names, sample.layer_prompts, sources))):  # the topmost layer first
         attrs = {"name": name, "src": src, "x": "0", "y": "0", "opacity": "1.0", "visibility": "visible", "composite-op": "svg:src-over"}
-        ElementTree.SubElement(stack, "layer", attrs)
+        ElementTree.SubElement(stack, "layer", {**attrs, ORA_PROMPT: prompt})
     composite = PIL.Image.fromarray(sample.composite())
     thumbnail = composite.copy()
     thumbnail.thumbnail((ORA_THUMBNAIL_MAX, ORA_THUMBNAIL_MAX))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+    target = _open_destination(dest)
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         zf.writestr(zipfile.ZipInfo("mimetype"), ORA_MIMETYPE, compress_type=zipfile.ZIP_STORED)
         zf.writestr("stack.xml", ElementTree.tostring(image, encoding="utf-8", xml_declaration=True))
         for src, array in zip(sources, pixels):
-            zf.writestr(src, _png(array))
-        zf.writestr("mergedimage.png", _png(np.asarray(composite)))
-        zf.writestr("Thumbnails/thumbnail.png", _png(np.asarray(thumbnail)))
-    return path
+            zf.writestr(src, png_bytes(array))
+        zf.writestr("mergedimage.png", png_bytes(np.asarray(composite)))
+        zf.writestr("Thumbnails/thumbnail.png", png_bytes(np.asarray(thumbnail)))
+    return target
 
 
 def legacy_layer_name(name: str) -> str:
@@ -103,18 +117,17 @@ def legacy_layer_name(name: str) -> str:
     return name.encode("ascii", "replace").decode("ascii")
 
 
-def write_psd(sample: LayeredSample, path: str | os.PathLike) -> Path:
-    """A layered RGB Photoshop file (psd-tools): opaque background, foregrounds with alpha; psd-tools
-    renders the merged preview from the layers."""
-    path = Path(path)
+def write_psd(sample: LayeredSample, dest: str | os.PathLike | BinaryIO) -> Path | BinaryIO:
+    """A layered RGB Photoshop file (psd-tools) at the path or binary file object `dest`: opaque background,
+    foregrounds with alpha; psd-tools renders the merged preview from the layers."""
     h, w = sample.size
     psd = PSDImage.new("RGB", (w, h))
     for name, array in zip(layer_names(sample), layer_pixels(sample)):
         layer = psd.create_pixel_layer_from_array(array, name=legacy_layer_name(name))
         layer.tagged_blocks.set_data(Tag.UNICODE_LAYER_NAME, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    psd.save(path)
-    return path
+    target = _open_destination(dest)
+    psd.save(target)
+    return target
 
 
 _WRITERS = {"ora": (ORA_FILE, write_ora), "psd": (PSD_FILE, write_psd)}
