@@ -6,7 +6,8 @@
 
 Writes one exchange-format sample folder per accepted image under --out, `summary.json` (images in,
 samples out, rejections by reason, layers per sample) and `rejections.jsonl` (each rejected image and
-why). Rerunning with the same --out resumes: finished images are not redone. Build a dataset from the
+why). Rerunning with the same --out resumes: finished images are not redone; --out is locked while a run
+lasts (a second run on it is refused, naming the first). Build a dataset from the
 result with `build_dataset.py folder --samples OUT --out TFDS_DIR`.
 
 --oracle reads exchange-format sample folders (e.g. from `build_dataset.py export`) and takes their
@@ -30,6 +31,7 @@ from layerdiff_jax.construction.errors import ConstructionConfigError
 from layerdiff_jax.construction.oracle import oracle_stages
 from layerdiff_jax.construction.run import construct, image_source, oracle_source
 from layerdiff_jax.data.layers import DataError
+from layerdiff_jax.fileio import OutputFolderError, folder_lock
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             source = image_source(args.images, config.max_side)
             stages = build_stages(config)
-        summary = construct(source, args.out, stages, config, workers=args.workers, progress=not args.no_progress)
-    except (ConstructionConfigError, DataError) as e:
+        with folder_lock(args.out, "construct_layers.py"):  # one run per --out: a second would redo the same images
+            summary = construct(source, args.out, stages, config, workers=args.workers, progress=not args.no_progress)
+    except (ConstructionConfigError, DataError, OutputFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))

@@ -3,6 +3,8 @@ unreadable images, failing stages, the rule functions the run decides with, and 
 
 import dataclasses
 import json
+import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from layerdiff_jax.construction.run import construct, image_key, image_source, o
 from layerdiff_jax.data.layers import dilate_mask, list_sample_folders, read_sample_folder, write_sample_folder
 from layerdiff_jax.data.synthetic import background_prompt, generate_sample, global_prompt
 from layerdiff_jax.data.tfds_builders import build_from_folders, split_sizes
+from layerdiff_jax.fileio import LOCK_FILE
 
 RES = 48
 CONFIG = ConstructionConfig(batch_size=3)
@@ -270,3 +273,9 @@ def test_cli_oracle_run(tmp_path, capsys):
     assert "nowhere: not a directory" in capsys.readouterr().err
     assert main(["--images", str(tmp_path / "in"), "--out", str(tmp_path / "in" / "out"), "--oracle"]) == 2
     assert "--out must not be inside --images" in capsys.readouterr().err
+    # A second run on an --out that a live run holds is refused, naming it.
+    (tmp_path / "busy").mkdir()
+    holder = {"pid": os.getppid(), "host": socket.gethostname(), "tool": "construct_layers.py", "since": "now"}
+    (tmp_path / "busy" / LOCK_FILE).write_text(json.dumps(holder))
+    assert main(["--images", str(tmp_path / "in"), "--out", str(tmp_path / "busy"), "--oracle", "--no-progress"]) == 2
+    assert f"in use by construct_layers.py (PID {os.getppid()}" in capsys.readouterr().err
