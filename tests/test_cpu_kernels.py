@@ -1,8 +1,13 @@
 """The fused CPU kernels for GroupNorm (+ SiLU) and GEGLU (attention's are in test_attention.py): each matches
 torch forward and backward, GroupNorm keeps nn.GroupNorm's parameters, both fall back to XLA ops where they do
-not run (with one log line when they cannot be built), and both are split over a mesh by batch without gathers."""
+not run (with one log line when they cannot be built), and both are split over a mesh by batch without gathers.
+All three kernels, built for AVX2 without AVX-512 whatever this CPU is, match XLA forward and backward."""
 
 import logging
+import platform
+import re
+import shutil
+import subprocess
 
 import flax.linen as nn
 import jax
@@ -193,3 +198,66 @@ def test_fused_kernels_are_split_over_a_mesh_by_batch_without_gathers():
     assert result["fused_geglu"]["gathers"] == 0 and result["fused_geglu"]["dx_spec"].startswith("P('data'")
     assert result["fused_geglu"]["value"] == pytest.approx(result["xla_geglu"]["value"], rel=1e-6)
     np.testing.assert_allclose(result["fused_geglu"]["dx"], result["xla_geglu"]["dx"], atol=1e-5)
+
+
+AVX2_SCRIPT = """
+import json
+import flax.linen as nn
+import jax, jax.numpy as jnp, numpy as np
+from layerdiff_jax.models import cpu_kernels
+
+reason = cpu_kernels.unavailable()
+rng = np.random.default_rng(0)
+normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+# Lengths with tails past whole 8- and 16-float vectors (19 keys, 40 channels, 37 features) and a block of 8
+# queries plus single rows (11).
+q, k, v = normal(2, 11, 2, 5), normal(2, 19, 2, 5), normal(2, 19, 2, 5)
+key_valid = jnp.asarray(rng.random((2, 19)) > 0.3).at[:, 0].set(True)
+x, scale, bias = normal(2, 5, 3, 40) * 3 + 1, normal(40), normal(40)
+h = normal(2, 5, 74)
+norm = nn.GroupNorm(num_groups=8, epsilon=1e-5, use_fast_variance=False)
+mask = key_valid[:, None, None, :]
+cases = {  # the kernel and XLA's ops, on the same arguments
+    "attention": ((q, k, v), lambda q, k, v: cpu_kernels.attention(q, k, v, key_valid, 0.5),
+                  lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=0.5, implementation="xla")),
+    "group_norm": ((x, scale, bias), lambda x, s, b: cpu_kernels.group_norm(x, s, b, 8, 1e-5, True),
+                   lambda x, s, b: jax.nn.silu(norm.apply({"params": {"scale": s, "bias": b}}, x))),
+    "geglu": ((h,), cpu_kernels.geglu,
+              lambda h: (lambda value, gate: value * jax.nn.gelu(gate, approximate=False))(*jnp.split(h, 2, axis=-1))),
+}
+
+
+def outputs(f, args):
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=tuple(range(len(args)))))(*args)
+    return [np.asarray(y).tolist() for y in (jax.jit(f)(*args), *grads)]
+
+
+result = {"unavailable": reason}
+if reason is None:
+    result.update({name: {"fused": outputs(fused, args), "xla": outputs(xla, args)}
+                   for name, (args, fused, xla) in cases.items()})
+print(json.dumps(result))
+"""
+# AVX-512 in a disassembly: an EVEX-encoded instruction (first byte 62, after any segment or address-size
+# prefix), a mask register (the k instructions are VEX-encoded), or a call to libmvec's AVX-512 variants.
+AVX512 = re.compile(r"^\s*[0-9a-f]+:\t(?:(?:2e|3e|26|36|64|65|67) )*62 [0-9a-f ]*\tv|%k[0-7]\b|_ZGVe[NM]\d", re.MULTILINE)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64-v3 is an x86 target")
+def test_the_avx2_build_matches_xla_forward_and_backward(tmp_path, monkeypatch):
+    """The kernels built for x86-64-v3 (AVX2 and FMA), the code CPUs without AVX-512 run, on any CPU: they build,
+    use no AVX-512 instruction, and match XLA within the tolerances the native build's tests hold to torch."""
+    monkeypatch.setenv("LAYERDIFF_CPU_KERNELS_MARCH", "x86-64-v3")
+    monkeypatch.setenv("LAYERDIFF_JAX_CACHE", str(tmp_path))
+    result = run_on_cpu_devices(AVX2_SCRIPT, devices=1)
+    assert result.pop("unavailable") is None
+    assert set(result) == {"attention", "group_norm", "geglu"}
+    for name, outputs in result.items():
+        for i, (got, want) in enumerate(zip(outputs["fused"], outputs["xla"])):
+            sums = name == "group_norm" and i >= 2  # dscale and dbias: sums over the pixels
+            tolerance = {"atol": 1e-4, "rtol": 1e-5} if sums else {"atol": 1e-5}
+            np.testing.assert_allclose(got, want, **tolerance, err_msg=f"{name}, output {i}")
+    (library,) = (tmp_path / "cpu_kernels").glob("cpu_kernels-*.so")
+    if shutil.which("objdump"):  # binutils comes with g++ on Debian and Ubuntu; elsewhere the check is skipped
+        code = subprocess.run(["objdump", "-d", str(library)], capture_output=True, text=True, check=True).stdout
+        assert "%ymm" in code and not AVX512.search(code)

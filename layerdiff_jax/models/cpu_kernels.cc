@@ -60,7 +60,13 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, Fn fn) {
   state->cv.wait(lock, [&] { return state->done.load() == chunks; });
 }
 
+// One vector register of floats: 16 with AVX-512, else 8 (AVX2's ymm). A wider vector type is split into several
+// registers, and a block of kBlock accumulators then no longer fits in the register file and spills to the stack.
+#ifdef __AVX512F__
 constexpr int64_t kLanes = 16;
+#else
+constexpr int64_t kLanes = 8;
+#endif
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 constexpr int64_t kBlock = 8;  // queries per pass over the keys: each key vector loaded serves eight rows
 

@@ -1,11 +1,17 @@
 """Fused kernels for XLA:CPU (`cpu_kernels.cc`): attention, GroupNorm (+ SiLU) and GEGLU, built with the machine's
 C++ compiler.
 
-The library is compiled at first use, once per source, jaxlib version and CPU (it is built for the CPU it runs
-on), into `$LAYERDIFF_JAX_CACHE` (default `~/.cache/layerdiff_jax`), loaded with ctypes and registered as XLA
-FFI targets. `attention(q, k, v, key_valid, scale)`, `group_norm(x, scale, bias, groups, epsilon, silu)` and
-`geglu(h)` are differentiable through custom VJPs whose backwards are the library's own. When the library cannot
-be built, `unavailable()` says why, and the models run the same operations as XLA ops instead.
+The library is compiled at first use, once per source, jaxlib version, target and CPU, into `$LAYERDIFF_JAX_CACHE`
+(default `~/.cache/layerdiff_jax`), loaded with ctypes and registered as XLA FFI targets. `attention(q, k, v,
+key_valid, scale)`, `group_norm(x, scale, bias, groups, epsilon, silu)` and `geglu(h)` are differentiable through
+custom VJPs whose backwards are the library's own. When the library cannot be built, `unavailable()` says why,
+and the models run the same operations as XLA ops instead.
+
+The target is the compiler's `-march=$LAYERDIFF_CPU_KERNELS_MARCH`, by default `native` (the CPU it runs on).
+`x86-64-v3` (AVX2 and FMA) checks the AVX2 code path on any machine, and builds for a fleet's lowest common CPU
+so that every machine runs the same code; `x86-64-v4` is AVX-512. Vectors are 512 bits wide where the target has
+AVX-512, else 256. A target the compiler does not know, or that needs instructions this CPU lacks, leaves the
+kernels unavailable.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -31,7 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
-_FLAGS = ("-O3", "-march=native", "-ffast-math", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC", "-w")
+_FLAGS = ("-O3", "-ffast-math", "-std=c++17", "-shared", "-fPIC", "-w")  # and the target's, from _target_flags
 _ATTENTION_FORWARD, _ATTENTION_BACKWARD = "layerdiff_cpu_attention_forward", "layerdiff_cpu_attention_backward"
 _NORM_FORWARD, _NORM_BACKWARD = "layerdiff_cpu_group_norm_forward", "layerdiff_cpu_group_norm_backward"
 _GEGLU_FORWARD, _GEGLU_BACKWARD = "layerdiff_cpu_geglu_forward", "layerdiff_cpu_geglu_backward"
@@ -42,7 +49,8 @@ def _cache_dir() -> Path:
 
 
 def _cpu_signature() -> str:
-    """The CPU's model and flags: -march=native builds for this CPU, so a cache shared between machines keys on it."""
+    """The CPU's model and flags: -march=native builds for this CPU, and other targets are checked against it, so a
+    cache shared between machines keys on it."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
@@ -50,36 +58,65 @@ def _cpu_signature() -> str:
     return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
 
 
-def _build(compiler: str) -> Path:
+def _run(command: list[str]) -> str:
+    """The command's output; a RuntimeError with the compiler's errors when it fails."""
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        errors = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines()
+        raise RuntimeError(f"`{' '.join(command)}` failed:\n" + "\n".join(errors[:10]))
+    return result.stdout
+
+
+# The instruction sets a compiler uses in code without intrinsics, as -march's predefined macros name them (the
+# kernels use no intrinsics, so AES, AMX, PKU and the like are beside the point, and virtual machines hide some).
+_GENERATED = re.compile(r"^#define __((?:SSE|SSSE|AVX|FMA|F16C|BMI|LZCNT|POPCNT|MOVBE|XOP|ABM)[A-Z0-9_]*)__ ", re.MULTILINE)
+
+
+def _instruction_sets(compiler: str, march: str) -> set[str]:
+    """The instruction sets code compiled for -march=<march> may use (AVX2, AVX512F, ...)."""
+    return set(_GENERATED.findall(_run([compiler, f"-march={march}", "-dM", "-E", "-x", "c++", os.devnull])))
+
+
+def _target_flags(compiler: str, march: str) -> list[str]:
+    """-march and the vector width to match it. A target that needs instructions this CPU lacks is refused: its
+    library would kill the process with an illegal instruction."""
+    target = _instruction_sets(compiler, march)
+    if march != "native":
+        missing = target - _instruction_sets(compiler, "native")
+        if missing:
+            raise RuntimeError(f"-march={march} needs instructions this CPU lacks: {', '.join(sorted(missing))}")
+    width = 512 if "AVX512F" in target else 256  # without AVX-512, wider vectors are only split in two
+    return [f"-march={march}", f"-mprefer-vector-width={width}"]
+
+
+def _build(compiler: str, march: str) -> Path:
     key = hashlib.sha256(
-        b"\0".join(s.encode() for s in (_SOURCE.read_text(), jaxlib.__version__, " ".join(_FLAGS), compiler, _cpu_signature()))
+        b"\0".join(s.encode() for s in (_SOURCE.read_text(), jaxlib.__version__, " ".join(_FLAGS), march, compiler, _cpu_signature()))
     ).hexdigest()[:16]
     library = _cache_dir() / f"cpu_kernels-{key}.so"
     if library.exists():
         return library
+    flags = _target_flags(compiler, march)
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as scratch:  # built aside, then renamed: concurrent builds are safe
         built = Path(scratch) / library.name
-        command = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(built), "-lm"]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            errors = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines()
-            raise RuntimeError(f"`{' '.join(command)}` failed:\n" + "\n".join(errors[:10]))
+        _run([compiler, *_FLAGS, *flags, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(built), "-lm"])
         os.replace(built, library)
     return library
 
 
 @functools.cache
 def unavailable() -> str | None:
-    """Why the fused CPU kernels cannot run (None: they are built and registered). The compiler is $CXX, else g++."""
-    return _load(os.environ.get("CXX", "g++"))
+    """Why the fused CPU kernels cannot run (None: they are built and registered). The compiler is $CXX, else g++;
+    the target $LAYERDIFF_CPU_KERNELS_MARCH, else native."""
+    return _load(os.environ.get("CXX", "g++"), os.environ.get("LAYERDIFF_CPU_KERNELS_MARCH", "native"))
 
 
-def _load(compiler: str) -> str | None:
+def _load(compiler: str, march: str = "native") -> str | None:
     if shutil.which(compiler) is None:
         return f"no C++ compiler ({compiler!r}; set CXX) to build the fused CPU kernels"
     try:
-        library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
+        library = ctypes.cdll.LoadLibrary(str(_build(compiler, march)))
         # The handler of target layerdiff_cpu_group_norm_forward is LayerdiffCpuGroupNormForward, and so on.
         handlers = {target: getattr(library, target.title().replace("_", "")) for target in _LAYOUTS}
     except (OSError, RuntimeError, AttributeError) as error:
