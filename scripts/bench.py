@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run_standard(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from layerdiff_jax.bench.report import format_table, write_json
+    from layerdiff_jax.bench.report import format_table
     from layerdiff_jax.bench.suite import BenchSettings, run_suite
 
     settings = BenchSettings.for_device(args.device, quick=args.quick, attention_impl=args.attention_impl, peak_flops=_peak(args))
@@ -124,37 +124,33 @@ def _run_standard(args: argparse.Namespace) -> int:
         settings = dataclasses.replace(settings, repeats=args.repeats)
     rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
     result = run_suite(settings, rows)
-    json_path = args.json or Path("bench_results") / f"bench_{args.device}{'_quick' if args.quick else ''}.json"
-    write_json(result, json_path)
-    print(format_table(result))
-    print(f"\nresults written to {json_path}")
-    return 0
+    return _report(result, format_table(result), args.json or Path("bench_results") / f"bench_{args.device}{'_quick' if args.quick else ''}.json")
 
 
 def _run_profile(args: argparse.Namespace) -> int:
     from layerdiff_jax.bench.profile import format_breakdown, run_profile
-    from layerdiff_jax.bench.report import write_json
 
     if args.device != "cpu":
         raise ValueError("--suite profile profiles XLA:CPU: use it with --device cpu")
     result = run_profile(quick=args.quick)
-    json_path = args.json or Path("bench_results") / f"profile_cpu{'_quick' if args.quick else ''}.json"
-    write_json(result, json_path)
-    print(format_breakdown(result))
-    print(f"\nresults written to {json_path}")
-    return 0
+    return _report(result, format_breakdown(result), args.json or Path("bench_results") / f"profile_cpu{'_quick' if args.quick else ''}.json")
 
 
 def _run_studio(args: argparse.Namespace) -> int:
-    from layerdiff_jax.bench.report import write_json
     from layerdiff_jax.bench.studio import format_studio, run_studio_bench
 
     if not (args.checkpoint / "layerdiff").is_dir():
         raise ValueError(f"--checkpoint {args.checkpoint} is not a LayerDiff model folder (the main job writes outputs/demo/train/model)")
     result = run_studio_bench(args.checkpoint, repeats=args.repeats or 5, steps=args.sample_steps, guidance=args.guidance)
-    json_path = args.json or Path("bench_results") / f"studio_{args.device}.json"
+    return _report(result, format_studio(result), args.json or Path("bench_results") / f"studio_{args.device}.json")
+
+
+def _report(result: dict, table: str, json_path: Path) -> int:
+    """Writes a suite's result as JSON and prints its table."""
+    from layerdiff_jax.bench.report import write_json
+
     write_json(result, json_path)
-    print(format_studio(result))
+    print(table)
     print(f"\nresults written to {json_path}")
     return 0
 

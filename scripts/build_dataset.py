@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from layerdiff_jax.cli import int_in
+from layerdiff_jax.cli import int_in, interrupted
 from layerdiff_jax.data.layers import DataError, write_sample_folder
 from layerdiff_jax.data.synthetic import DEFAULT_LAYER_MIX, generate_sample, parse_layer_mix
 from layerdiff_jax.data.tfds_builders import build_from_folders, build_synthetic, split_sizes
@@ -133,9 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
-            kept = f"{args.out} keeps them, marked as an unfinished export" if written else "nothing written"
-            print(f"interrupted after {written} sample folder(s); {kept}", file=sys.stderr)
-            return 130
+            return interrupted("", written, "sample folder(s)", args.out)
         print(f"wrote {written} sample folders to {args.out}")
     elif args.command == "grid":
         samples = [generate_sample(args.seed, i, args.resolution, args.layer_mix) for i in range(args.num)]

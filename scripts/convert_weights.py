@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from layerdiff_jax.cli import attach_package_log
+
 EPILOG = """\
 sources:
   a diffusers-format folder    unet/, vae/, text_encoder/ (config.json + *.safetensors or *.bin) and
@@ -71,12 +73,7 @@ def default_tokenizer(tokenizer: Path | None, config_dir: Path | None) -> Path |
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("  %(message)s"))
-    package_logger = logging.getLogger("layerdiff_jax")
-    level = package_logger.level
-    package_logger.addHandler(handler)
-    package_logger.setLevel(logging.INFO)
+    detach_log = attach_package_log(sys.stdout, "  %(message)s", logging.INFO)
 
     # Imported after argument checks so that usage errors come back at once, without loading JAX.
     from layerdiff_jax.convert.core import ConversionError
@@ -118,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"convert_weights.py: interrupted; {args.output} is marked as an unfinished conversion", file=sys.stderr)
         return 130
     finally:
-        package_logger.removeHandler(handler)
-        package_logger.setLevel(level)
+        detach_log()
 
     print(f"done in {time.perf_counter() - start:.1f} s: {args.output}")
     for name, count in record["parameters"].items():

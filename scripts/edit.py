@@ -15,7 +15,6 @@ guidance default to what the model folder records (sampling.json), else to the p
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from layerdiff_jax.diffusion.settings import (
     check_prompt,
     check_sampling_settings,
 )
+from layerdiff_jax.cli import attach_package_log
 from layerdiff_jax.fileio import claim_output_folder, output_problem
 
 DESCRIPTION = __doc__.split("\n\n")[0]
@@ -86,10 +86,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("edit.py: %(levelname)s: %(message)s"))
-    package_logger = logging.getLogger("layerdiff_jax")
-    package_logger.addHandler(handler)
+    detach_log = attach_package_log(sys.stderr, "edit.py: %(levelname)s: %(message)s")
 
     from layerdiff_jax.data.layers import DataError, read_sample_folder
     from layerdiff_jax.sampling import CheckpointError, LayerDiffPipeline, inpaint_layer, restyle_layer, write_sample
@@ -118,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edit.py: interrupted before the edited sample was written; {args.out} is marked unfinished", file=sys.stderr)
         return 130
     finally:
-        package_logger.removeHandler(handler)
+        detach_log()
     print(f"{args.command} layer {args.layer} in {time.perf_counter() - start:.1f} s -> {args.out}")
     return 0
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from layerdiff_jax.diffusion.settings import (
     check_prompt,
     check_sampling_settings,
 )
+from layerdiff_jax.cli import attach_package_log, interrupted
 from layerdiff_jax.fileio import claim_output_folder, output_problem
 
 DESCRIPTION = __doc__.split("\n\n")[0]
@@ -129,10 +129,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("sample.py: %(levelname)s: %(message)s"))
-    package_logger = logging.getLogger("layerdiff_jax")
-    package_logger.addHandler(handler)
+    detach_log = attach_package_log(sys.stderr, "sample.py: %(levelname)s: %(message)s")
 
     # Imported after argument checks so that usage errors come back at once, without loading JAX.
     import jax
@@ -191,11 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        kept = f"{args.out} keeps them, marked as an unfinished run (rerun with --overwrite)" if written else "nothing written"
-        print(f"sample.py: interrupted after {written} sample(s); {kept}", file=sys.stderr)
-        return 130
+        return interrupted("sample.py: ", written, "sample(s)", args.out)
     finally:
-        package_logger.removeHandler(handler)
+        detach_log()
     for failure in failures:
         print(f"sample.py: error: {failure}", file=sys.stderr)
     return 1 if failures else 0

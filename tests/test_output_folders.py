@@ -163,7 +163,7 @@ def test_two_writers_on_one_folder_and_ctrl_c(tmp_path):
     finally:
         first.kill()
     assert first.returncode == 130
-    assert err.strip().splitlines()[-1].startswith("interrupted after ") and "marked as an unfinished export" in err
+    assert err.strip().splitlines()[-1].startswith("interrupted after ") and "keeps them, marked as unfinished" in err
     assert "Traceback" not in err
     with pytest.raises(OutputFolderError, match="unfinished run of build_dataset.py export"):
         list_sample_folders(out)

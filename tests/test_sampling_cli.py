@@ -187,7 +187,7 @@ def test_samples_are_written_as_each_batch_finishes(run, checkpoint, tmp_path, m
     out = tmp_path / "samples"
     assert _sample(checkpoint, _spec(tmp_path, UNICODE_REQUESTS), out, "--size", str(SIZE), str(SIZE)) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"sample.py: interrupted after 2 sample(s); {out} keeps them, marked as an unfinished run (rerun with --overwrite)"
+        f"sample.py: interrupted after 2 sample(s); {out} keeps them, marked as unfinished (rerun with --overwrite)"
     )
     assert _listing(out) == ["sample_0000", "sample_0001"]
     for folder in out.iterdir():

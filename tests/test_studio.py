@@ -10,8 +10,14 @@ short. The browser is the chromium on PATH, or the one LAYERDIFF_CHROMIUM names;
 from __future__ import annotations
 
 import io
+import json
 import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -30,6 +36,8 @@ from layerdiff_jax.toy import TOY_BASE
 
 pytestmark = pytest.mark.slow
 
+ROOT = Path(__file__).resolve().parents[1]
+
 STEPS = "4"
 TIMEOUT_MS = 240_000  # a job that compiles a program for new shapes on a loaded 2-core machine
 expect.set_options(timeout=TIMEOUT_MS)
@@ -43,8 +51,12 @@ def _chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    model = export_step0(TOY_BASE, finetune_config(demo.get_config()), tmp_path_factory.mktemp("step0") / "model")
+def model(tmp_path_factory):
+    return export_step0(TOY_BASE, finetune_config(demo.get_config()), tmp_path_factory.mktemp("step0") / "model")
+
+
+@pytest.fixture(scope="module")
+def server(model, tmp_path_factory):
     session = tmp_path_factory.mktemp("studio") / "session"
     studio = Studio(LayerDiffPipeline.load(model), session)
     http = make_server(studio)
@@ -198,3 +210,22 @@ def test_export_zip_holds_pngs_and_the_exchange_folder(server):
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         names = zf.namelist()
     assert any(n.endswith("sample.json") for n in names) and sum(n.endswith(".png") for n in names) > document.sample.num_layers
+
+
+def test_the_command_serves_on_a_free_local_port_and_stops_on_ctrl_c(model, tmp_path):
+    """scripts/studio.py itself: it prints its address (127.0.0.1, a free port), serves the model, ends on Ctrl-C
+    with one line; a missing model folder is one line and exit 2."""
+    command = [sys.executable, str(ROOT / "scripts" / "studio.py"), "--checkpoint", str(model), "--out", str(tmp_path / "out")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [process.stdout.readline() for _ in range(2)]
+        url = re.search(r"http://127\.0\.0\.1:\d+/", lines[1]).group()
+        with urllib.request.urlopen(url + "api/info", timeout=60) as reply:
+            assert json.load(reply)["max_layers"] == 4
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0 and out.strip().startswith("stopped; every version made is in") and "Traceback" not in err
+    missing = subprocess.run([*command[:2], "--checkpoint", str(tmp_path / "nothing")], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "is not a LayerDiff model folder" in missing.stderr.splitlines()[-1]
