@@ -29,11 +29,11 @@ from layerdiff_jax.fileio import OutputFolderError, claim_output_folder
 
 
 # The synthetic world draws shapes of 25-45% of the side, 2 px apart: at 16 px they are 4-7 px, the least that
-# tells a circle from a square and still fits 3 of them; at 1024 px (twice SD's 512) a sample takes ~0.5 s to
+# tells a circle from a square and still fits 3 of them; 1024 px is twice SD's 512, and larger ones are slow to
 # draw. The multiple a model needs (its VAE's factor x its UNet's downsampling) is checked by training, which
 # knows the model.
 RESOLUTION = int_in(16, 1024, "(image side in pixels: smaller shapes cannot be told apart, larger are slow to draw)")
-# A million 64 px samples take about an hour to draw; more is a typo.
+# A million samples is more than any toy run uses; more is a typo.
 NUM_SAMPLES = 1_000_000
 GRID_ROWS = 64  # a contact sheet to look at: one row of cells per sample
 

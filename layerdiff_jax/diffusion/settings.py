@@ -12,8 +12,8 @@ import re
 
 MAX_SEED = 2**32 - 1
 # The samples of one run, all its requests together: the run lists a job per sample before it starts and writes
-# a folder per sample. 100,000 is days of sampling at the paper's 100 steps and lists in a fraction of a second;
-# more is a typo or a job to split into runs (10**9 listed for a minute, then ran out of memory).
+# a folder per sample. 100,000 is days of sampling at the paper's 100 steps and is listed at once; more is a typo
+# or a job to split into runs (a billion would be listed for minutes and exhaust memory before sampling began).
 MAX_SAMPLES = 100_000
 # An image side. The SD VAE decodes through 128-channel float32 activations at full resolution: 32 GiB for one
 # image at 8192 px, more than an accelerator holds. Smaller sizes that do not fit are refused by the sampler's

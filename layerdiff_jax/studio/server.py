@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from layerdiff_jax.data.layers import DataError
-from layerdiff_jax.diffusion.settings import DEFAULT_STRENGTH, RequestError, check_prompt, check_sampling_settings
+from layerdiff_jax.diffusion.settings import BACKGROUND_PROMPT, DEFAULT_STRENGTH, RequestError, check_prompt, check_sampling_settings
 from layerdiff_jax.sampling.editing import inpaint_layer, restyle_layer
 from layerdiff_jax.sampling.layered_files import export_bytes, read_layered_bytes
 from layerdiff_jax.data.prompt_split import PromptSplitError, split_prompt
@@ -114,7 +114,7 @@ class Studio:
         if not 1 <= candidates <= MAX_CANDIDATES:
             raise BadRequest(f"candidates must be in [1, {MAX_CANDIDATES}], got {candidates}")
         steps, guidance, seed = self._settings(body)
-        request = LayerRequest(prompt, layer_prompts, background or "the background", num_samples=candidates, seed=seed)
+        request = LayerRequest(prompt, layer_prompts, background or BACKGROUND_PROMPT, num_samples=candidates, seed=seed)
         self.pipe.check_requests([request])
         self._check_length(request.prompt, *request.all_layer_prompts)
 
@@ -122,7 +122,7 @@ class Studio:
             samples = self.pipe.generate([request], steps=steps, guidance=guidance, batch_size=candidates, progress=False)
             return {"documents": [self.documents.create(s, "generated").describe() for s in samples]}
 
-        return self._submit("generate", run)
+        return {"job": self.jobs.submit("generate", run).id}
 
     def edit(self, doc_id: str, layer: int, kind: str, body: dict) -> dict:
         document = self.documents.get(doc_id)
@@ -146,11 +146,7 @@ class Studio:
             document.push(edit(document.sample))  # the version current when the job runs
             return {"documents": [document.describe()]}
 
-        return self._submit(kind, run)
-
-    def _submit(self, kind: str, run) -> dict:
-        job = self.jobs.submit(kind, run)
-        return {"job": job.id}
+        return {"job": self.jobs.submit(kind, run).id}
 
     # ------------------------------------------------------------------ documents
 
