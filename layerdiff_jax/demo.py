@@ -7,7 +7,8 @@
               (`layerdiff_jax/assets/toy_base`), any SD folder, or "scratch" (a random toy SD with a fitted VAE)
 3. step 0     LayerDiff initialised from the base (`init_from_sd`), sampled and scored before any fine-tuning
 4. fine-tune  the real trainer, for the time the budget leaves (a rerun resumes)
-5. sample     the held-out requests (16 each with 2, 3 and 4 layers), one exchange-format folder per sample
+5. sample     the held-out requests (`sample.per_layer_count` each with 2, 3 and 4 layers), one exchange-format
+              folder per sample
 6. evaluate   prompt following per layer count; metrics.json holds step 0 beside the final scores
 """
 
@@ -26,7 +27,7 @@ import ml_collections
 from layerdiff_jax.convert.core import read_config
 from layerdiff_jax.convert.model_folder import load_scheduler_config
 from layerdiff_jax.convert.unet import load_unet
-from layerdiff_jax.data.synthetic import generate_sample, parse_layer_mix
+from layerdiff_jax.data.synthetic import generate_sample, parse_colour_weights, parse_layer_mix
 from layerdiff_jax.data.tfds_builders import build_synthetic, find_dataset_dir
 from layerdiff_jax.evaluation.report import evaluate_samples, format_table
 from layerdiff_jax.models.layerdiff import LayerDiffConfig, init_from_sd
@@ -63,12 +64,16 @@ def demo_config() -> ml_collections.ConfigDict:
     c.data.num_train = 4000
     c.data.resolution = 64
     c.data.layer_mix = "2:0.34,3:0.33,4:0.33"
+    c.data.colour_weights = ""  # 'colour:weight,...': foregrounds of these colours drawn more often
     c.data.seed = 0
 
     c.finetune = base_config()
 
     c.sample = ml_collections.ConfigDict()
     c.sample.per_layer_count = 16  # requests with 2, 3 and 4 layers each
+    # Step 0 only shows where fine-tuning starts: the first this many of them, so that its sampling leaves
+    # the budget to fine-tuning.
+    c.sample.step0_per_layer_count = 16
     c.sample.request_seed = 1_000_000  # held-out synthetic samples: no training data uses this seed
     c.sample.steps = 25  # DDIM steps
     c.sample.guidance = 1.0
@@ -87,6 +92,14 @@ def validate_demo_config(config: ml_collections.ConfigDict) -> ml_collections.Co
         validate_config(config.finetune)
     except ConfigError as e:
         raise ConfigError(str(e).replace("config.", "config.finetune.", 1)) from None
+    for field, parse in (("layer_mix", parse_layer_mix), ("colour_weights", parse_colour_weights)):
+        try:
+            parse(config.data[field])
+        except ValueError as e:
+            raise ConfigError(f"config.data.{field}: {e}") from None
+    for field in ("per_layer_count", "step0_per_layer_count"):
+        if config.sample[field] < 1:
+            raise ConfigError(f"config.sample.{field} must be >= 1, got {config.sample[field]}")
     if config.base not in (SHIPPED, SCRATCH) and not Path(config.base).is_dir():
         raise ConfigError(f"config.base={config.base!r} is neither 'shipped', 'scratch' nor an SD folder")
     return config
@@ -142,7 +155,7 @@ def build_data(data: ml_collections.ConfigDict, out: Path) -> Path:
     else:
         build_synthetic(
             root, num_train=data.num_train, num_test=0, resolution=data.resolution, seed=data.seed,
-            layer_mix=parse_layer_mix(data.layer_mix),
+            layer_mix=parse_layer_mix(data.layer_mix), colour_weights=parse_colour_weights(data.colour_weights),
         )
     return find_dataset_dir(root)
 
@@ -196,7 +209,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     timings: dict[str, float] = {}
     validate_demo_config(config)
     train_config = finetune_config(config)
-    requests = held_out_requests(config.sample.per_layer_count, config.sample.request_seed, config.sample.seed, config.data.resolution)
+    requests, step0_requests = (
+        held_out_requests(count, config.sample.request_seed, config.sample.seed, config.data.resolution)
+        for count in (config.sample.per_layer_count, config.sample.step0_per_layer_count)
+    )
     print(f"layerdiff_jax demo on {jax.device_count()} {jax.devices()[0].platform} device(s); writing to {out}")
 
     with Stage(f"1/5 synthetic layered dataset: {config.data.num_train} samples at {config.data.resolution}x{config.data.resolution}", timings, "data_s"):
@@ -211,7 +227,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
             print("   reusing the step-0 scores")
             step0 = json.loads(step0_metrics.read_text())
         else:
-            step0 = sample_and_score(export_step0(base, train_config, out / "step0" / "model"), requests, config.sample, config.data.resolution, out / "step0" / "samples")
+            step0 = sample_and_score(export_step0(base, train_config, out / "step0" / "model"), step0_requests, config.sample, config.data.resolution, out / "step0" / "samples")
             step0_metrics.write_text(json.dumps(step0, indent=2) + "\n")
         print(format_table(step0))
 

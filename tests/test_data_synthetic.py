@@ -12,6 +12,7 @@ from layerdiff_jax.data.synthetic import (
     generate_sample,
     parse_background_prompt,
     parse_foreground_prompt,
+    parse_colour_weights,
     parse_layer_mix,
 )
 
@@ -114,6 +115,23 @@ def test_layer_mix_and_resolution():
 def test_bad_layer_mix_is_rejected(text):
     with pytest.raises(ValueError, match="layer mix"):
         parse_layer_mix(text)
+
+
+def test_colour_weights_draw_hard_colours_more_often_and_leave_the_default_draw_alone():
+    def black_share(weights):
+        colours = [f["colour"] for i in range(300) for f in generate_sample(0, i, 32, {4: 1.0}, weights).metadata["foregrounds"]]
+        return colours.count("black") / len(colours)
+
+    assert black_share(None) < 0.2 and black_share(parse_colour_weights("black:4")) > 0.3
+    # No weights draw as before: held-out requests and built datasets stay what they were.
+    assert generate_sample(7, 3).layer_prompts == generate_sample(7, 3, colour_weights={}).layer_prompts
+    assert parse_colour_weights("") == {}
+
+
+@pytest.mark.parametrize("text", ["pink:2", "black", "black:0", "black:x"])
+def test_bad_colour_weights_are_rejected(text):
+    with pytest.raises(ValueError, match="colour weights"):
+        parse_colour_weights(text)
 
 
 def test_prompt_parsers_reject_other_phrases():

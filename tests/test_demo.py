@@ -26,6 +26,8 @@ def test_shortened_demo_writes_every_output(tmp_path):
         "finetune.checkpoint.every_steps": 1,
         "finetune.log.every_steps": 1,
         "sample.per_layer_count": 1,
+        "sample.step0_per_layer_count": 1,
+        "data.colour_weights": "black:3",
         "sample.steps": 2,
         "sample.batch_size": 3,
     }

@@ -92,6 +92,26 @@ def parse_layer_mix(text: str) -> dict[int, float]:
     return _check_layer_mix(mix)
 
 
+def parse_colour_weights(text: str) -> dict[str, float]:
+    """'black:3,yellow:2' -> {'black': 3.0, 'yellow': 2.0}: how much more often a foreground takes a colour (colours
+    not named weigh 1; '' weighs all alike)."""
+    weights = {}
+    for part in filter(None, text.split(",")):
+        colour, _, weight = part.partition(":")
+        try:
+            weights[colour.strip()] = float(weight)
+        except ValueError:
+            raise ValueError(f"colour weights {text!r}: expected 'colour:weight,...', e.g. 'black:3,yellow:2'") from None
+    return _check_colour_weights(weights)
+
+
+def _check_colour_weights(weights: Mapping[str, float]) -> dict[str, float]:
+    unknown = sorted(set(weights) - set(PALETTE))
+    if unknown or any(not w > 0 for w in weights.values()):
+        raise ValueError(f"colour weights {dict(weights)}: need colours of {list(PALETTE)} with positive weights")
+    return dict(weights)
+
+
 def _check_layer_mix(mix: Mapping[int, float]) -> dict[int, float]:
     bad = [n for n in mix if not 2 <= n <= 1 + len(SHAPES) * (len(PALETTE) - 1)]
     if bad or not mix or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
@@ -160,9 +180,14 @@ def _background(rng: np.random.Generator, colour: str, pattern: str, resolution:
 
 
 def generate_sample(
-    seed: int, index: int, resolution: int = 64, layer_mix: Mapping[int, float] | None = None
+    seed: int,
+    index: int,
+    resolution: int = 64,
+    layer_mix: Mapping[int, float] | None = None,
+    colour_weights: Mapping[str, float] | None = None,
 ) -> LayeredSample:
-    """Sample `index` of the synthetic dataset with `seed`; the same arguments give the same sample."""
+    """Sample `index` of the synthetic dataset with `seed`; the same arguments give the same sample.
+    `colour_weights` (`parse_colour_weights`) draws foregrounds of some colours more often than others."""
     mix = _check_layer_mix(DEFAULT_LAYER_MIX if layer_mix is None else layer_mix)
     rng = np.random.default_rng([seed, index])
     num_layers = int(rng.choice(list(mix), p=list(mix.values())))
@@ -173,7 +198,12 @@ def generate_sample(
 
     # Distinct (colour, shape) pairs, none in the background colour.
     pairs = [(c, s) for c, s in itertools.product(colours, SHAPES) if c != bg_colour]
-    chosen = [pairs[i] for i in rng.choice(len(pairs), size=num_layers - 1, replace=False)]
+    if colour_weights:
+        weights = np.array([_check_colour_weights(colour_weights).get(c, 1.0) for c, _ in pairs])
+        picks = rng.choice(len(pairs), size=num_layers - 1, replace=False, p=weights / weights.sum())
+    else:  # the unweighted draw, which the datasets and held-out requests made so far were drawn with
+        picks = rng.choice(len(pairs), size=num_layers - 1, replace=False)
+    chosen = [pairs[i] for i in picks]
     boxes = _place_boxes(rng, num_layers - 1, resolution)
 
     # Shapes never overlap, so painting order does not matter; the layer order is the random draw order.

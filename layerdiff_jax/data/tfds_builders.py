@@ -99,6 +99,7 @@ class SyntheticLayersConfig(tfds.core.BuilderConfig):
     num_train: int = 1000
     num_test: int = 100
     layer_mix: dict[int, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_LAYER_MIX))
+    colour_weights: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class SyntheticLayers(_LayeredBuilder):
@@ -112,7 +113,7 @@ class SyntheticLayers(_LayeredBuilder):
     def _generate_examples(self, indices):
         c = self.builder_config
         for index in indices:
-            yield index, sample_to_example(generate_sample(c.seed, index, c.resolution, c.layer_mix))
+            yield index, sample_to_example(generate_sample(c.seed, index, c.resolution, c.layer_mix, c.colour_weights))
 
 
 @dataclasses.dataclass(eq=False)
@@ -169,9 +170,11 @@ def build_synthetic(
     resolution: int = 64,
     seed: int = 0,
     layer_mix: dict[int, float] | None = None,
+    colour_weights: dict[str, float] | None = None,
 ) -> Path:
     """Builds the synthetic dataset under `out_dir`; returns the dataset folder (`.../1.0.0`)."""
     mix = dict(DEFAULT_LAYER_MIX if layer_mix is None else layer_mix)
+    weights = dict(colour_weights or {})
     config = SyntheticLayersConfig(
         name=f"r{resolution}_s{seed}",
         resolution=resolution,
@@ -179,7 +182,9 @@ def build_synthetic(
         num_train=num_train,
         num_test=num_test,
         layer_mix=mix,
-        description=f"Synthetic layered shapes, {resolution}x{resolution}, seed {seed}, layer mix {mix}",
+        colour_weights=weights,
+        description=f"Synthetic layered shapes, {resolution}x{resolution}, seed {seed}, layer mix {mix}"
+        + (f", colour weights {weights}" if weights else ""),
     )
     return _prepare(SyntheticLayers(config=config, data_dir=os.fspath(out_dir), file_format="array_record"))
 
