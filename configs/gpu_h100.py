@@ -6,8 +6,9 @@
 The paper's optimizer and losses at 256x256, 32 samples per update in one micro-batch (no accumulation),
 the state FSDP-sharded over the node's GPUs (mesh (1, -1, 1)), UNet blocks rematerialised, an EMA of the
 parameters (exported as the model). What to expect: 16.5 GiB of train state (parameters, Adam moments,
-EMA) plus 0.8 GiB of frozen VAE and text encoder on one GPU, 2.1 + 0.1 GiB per GPU on eight (README),
-before activations; set XLA_PYTHON_CLIENT_MEM_FRACTION=.95 to give XLA the whole GPU.
+EMA) plus 0.8 GiB of frozen VAE and text encoder on one GPU, 2.1 + 0.1 GiB per GPU on eight
+(docs/accelerators.md, "What fits where"), before activations; set XLA_PYTHON_CLIENT_MEM_FRACTION=.95 to give
+XLA the whole GPU.
 """
 
 from configs import sd15_256
@@ -16,7 +17,7 @@ from configs import sd15_256
 def get_config():
     config = sd15_256.get_config()
     config.model.compute_dtype = "bfloat16"
-    # XLA attention until the accelerator check's train step (row d; README) has run with cuDNN on a GPU: cuDNN
+    # XLA attention until the accelerator check's train step (row d; docs/accelerators.md) has run with cuDNN: cuDNN
     # is faster in the UNet forward on Hopper, but its backward needs the padding of odd prompt lengths, and on
     # Ampere it does not take SD-1.5's deepest head dim (160 > 128).
     config.model.attention_impl = "xla"

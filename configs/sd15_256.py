@@ -10,8 +10,9 @@ layer timesteps, 10% global and 10% layer prompt dropout, AdamW lr 1e-5 with wei
 warm-up steps then constant, 32 samples per update as 8 accumulated micro-batches of 4, frozen VAE and
 text encoder, float32 compute (the reference setting; configs/gpu_h100.py is the fast one). The state is
 FSDP-sharded over the host's GPUs. What to expect: 12.4 GiB of train state (parameters, Adam moments) plus
-0.8 GiB of frozen VAE and text encoder on one GPU, 1.6 + 0.1 GiB per GPU on eight (README), before
-activations; a 12.4 GiB checkpoint every 1000 steps; the model folder in <workdir>/model.
+0.8 GiB of frozen VAE and text encoder on one GPU, 1.6 + 0.1 GiB per GPU on eight (docs/accelerators.md,
+"What fits where"), before activations; a 12.4 GiB checkpoint every 1000 steps; the model folder in
+<workdir>/model.
 """
 
 from layerdiff_jax.training.config import base_config

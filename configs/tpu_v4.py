@@ -9,8 +9,8 @@ and the remaining chips replicate them as data-parallel groups, so any slice wit
 works. 8 samples per host per update (2 per chip on v4), so 32 on a v4-32 as the paper trains, without
 accumulation. bfloat16 activations, float32 master weights and an EMA of them; UNet blocks
 rematerialised. What to expect: 4.1 GiB of train state (parameters, Adam moments, EMA) plus 0.2 GiB of
-frozen VAE and text encoder per chip (README), of a v4 chip's 32 GiB; the workdir must be shared by all
-hosts (a GCS bucket); the model folder is written to <workdir>/model by process 0.
+frozen VAE and text encoder per chip (docs/accelerators.md, "What fits where"), of a v4 chip's 32 GiB; the
+workdir must be shared by all hosts (a GCS bucket); the model folder is written to <workdir>/model by process 0.
 """
 
 from configs import sd15_256

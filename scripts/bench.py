@@ -73,7 +73,7 @@ def _configure_device(device: str) -> None:
 def _check_gpu(jax) -> str | None:
     backend = jax.devices()[0].platform
     if backend != "gpu":
-        return f"--device gpu: JAX has no GPU here (backend {backend}); install the CUDA plugin: pip install -e '.[cuda]' (README, 'On GPUs and TPUs')"
+        return f"--device gpu: JAX has no GPU here (backend {backend}); install the CUDA plugin: pip install -e '.[cuda]' (docs/accelerators.md, 'Install')"
     return None
 
 

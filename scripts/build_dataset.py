@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from layerdiff_jax.cli import int_in, interrupted
+from layerdiff_jax.cli import bad_samples, int_in, interrupted
 from layerdiff_jax.data.layers import DataError, write_sample_folder
 from layerdiff_jax.data.synthetic import DEFAULT_LAYER_MIX, generate_sample, parse_layer_mix
 from layerdiff_jax.data.tfds_builders import build_from_folders, build_synthetic, split_sizes
@@ -109,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             path, skipped = build_from_folders(args.samples, args.out, skip_bad=args.skip_bad, name=args.name)
         except DataError as e:
-            print(f"error: {e}" + ("" if args.skip_bad else "\n(use --skip-bad to skip bad samples)"), file=sys.stderr)
-            return 1
+            return bad_samples(e, args.skip_bad, "bad samples")
         except OutputFolderError as e:  # --samples is an unfinished run
             print(f"error: {e}", file=sys.stderr)
             return 1

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from layerdiff_jax.cli import attach_package_log
+from layerdiff_jax.cli import attach_package_log, stopped
 
 EPILOG = """\
 sources:
@@ -108,12 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.output, components, source=args.source, config_dir=config_dir, tokenizer_dir=tokenizer, overwrite=True
             )
             written.finish()
-    except (ConversionError, ValueError, OSError) as e:  # OSError: missing inputs, the folder's lock, a full disk
-        print(f"convert_weights.py: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"convert_weights.py: interrupted; {args.output} is marked as an unfinished conversion", file=sys.stderr)
-        return 130
+    except (ConversionError, ValueError, OSError, KeyboardInterrupt) as e:  # OSError: missing inputs, the folder's lock, a full disk
+        return stopped("convert_weights.py", e, args.output)
     finally:
         detach_log()
 

@@ -27,7 +27,7 @@ from layerdiff_jax.diffusion.settings import (
     check_prompt,
     check_sampling_settings,
 )
-from layerdiff_jax.cli import attach_package_log
+from layerdiff_jax.cli import attach_package_log, stopped
 from layerdiff_jax.fileio import claim_output_folder, output_problem
 
 DESCRIPTION = __doc__.split("\n\n")[0]
@@ -108,12 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             finally:  # the out folder is the sample itself: its entries are the files written
                 record.add(*(p.name for p in args.out.iterdir() if not p.name.startswith(".")))
             record.finish()
-    except (CheckpointError, RequestError, DataError, OSError) as e:  # OSError: the folder's lock, a layered file, a full disk
-        print(f"edit.py: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"edit.py: interrupted before the edited sample was written; {args.out} is marked unfinished", file=sys.stderr)
-        return 130
+    except (CheckpointError, RequestError, DataError, OSError, KeyboardInterrupt) as e:  # OSError: the folder's lock, a layered file, a full disk
+        return stopped("edit.py", e, args.out)
     finally:
         detach_log()
     print(f"{args.command} layer {args.layer} in {time.perf_counter() - start:.1f} s -> {args.out}")

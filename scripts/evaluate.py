@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from layerdiff_jax.cli import int_in
+from layerdiff_jax.cli import bad_samples, int_in
 from layerdiff_jax.convert.core import ConversionError
 from layerdiff_jax.data.layers import DataError
 from layerdiff_jax.evaluation.report import evaluate_samples, format_table
@@ -59,9 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             skip_bad=args.skip_bad,
         )
     except DataError as e:
-        hint = "" if args.skip_bad else "\n(use --skip-bad to skip unreadable sample folders)"
-        print(f"error: {e}{hint}", file=sys.stderr)
-        return 1
+        return bad_samples(e, args.skip_bad, "unreadable sample folders")
     except (ConversionError, ValueError, OSError, ImportError) as e:  # OSError: also an unfinished run's folder
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -6,10 +6,16 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from safetensors.numpy import load_file, save_file
+from checkpoint_support import (
+    assert_bin_and_flax_params_load,
+    assert_corruption_is_named,
+    copy_with_weights,
+    perturb_vectors,
+)
+from safetensors.numpy import load_file
 
-from layerdiff_jax.convert import core
 from layerdiff_jax.convert.clip_text import abstract_text_encoder_params, load_text_encoder, rename_text_encoder_key
+from layerdiff_jax.convert.core import count_params
 from layerdiff_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer
 
 TINY = dict(
@@ -28,10 +34,7 @@ WEIGHTS = "model.safetensors"
 def _torch_clip(folder, hidden_act="quick_gelu", seed=0):
     torch.manual_seed(seed)
     model = transformers.CLIPTextModel(transformers.CLIPTextConfig(**TINY, hidden_act=hidden_act)).eval()
-    with torch.no_grad():  # perturb layer-norm scales/biases, which start at exactly 1 and 0
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(0.1 * torch.randn(p.shape))
+    perturb_vectors(model, seed)
     model.save_pretrained(folder)
     return model
 
@@ -85,8 +88,7 @@ def test_bfloat16_compute_tracks_float32(torch_clip, input_ids):
 
 
 def test_sd15_parameter_count():
-    params = abstract_text_encoder_params(CLIPTextTransformer(CLIPTextConfig.sd15()))
-    assert sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params)) == 123_060_480
+    assert count_params(abstract_text_encoder_params(CLIPTextTransformer(CLIPTextConfig.sd15()))) == 123_060_480
 
 
 def test_config_round_trip_through_transformers():
@@ -112,8 +114,7 @@ def test_transformers4_prefixed_keys_and_position_ids_load(torch_clip, tmp_path)
     _, params = load_text_encoder(folder)
     weights = {f"text_model.{k}": v for k, v in load_file(folder / WEIGHTS).items()}
     weights["text_model.embeddings.position_ids"] = np.arange(77, dtype=np.int64)[None]
-    save_file(weights, tmp_path / WEIGHTS)
-    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    copy_with_weights(folder, tmp_path, WEIGHTS, weights)
     _, prefixed = load_text_encoder(tmp_path)
     jax.tree_util.tree_map(np.testing.assert_array_equal, prefixed, params)
     assert rename_text_encoder_key("text_model.encoder.layers.3.self_attn.out_proj.weight") == "encoder.layers.3.self_attn.to_out.0.weight"
@@ -122,31 +123,10 @@ def test_transformers4_prefixed_keys_and_position_ids_load(torch_clip, tmp_path)
 def test_torch_bin_and_converted_params_load(torch_clip, tmp_path):
     model, folder = torch_clip
     _, params = load_text_encoder(folder)
-    bin_dir, flax_dir = tmp_path / "bin", tmp_path / "flax"
-    for d in (bin_dir, flax_dir):
-        d.mkdir()
-        (d / "config.json").write_text((folder / "config.json").read_text())
-    torch.save(model.state_dict(), bin_dir / "pytorch_model.bin")
-    core.save_flax_params(params, flax_dir / core.FLAX_PARAMS_FILE)
-    for d in (bin_dir, flax_dir):
-        _, reloaded = load_text_encoder(d)
-        jax.tree_util.tree_map(np.testing.assert_array_equal, reloaded, params)
+    assert_bin_and_flax_params_load(model, folder, params, load_text_encoder, "pytorch_model.bin", tmp_path)
 
 
 @pytest.mark.parametrize("corruption", ["missing", "extra", "shape"])
 def test_corrupted_checkpoint_names_the_key(torch_clip, tmp_path, corruption):
-    _, folder = torch_clip
-    weights = load_file(folder / WEIGHTS)
-    key = "encoder.layers.1.mlp.fc2.weight"
-    if corruption == "missing":
-        del weights[key]
-        key = "encoder/layers_1/mlp/fc2/kernel"  # a missing parameter is named by its Flax path
-    elif corruption == "extra":
-        key = "encoder.layers.1.mlp.fc3.weight"
-        weights[key] = np.zeros((4, 4), np.float32)
-    else:
-        weights[key] = weights[key][:-1]
-    save_file(weights, tmp_path / WEIGHTS)
-    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
-    with pytest.raises(core.ConversionError, match=key.replace(".", r"\.")):
-        load_text_encoder(tmp_path)
+    key, flax_path = "encoder.layers.1.mlp.fc2.weight", "encoder/layers_1/mlp/fc2/kernel"
+    assert_corruption_is_named(torch_clip[1], tmp_path, WEIGHTS, load_text_encoder, key, flax_path, corruption)

@@ -26,6 +26,9 @@ from layerdiff_jax.data.tfds_builders import build_from_folders, split_sizes
 CAPTION_WORDS = ("a", "dog", "cat", "ball", "on", "and", "the", "grass", "red")
 PROMPT = "a dog and a cat on"
 IMAGE_H, IMAGE_W = 48, 64
+# The tiny transformers' size, and their vision towers' (16 patches of a 32x32 image).
+TINY_TRANSFORMER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+TINY_VISION = dict(TINY_TRANSFORMER, image_size=32, patch_size=8)
 
 
 main = load_script("construct_layers").main
@@ -72,26 +75,10 @@ def _build_models(root):
     blip = T.BlipForConditionalGeneration(
         T.BlipConfig(
             text_config=dict(
-                vocab_size=5 + len(CAPTION_WORDS),
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=32,
-                encoder_hidden_size=32,
-                pad_token_id=0,
-                bos_token_id=2,
-                sep_token_id=3,
-                eos_token_id=3,
+                TINY_TRANSFORMER, vocab_size=5 + len(CAPTION_WORDS), max_position_embeddings=32, encoder_hidden_size=32,
+                pad_token_id=0, bos_token_id=2, sep_token_id=3, eos_token_id=3,  # _word_tokenizer's [PAD], [CLS], [SEP]
             ),
-            vision_config=dict(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                image_size=32,
-                patch_size=8,
-            ),
+            vision_config=TINY_VISION,
             projection_dim=32,
         )
     )
@@ -101,28 +88,11 @@ def _build_models(root):
     ).save_pretrained(root / "blip")
 
     clip_tok = _clip_tokenizer(root / "clip_tokenizer")
-    text = dict(
-        vocab_size=55,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=16,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
+    text = dict(TINY_TRANSFORMER, vocab_size=55, max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     owl = T.OwlViTForObjectDetection(
         T.OwlViTConfig(
             text_config=text,
-            vision_config=dict(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                image_size=32,
-                patch_size=8,
-            ),
+            vision_config=TINY_VISION,
             projection_dim=32,
         )
     )
@@ -136,12 +106,8 @@ def _build_models(root):
     sam = T.SamModel(
         T.SamConfig(
             vision_config=dict(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
+                TINY_VISION,
                 image_size=64,
-                patch_size=8,
                 output_channels=16,
                 window_size=4,
                 global_attn_indexes=[1],
@@ -187,12 +153,7 @@ def _build_models(root):
 
     dpt = T.DPTForDepthEstimation(
         T.DPTConfig(
-            hidden_size=32,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            intermediate_size=64,
-            image_size=32,
-            patch_size=8,
+            **dict(TINY_VISION, num_hidden_layers=4),
             backbone_out_indices=[0, 1, 2, 3],
             neck_hidden_sizes=[8, 16, 16, 16],
             fusion_hidden_size=16,

@@ -12,20 +12,11 @@ import numpy as np
 import pytest
 import yaml
 
+from layerdiff_jax.construction import rules
 from layerdiff_jax.construction.classical import best_shifts, shift_fill
 from layerdiff_jax.construction.config import Rules, load_config
 from layerdiff_jax.construction.errors import ConstructionConfigError
 from layerdiff_jax.construction.phrases import HeuristicPhraseExtractor, SpacyPhraseExtractor, make_phrase_extractor
-from layerdiff_jax.construction.rules import (
-    dedupe_detections,
-    depth_order,
-    filter_phrases,
-    inpainting_keeps_object,
-    keep_salient,
-    mean_depths,
-    resolve_overlaps,
-    saliency_overlap,
-)
 from layerdiff_jax.construction.stages import Detection
 from layerdiff_jax.data.layers import dilate_mask
 from layerdiff_jax.data.synthetic import generate_sample
@@ -59,8 +50,8 @@ def test_filter_phrases_drops_background_words_pronouns_and_repeats():
         "a traffic  light",
         "the sky",
     ]
-    assert filter_phrases(phrases) == ["A dog", "a traffic light"]
-    assert filter_phrases(["a dog", "a red ball"], stop_words={"ball"}) == ["a dog"]
+    assert rules.filter_phrases(phrases) == ["A dog", "a traffic light"]
+    assert rules.filter_phrases(["a dog", "a red ball"], stop_words={"ball"}) == ["a dog"]
     assert Rules(extra_stop_words=("Ball",)).stop_words >= {"ball", "background"}
 
 
@@ -92,9 +83,9 @@ def test_saliency_overlap_rule_is_strictly_above_ten_percent():
     masks[0] = True  # 10 of 100 salient: exactly 10%, dropped
     masks[1, :, :9] = True  # 10 of 90: 11%, kept
     masks[2, :, 5:] = True  # none salient
-    np.testing.assert_allclose(saliency_overlap(masks, salient), [0.1, 10 / 90, 0.0, 0.0])
-    assert keep_salient(masks, salient).tolist() == [False, True, False, False]  # empty mask 3: overlap 0
-    assert keep_salient(masks, salient, min_overlap=0.0).tolist() == [True, True, False, False]
+    np.testing.assert_allclose(rules.saliency_overlap(masks, salient), [0.1, 10 / 90, 0.0, 0.0])
+    assert rules.keep_salient(masks, salient).tolist() == [False, True, False, False]  # empty mask 3: overlap 0
+    assert rules.keep_salient(masks, salient, min_overlap=0.0).tolist() == [True, True, False, False]
 
 
 def test_depth_order_is_deepest_first_by_mean_depth():
@@ -105,8 +96,8 @@ def test_depth_order_is_deepest_first_by_mean_depth():
     masks[2, :2, 0] = True
     masks[2, :2, 7] = True  # mean 3.5: a mean, not a max or a centre
     masks[3, :, 3:5] = True  # mean 3.5 too: ties keep their order
-    np.testing.assert_allclose(mean_depths(masks, depth), [2.5, 6.5, 3.5, 3.5])
-    assert depth_order(masks, depth).tolist() == [1, 2, 3, 0]
+    np.testing.assert_allclose(rules.mean_depths(masks, depth), [2.5, 6.5, 3.5, 3.5])
+    assert rules.depth_order(masks, depth).tolist() == [1, 2, 3, 0]
 
 
 def test_overlaps_go_to_the_front_layer():
@@ -114,7 +105,7 @@ def test_overlaps_go_to_the_front_layer():
     masks[0, :3, :3] = True  # deepest
     masks[1, 1:, 1:] = True
     masks[2, 2, 2] = True  # front
-    out = resolve_overlaps(masks)
+    out = rules.resolve_overlaps(masks)
     assert out.sum(0).max() == 1 and (out.any(0) == masks.any(0)).all()
     assert out[2, 2, 2] and not out[1, 2, 2] and not out[0, 1, 1] and out[1, 1, 1] and out[0, 0, 0]
 
@@ -126,8 +117,8 @@ def test_dedupe_keeps_the_best_scoring_box_per_object():
         Detection("a ball", (20, 20, 30, 30), 0.7),
         Detection("a line", (5, 5, 5, 9), 0.99),  # empty box
     ]
-    assert [d.phrase for d in dedupe_detections(dets, 0.5)] == ["a dog", "a ball"]
-    assert [d.phrase for d in dedupe_detections(dets, 0.95)] == ["a dog", "a ball", "a puppy"]  # IoU 0.9
+    assert [d.phrase for d in rules.dedupe_detections(dets, 0.5)] == ["a dog", "a ball"]
+    assert [d.phrase for d in rules.dedupe_detections(dets, 0.95)] == ["a dog", "a ball", "a puppy"]  # IoU 0.9
 
 
 def test_rejection_rule_counts_salient_pixels_inside_the_hole_only():
@@ -135,11 +126,11 @@ def test_rejection_rule_counts_salient_pixels_inside_the_hole_only():
     hole[:5] = True
     salient = np.zeros((10, 10), bool)
     salient[5:] = True  # salient, but outside the hole
-    assert not inpainting_keeps_object(salient, hole, 0.1)
+    assert not rules.inpainting_keeps_object(salient, hole, 0.1)
     salient[:1] = True  # 10 of 50 hole pixels
-    assert inpainting_keeps_object(salient, hole, 0.1)
-    assert not inpainting_keeps_object(salient, hole, 0.2)
-    assert not inpainting_keeps_object(salient, np.zeros_like(hole), 0.0)
+    assert rules.inpainting_keeps_object(salient, hole, 0.1)
+    assert not rules.inpainting_keeps_object(salient, hole, 0.2)
+    assert not rules.inpainting_keeps_object(salient, np.zeros_like(hole), 0.0)
 
 
 def test_dilation_is_a_5x5_square():

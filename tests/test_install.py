@@ -1,4 +1,4 @@
-"""The install extras and the offline install (README, "On GPUs and TPUs").
+"""The install extras and the offline install (docs/accelerators.md, "Install" and "Air-gapped pods and clusters").
 
 The accelerator extras must pull the jax plugin of exactly the installed jax's version, and the project must
 install from a folder of wheels with no index (air-gapped pods and clusters). The offline test builds the

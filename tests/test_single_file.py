@@ -125,20 +125,19 @@ _VAE_ATTENTION_TO_LDM = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v":
 
 def unet_key_to_ldm(key: str, layers_per_block: int, up_block_types) -> str:
     stride = layers_per_block + 1  # LDM entries per down block (layers + downsampler) and per up block
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(weight|bias)", key):
-        return f"input_blocks.{1 + int(m[1]) * stride + int(m[2])}.0.{_RESNET_TO_LDM[m[3]]}.{m[4]}"
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", key):
-        return f"input_blocks.{1 + int(m[1]) * stride + int(m[2])}.1.{m[3]}"
+    if m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        ldm, first = ("input_blocks", 1) if m[1] == "down" else ("output_blocks", 0)
+        layer = f"{ldm}.{first + int(m[2]) * stride + int(m[4])}"
+        if m[3] == "attentions":
+            return f"{layer}.1.{m[5]}"
+        module, leaf = m[5].rsplit(".", 1)
+        return f"{layer}.0.{_RESNET_TO_LDM[module]}.{leaf}"
     if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(weight|bias)", key):
         return f"input_blocks.{1 + int(m[1]) * stride + layers_per_block}.0.op.{m[2]}"
     if m := re.fullmatch(r"mid_block\.resnets\.(\d)\.(\w+)\.(weight|bias)", key):
         return f"middle_block.{2 * int(m[1])}.{_RESNET_TO_LDM[m[2]]}.{m[3]}"
     if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
         return f"middle_block.1.{m[1]}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(weight|bias)", key):
-        return f"output_blocks.{int(m[1]) * stride + int(m[2])}.0.{_RESNET_TO_LDM[m[3]]}.{m[4]}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", key):
-        return f"output_blocks.{int(m[1]) * stride + int(m[2])}.1.{m[3]}"
     if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(weight|bias)", key):
         slot = 2 if up_block_types[int(m[1])].startswith("CrossAttn") else 1
         return f"output_blocks.{int(m[1]) * stride + layers_per_block}.{slot}.conv.{m[2]}"

@@ -4,7 +4,7 @@ The model is the demo's step-0 model (LayerDiff initialised from the shipped toy
 before fine-tuning: it draws the objects the global prompt names), sampled with 4 DDIM steps to keep the test
 short. The browser is the chromium on PATH, or the one LAYERDIFF_CHROMIUM names; without one the tests fail
 (the README's test command installs Debian's). LAYERDIFF_STUDIO_SCREENSHOT=PATH saves the page after an edit
-(the README's picture).
+(docs/images/studio.png, in docs/sampling.md).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from layerdiff_jax.training.metric_writer import read_metrics
 from layerdiff_jax.training.trainer import train
 
 pytestmark = pytest.mark.slow  # end-to-end runs (see pyproject.toml)
-STEPS = 80  # the full 300-step run: README
+STEPS = 80  # the full 300-step run: docs/experiments.md ("2026-11-26 and before")
 
 
 def test_shapes_cpu_loss_falls(tmp_path):

@@ -2,7 +2,8 @@
 
 `jax.eval_shape` runs the trainer's own state initialiser (jitted with the shardings derived from logical
 axes) on an abstract mesh of the config's target device count: shapes, dtypes and placement of the
-full 1.1B-parameter state without allocating it. The per-device bytes are what the README reports.
+full 1.1B-parameter state without allocating it. The per-device bytes are what docs/accelerators.md reports
+("What fits where").
 """
 
 import functools

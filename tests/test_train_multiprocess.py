@@ -6,7 +6,6 @@ processes' shards. The run also computes in bfloat16 with rematerialised UNet bl
 """
 
 import json
-import socket
 import subprocess
 
 import flax
@@ -14,8 +13,9 @@ import jax
 import numpy as np
 import pytest
 from train_support import (
-    make_micro_data,
-    make_micro_sd,
+    communicate_all,
+    free_port,
+    make_micro_sd_and_data,
     micro_config,
     restore_checkpoint,
     subprocess_env,
@@ -28,18 +28,12 @@ pytestmark = pytest.mark.slow  # end-to-end runs (see pyproject.toml)
 STEPS = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_train_and_single_process_restores(tmp_path):
-    config = micro_config(make_micro_sd(tmp_path / "sd"), make_micro_data(tmp_path / "data"), num_steps=STEPS, per_host_batch_size=2)
+    config = micro_config(*make_micro_sd_and_data(tmp_path), num_steps=STEPS, per_host_batch_size=2)
     config.mesh.shape = (1, 4, 1)
     config.model.compute_dtype = "bfloat16"  # float32 master weights, bfloat16 activations
     config.model.remat = True
-    workdir, port = tmp_path / "run", _free_port()
+    workdir, port = tmp_path / "run", free_port()
     processes = [
         subprocess.Popen(
             train_command(config, workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"),
@@ -50,11 +44,7 @@ def test_two_processes_train_and_single_process_restores(tmp_path):
         )
         for i in range(2)
     ]
-    try:
-        outputs = [p.communicate(timeout=600) for p in processes]
-    finally:
-        for p in processes:
-            p.kill()
+    outputs = communicate_all(processes, timeout=600)
     for p, (out, err) in zip(processes, outputs):
         assert p.returncode == 0, err[-4000:]
     assert f"finished at step {STEPS}; model folder" in outputs[0][0]

@@ -25,8 +25,7 @@ import numpy as np
 import pytest
 from train_support import (
     RESOLUTION,
-    make_micro_data,
-    make_micro_sd,
+    make_micro_sd_and_data,
     micro_config,
     restore_checkpoint,
     subprocess_env,
@@ -46,7 +45,7 @@ STEPS = 12
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    return make_micro_sd(root / "sd"), make_micro_data(root / "data"), root / "compilation_cache"
+    return *make_micro_sd_and_data(root), root / "compilation_cache"
 
 
 def _config(micro, **train):

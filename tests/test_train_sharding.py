@@ -16,7 +16,7 @@ import sys
 import flax
 import numpy as np
 import pytest
-from train_support import make_micro_data, make_micro_sd, micro_config, restore_checkpoint, subprocess_env
+from train_support import make_micro_sd_and_data, micro_config, restore_checkpoint, subprocess_env
 
 from layerdiff_jax.convert.model_folder import load_layerdiff
 from layerdiff_jax.convert.unet import load_unet
@@ -90,7 +90,7 @@ def _assert_close(params, reference, what):
 
 
 def test_meshes_match_one_device(tmp_path):
-    sd, data = make_micro_sd(tmp_path / "sd"), make_micro_data(tmp_path / "data")
+    sd, data = make_micro_sd_and_data(tmp_path)
     runs = tmp_path / "runs"
     sharded = _start(8, sd, data, runs, MESHES)
     single = _start(1, sd, data, runs, [(1, 1, 1)])

@@ -90,22 +90,22 @@ def _jitted(unet):
     return jax.jit(lambda params, *args: unet.apply({"params": params}, *args))
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    model = _torch_unet(TINY, seed=0)
-    folder = tmp_path_factory.mktemp("unet")
+def _saved_and_loaded(config, seed, folder):
+    """A torch UNet saved to `folder` and loaded from it: (torch model, folder, unet, params, jitted apply)."""
+    model = _torch_unet(config, seed=seed)
     model.save_pretrained(folder)
     unet, params = load_unet(folder)
     return model, folder, unet, params, _jitted(unet)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return _saved_and_loaded(TINY, 0, tmp_path_factory.mktemp("unet"))
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    model = _torch_unet(SMALL, seed=1)
-    folder = tmp_path_factory.mktemp("unet_small")
-    model.save_pretrained(folder)
-    unet, params = load_unet(folder)
-    return model, folder, unet, params, _jitted(unet)
+    return _saved_and_loaded(SMALL, 1, tmp_path_factory.mktemp("unet_small"))
 
 
 # The SMALL model's inputs in every test that runs it, so its float32 forward compiles once.
@@ -151,8 +151,7 @@ def test_loads_torch_pickles_and_converted_params(tiny, tmp_path, source):
 
 def test_sd15_config_and_parameter_count():
     assert UNetConfig.from_diffusers_config(SD15_CONFIG) == UNetConfig.sd15()
-    params = abstract_unet_params(UNet2DConditionModel(UNetConfig.sd15()))
-    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) == 859_520_964
+    assert core.count_params(abstract_unet_params(UNet2DConditionModel(UNetConfig.sd15()))) == 859_520_964
 
 
 def test_config_round_trips_through_diffusers():

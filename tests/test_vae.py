@@ -1,16 +1,20 @@
 """AutoencoderKL: parity with diffusers' torch VAE, SD-1.5 size, strict loading, scaling, bfloat16."""
 
-import json
-
 import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import load_file, save_file
+from checkpoint_support import (
+    assert_bin_and_flax_params_load,
+    assert_corruption_is_named,
+    copy_with_weights,
+    perturb_vectors,
+)
+from safetensors.numpy import load_file
 
-from layerdiff_jax.convert import core
+from layerdiff_jax.convert.core import count_params
 from layerdiff_jax.convert.vae import abstract_vae_params, load_vae, rename_vae_key
 from layerdiff_jax.models.vae import AutoencoderKL, VAEConfig, sample_posterior
 
@@ -26,20 +30,11 @@ TINY = dict(
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-def _randomize_vectors(model: torch.nn.Module, seed: int) -> None:
-    """Perturbs biases and norm scales (torch initialises norms to exactly 1 and 0) so that they are tested."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(0.1 * torch.randn(p.shape, generator=gen))
-
-
 @pytest.fixture(scope="module")
 def torch_vae(tmp_path_factory):
     torch.manual_seed(0)
     model = diffusers.AutoencoderKL(**TINY).eval()
-    _randomize_vectors(model, 0)
+    perturb_vectors(model, 0)
     folder = tmp_path_factory.mktemp("vae")
     model.save_pretrained(folder)
     return model, folder
@@ -119,8 +114,7 @@ def test_bfloat16_compute_tracks_float32(torch_vae, loaded, images):
 
 
 def test_sd15_parameter_count():
-    params = abstract_vae_params(AutoencoderKL(VAEConfig.sd15()))
-    assert sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params)) == 83_653_863
+    assert count_params(abstract_vae_params(AutoencoderKL(VAEConfig.sd15()))) == 83_653_863
 
 
 def test_config_round_trip_through_diffusers():
@@ -157,8 +151,7 @@ def test_old_attention_names_load(torch_vae, loaded, tmp_path):
             key = key.replace(f"attentions.0.{new}.", f"attentions.0.{legacy}.")
         renamed[key] = value
     assert "encoder.mid_block.attentions.0.proj_attn.weight" in renamed
-    save_file(renamed, tmp_path / WEIGHTS)
-    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    copy_with_weights(folder, tmp_path, WEIGHTS, renamed)
     _, old_params = load_vae(tmp_path)
     jax.tree_util.tree_map(np.testing.assert_array_equal, old_params, params)
     assert rename_vae_key("decoder.mid_block.attentions.0.key.bias") == "decoder.mid_block.attentions.0.to_k.bias"
@@ -166,35 +159,13 @@ def test_old_attention_names_load(torch_vae, loaded, tmp_path):
 
 def test_torch_bin_and_converted_params_load(torch_vae, loaded, tmp_path):
     model, folder = torch_vae
-    _, params = loaded
-    bin_dir, flax_dir = tmp_path / "bin", tmp_path / "flax"
-    for d in (bin_dir, flax_dir):
-        d.mkdir()
-        (d / "config.json").write_text((folder / "config.json").read_text())
-    torch.save(model.state_dict(), bin_dir / "diffusion_pytorch_model.bin")
-    core.save_flax_params(params, flax_dir / core.FLAX_PARAMS_FILE)
-    for d in (bin_dir, flax_dir):
-        _, reloaded = load_vae(d)
-        jax.tree_util.tree_map(np.testing.assert_array_equal, reloaded, params)
+    assert_bin_and_flax_params_load(model, folder, loaded[1], load_vae, "diffusion_pytorch_model.bin", tmp_path)
 
 
 @pytest.mark.parametrize("corruption", ["missing", "extra", "shape"])
 def test_corrupted_checkpoint_names_the_key(torch_vae, tmp_path, corruption):
-    _, folder = torch_vae
-    weights = load_file(folder / WEIGHTS)
-    key = "decoder.up_blocks.1.resnets.0.conv1.weight"
-    if corruption == "missing":
-        del weights[key]
-        key = "decoder/up_blocks_1/resnets_0/conv1/kernel"  # a missing parameter is named by its Flax path
-    elif corruption == "extra":
-        key = "decoder.up_blocks.1.resnets.0.conv3.weight"
-        weights[key] = np.zeros((3, 3), np.float32)
-    else:
-        weights[key] = weights[key][:, :-1]
-    save_file(weights, tmp_path / WEIGHTS)
-    (tmp_path / "config.json").write_text(json.dumps(json.loads((folder / "config.json").read_text())))
-    with pytest.raises(core.ConversionError, match=key.replace(".", r"\.")):
-        load_vae(tmp_path)
+    key, flax_path = "decoder.up_blocks.1.resnets.0.conv1.weight", "decoder/up_blocks_1/resnets_0/conv1/kernel"
+    assert_corruption_is_named(torch_vae[1], tmp_path, WEIGHTS, load_vae, key, flax_path, corruption)
 
 
 def test_wrong_input_layout_is_a_clear_error(loaded, images):

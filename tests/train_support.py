@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -89,6 +90,11 @@ def make_micro_sd(out_dir: Path) -> Path:
 
 def make_micro_data(out_dir: Path, num_train: int = 32) -> Path:
     return build_synthetic(out_dir, num_train=num_train, num_test=0, resolution=RESOLUTION, seed=3)
+
+
+def make_micro_sd_and_data(root: Path) -> tuple[Path, Path]:
+    """The micro SD and its training data, made in root/sd and root/data."""
+    return make_micro_sd(root / "sd"), make_micro_data(root / "data")
 
 
 def micro_config(sd_path: Path, data_path: Path, **train):
@@ -177,6 +183,22 @@ def restore_checkpoint(workdir: Path, config, step: int | None = None):
     finally:
         checkpointer.close()
     return step, jax.device_get(state)
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on now (for a jax.distributed coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def communicate_all(processes: list[subprocess.Popen], timeout: float) -> list[tuple[str, str]]:
+    """Each process's (stdout, stderr) once all have exited; all are killed if one runs past `timeout` seconds."""
+    try:
+        return [p.communicate(timeout=timeout) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
 
 
 def wait_for(predicate, process: subprocess.Popen, timeout: float = 300, what: str = "condition"):

@@ -1,4 +1,4 @@
-"""The benchmark's one table (Markdown, so it pastes into the README) and its JSON file."""
+"""The benchmark's one table (Markdown, so it pastes into docs/benchmarks.md) and its JSON file."""
 
 from __future__ import annotations
 

@@ -65,7 +65,7 @@ def import_problem(modules: tuple[str, ...], extras: tuple[str, ...] = ("torch",
                 lines += [
                     f"not installed, of what layerdiff_jax declares (with extras {', '.join(extras) or 'none'}): {' '.join(absent)}",
                     f"install them, e.g. from a folder of wheels: pip install --no-index --find-links WHEELS {' '.join(absent)}",
-                    "(README, 'On GPUs and TPUs': how to fill WHEELS on a connected machine)",
+                    "(docs/accelerators.md, 'Air-gapped pods and clusters': how to fill WHEELS on a connected machine)",
                 ]
             return "\n".join(lines)
     return None

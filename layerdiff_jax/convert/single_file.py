@@ -121,26 +121,26 @@ def unet_key_table(config: UNetConfig) -> dict[str, _Entry]:
         "out.2": _Entry("conv_out"),
     }
     layouts = config.block_layouts()
-    i = 1
-    for b, block in enumerate(layout for layout in layouts if layout.kind == "down"):
-        for j in range(block.num_layers):
-            table[f"input_blocks.{i}.0"] = _Entry(f"down_blocks.{b}.resnets.{j}", _UNET_RESNET)
-            if block.num_heads:
-                table[f"input_blocks.{i}.1"] = _Entry(f"down_blocks.{b}.attentions.{j}")
-            i += 1
-        if block.resample:
-            table[f"input_blocks.{i}.0.op"] = _Entry(f"down_blocks.{b}.downsamplers.0.conv")
-            i += 1
-    i = 0
-    for b, block in enumerate(layout for layout in layouts if layout.kind == "up"):
-        for j in range(block.num_layers):
-            table[f"output_blocks.{i}.0"] = _Entry(f"up_blocks.{b}.resnets.{j}", _UNET_RESNET)
-            if block.num_heads:
-                table[f"output_blocks.{i}.1"] = _Entry(f"up_blocks.{b}.attentions.{j}")
-            i += 1
-        if block.resample:
-            slot = 2 if block.num_heads else 1
-            table[f"output_blocks.{i - 1}.{slot}.conv"] = _Entry(f"up_blocks.{b}.upsamplers.0.conv")
+
+    def add_layers(kind: str, ldm: str, first: int) -> None:
+        """The `kind` ("down" or "up") blocks' layers, as LDM numbers them in its list `ldm` from `first`: a
+        downsampler is a layer of its own, an upsampler sits beside its block's last layer."""
+        i = first
+        for b, block in enumerate(layout for layout in layouts if layout.kind == kind):
+            for j in range(block.num_layers):
+                table[f"{ldm}.{i}.0"] = _Entry(f"{kind}_blocks.{b}.resnets.{j}", _UNET_RESNET)
+                if block.num_heads:
+                    table[f"{ldm}.{i}.1"] = _Entry(f"{kind}_blocks.{b}.attentions.{j}")
+                i += 1
+            if block.resample and kind == "down":
+                table[f"{ldm}.{i}.0.op"] = _Entry(f"down_blocks.{b}.downsamplers.0.conv")
+                i += 1
+            elif block.resample:
+                slot = 2 if block.num_heads else 1
+                table[f"{ldm}.{i - 1}.{slot}.conv"] = _Entry(f"up_blocks.{b}.upsamplers.0.conv")
+
+    add_layers("down", "input_blocks", 1)
+    add_layers("up", "output_blocks", 0)
     return table
 
 

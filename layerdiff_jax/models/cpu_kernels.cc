@@ -23,13 +23,27 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
+// The handlers' bindings are read from their signatures (XLA_FFI_DEFINE_HANDLER_SYMBOL without one), and a
+// ThreadPool parameter binds to the context's intra-op pool: ffi.h decodes one but does not declare the binding.
+template <>
+struct xla::ffi::CtxBinding<ffi::ThreadPool> {
+  using Ctx = ffi::ThreadPool;
+};
+
 namespace {
+
+using F32 = ffi::Buffer<ffi::F32>;
+using F32Result = ffi::ResultBuffer<ffi::F32>;
+
+// The attributes' names, as cpu_kernels.py passes them.
+constexpr char kScaleName[] = "scale", kGroupsName[] = "groups", kEpsilonName[] = "epsilon", kSiluName[] = "silu";
 
 // Runs fn(begin, end) over [0, n) in chunks on the pool and the calling thread; returns when all are done.
 // Helpers that start after the last chunk is claimed do nothing, so a busy pool cannot deadlock the caller.
@@ -114,10 +128,11 @@ struct KeysValues {
   explicit KeysValues(const Dims& d)
       : kt(d.head_dim * d.padded), vt(d.head_dim * d.padded), bias(d.padded), open(d.padded) {}
 
-  void Gather(const float* K, const float* V, const bool* valid, const Dims& d, int64_t b, int64_t n) {
+  void Gather(const F32& k, const F32& v, const ffi::Buffer<ffi::PRED>& key_valid, const Dims& d, int64_t b,
+              int64_t n) {
     const int64_t row = d.row(), S = d.kv_len, P = d.padded;
-    const float* kb = K + b * S * row + n * d.head_dim;
-    const float* vb = V + b * S * row + n * d.head_dim;
+    const float* kb = k.typed_data() + b * S * row + n * d.head_dim;
+    const float* vb = v.typed_data() + b * S * row + n * d.head_dim;
     std::fill(kt.begin(), kt.end(), 0.0f);
     std::fill(vt.begin(), vt.end(), 0.0f);
     for (int64_t s = 0; s < S; ++s)
@@ -125,7 +140,7 @@ struct KeysValues {
         kt[h * P + s] = kb[s * row + h];
         vt[h * P + s] = vb[s * row + h];
       }
-    const bool* mask = valid + b * S;
+    const bool* mask = key_valid.typed_data() + b * S;
     uniform = std::none_of(mask, mask + S, [](bool x) { return x; });
     for (int64_t s = 0; s < P; ++s) {
       const bool real = s < S, attend = real && (uniform || mask[s]);
@@ -162,6 +177,15 @@ void RowsTimesValues(const float* rows, const float* vt, const float* factor, co
     }
     for (int i = 0; i < Q; ++i) out[i][h] = Sum(acc[i]) * factor[i];
   }
+}
+
+// Calls fn(rows, t) over the query rows t of a (batch, head) pair, in blocks of rows = kBlock, then rows = 1 for
+// the rows left (rows is a std::integral_constant: decltype(rows)::value is the block's template argument).
+template <typename Fn>
+void ForQueryBlocks(const Dims& d, Fn fn) {
+  int64_t t = 0;
+  for (; t + kBlock <= d.q_len; t += kBlock) fn(std::integral_constant<int, kBlock>(), t);
+  for (; t < d.q_len; ++t) fn(std::integral_constant<int, 1>(), t);
 }
 
 // A block of Q query rows (Q = kBlock, or 1 for the last rows), forward: out and log-sum-exp.
@@ -249,16 +273,13 @@ void BackwardBlock(const float* Q_, const float* O, const float* L, const float*
   }
 }
 
-ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> key_valid, float scale,
-                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+ffi::Error AttentionForward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, ffi::Buffer<ffi::PRED> key_valid,
+                            ffi::Attr<float, kScaleName> scale_attr, F32Result out, F32Result lse) {
   const Dims d = MakeDims(q.dimensions(), k.dimensions());
   if (auto e = CheckDims(d, q.dimensions(), k.dimensions(), v.dimensions(), key_valid.dimensions()); e.failure())
     return e;
+  const float scale = *scale_attr;
   const float* Q = q.typed_data();
-  const float* K = k.typed_data();
-  const float* V = v.typed_data();
-  const bool* valid = key_valid.typed_data();
   float* O = out->typed_data();
   float* L = lse->typed_data();
 
@@ -267,26 +288,23 @@ ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
     std::vector<float> scratch(kBlock * (d.padded + d.head_dim));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / d.heads, n = item % d.heads;
-      kv.Gather(K, V, valid, d, b, n);
-      int64_t t = 0;
-      for (; t + kBlock <= d.q_len; t += kBlock) ForwardBlock<kBlock>(Q, kv, d, scale, b, n, t, scratch.data(), O, L);
-      for (; t < d.q_len; ++t) ForwardBlock<1>(Q, kv, d, scale, b, n, t, scratch.data(), O, L);
+      kv.Gather(k, v, key_valid, d, b, n);
+      ForQueryBlocks(d, [&](auto rows, int64_t t) {
+        ForwardBlock<decltype(rows)::value>(Q, kv, d, scale, b, n, t, scratch.data(), O, L);
+      });
     }
   });
   return ffi::Error::Success();
 }
 
-ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> key_valid, ffi::Buffer<ffi::F32> out,
-                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, float scale,
-                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
+ffi::Error AttentionBackward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, ffi::Buffer<ffi::PRED> key_valid, F32 out,
+                             F32 lse, F32 dout, ffi::Attr<float, kScaleName> scale_attr, F32Result dq, F32Result dk,
+                             F32Result dv) {
   const Dims d = MakeDims(q.dimensions(), k.dimensions());
   if (auto e = CheckDims(d, q.dimensions(), k.dimensions(), v.dimensions(), key_valid.dimensions()); e.failure())
     return e;
+  const float scale = *scale_attr;
   const float* Q = q.typed_data();
-  const float* K = k.typed_data();
-  const float* V = v.typed_data();
-  const bool* valid = key_valid.typed_data();
   const float* O = out.typed_data();
   const float* L = lse.typed_data();
   const float* dO = dout.typed_data();
@@ -300,14 +318,13 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi:
     std::vector<float> dkt(H * P), dvt(H * P), scratch(kBlock * (2 * P + H));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / d.heads, n = item % d.heads;
-      kv.Gather(K, V, valid, d, b, n);
+      kv.Gather(k, v, key_valid, d, b, n);
       std::fill(dkt.begin(), dkt.end(), 0.0f);
       std::fill(dvt.begin(), dvt.end(), 0.0f);
-      int64_t t = 0;
-      for (; t + kBlock <= d.q_len; t += kBlock)
-        BackwardBlock<kBlock>(Q, O, L, dO, kv, d, scale, b, n, t, scratch.data(), dQ, dkt.data(), dvt.data());
-      for (; t < d.q_len; ++t)
-        BackwardBlock<1>(Q, O, L, dO, kv, d, scale, b, n, t, scratch.data(), dQ, dkt.data(), dvt.data());
+      ForQueryBlocks(d, [&](auto rows, int64_t t) {
+        BackwardBlock<decltype(rows)::value>(Q, O, L, dO, kv, d, scale, b, n, t, scratch.data(), dQ, dkt.data(),
+                                             dvt.data());
+      });
       // dk was accumulated against the scaled queries: it is already d(loss)/dk.
       float* dk_base = dK + b * S * row + n * H;
       float* dv_base = dV + b * S * row + n * H;
@@ -339,39 +356,21 @@ struct NormDims {
   double count() const { return static_cast<double>(length * per_group()); }
 };
 
-NormDims MakeNormDims(ffi::ThreadPool& pool, ffi::Span<const int64_t> x, int64_t groups) {
+// x's dimensions, once x, scale and bias are checked against each other and the group count.
+ffi::ErrorOr<NormDims> CheckedNormDims(ffi::ThreadPool& pool, const F32& x, const F32& gamma, const F32& beta,
+                                       int64_t groups) {
+  const auto fail = [](const char* what) { return ffi::Unexpected(ffi::Error::InvalidArgument(what)); };
+  const ffi::Span<const int64_t> dims = x.dimensions();
+  if (dims.size() != 3 || gamma.dimensions().size() != 1 || beta.dimensions().size() != 1)
+    return fail("cpu group norm: x must be (B, L, C), scale and bias (C,)");
+  if (gamma.dimensions()[0] != dims[2] || beta.dimensions()[0] != dims[2])
+    return fail("cpu group norm: scale and bias must have x's channel count");
+  if (groups <= 0 || dims[2] % groups != 0)
+    return fail("cpu group norm: the channel count must be a multiple of the group count");
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t images = std::max<int64_t>(1, x[0]);
-  const int64_t chunks = std::min<int64_t>(x[1], (4 * threads + images - 1) / images);
-  return NormDims{x[0], x[1], x[2], groups, std::max<int64_t>(1, chunks)};
-}
-
-ffi::Error CheckNorm(ffi::Span<const int64_t> x, ffi::Span<const int64_t> gamma, ffi::Span<const int64_t> beta,
-                     int64_t groups) {
-  if (x.size() != 3 || gamma.size() != 1 || beta.size() != 1)
-    return ffi::Error::InvalidArgument("cpu group norm: x must be (B, L, C), scale and bias (C,)");
-  if (gamma[0] != x[2] || beta[0] != x[2])
-    return ffi::Error::InvalidArgument("cpu group norm: scale and bias must have x's channel count");
-  if (groups <= 0 || x[2] % groups != 0)
-    return ffi::Error::InvalidArgument("cpu group norm: the channel count must be a multiple of the group count");
-  return ffi::Error::Success();
-}
-
-// Calls fn(b, first_row, end_row, sums) for every (image, chunk of rows) in parallel, sums being `width`
-// zeroed floats of that task's own, and returns those sums added over each image's chunks: (B, width).
-template <typename Fn>
-std::vector<double> SumRows(ffi::ThreadPool& pool, const NormDims& d, int64_t width, Fn fn) {
-  std::vector<float> partial(d.batch * d.chunks * width, 0.0f);
-  ParallelFor(pool, d.batch * d.chunks, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / d.chunks, first = (task % d.chunks) * d.chunk_rows();
-      fn(b, first, std::min(d.length, first + d.chunk_rows()), partial.data() + task * width);
-    }
-  });
-  std::vector<double> total(d.batch * width, 0.0);
-  for (int64_t task = 0; task < d.batch * d.chunks; ++task)
-    for (int64_t i = 0; i < width; ++i) total[task / d.chunks * width + i] += partial[task * width + i];
-  return total;
+  const int64_t images = std::max<int64_t>(1, dims[0]);
+  const int64_t chunks = std::min<int64_t>(dims[1], (4 * threads + images - 1) / images);
+  return NormDims{dims[0], dims[1], dims[2], groups, std::max<int64_t>(1, chunks)};
 }
 
 // Calls fn(b, first_row, end_row) for every (image, chunk of rows) in parallel.
@@ -383,6 +382,21 @@ void ForRows(ffi::ThreadPool& pool, const NormDims& d, Fn fn) {
       fn(b, first, std::min(d.length, first + d.chunk_rows()));
     }
   });
+}
+
+// Calls fn(b, first_row, end_row, sums) for every (image, chunk of rows) in parallel, sums being `width`
+// zeroed floats of that task's own, and returns those sums added over each image's chunks: (B, width).
+template <typename Fn>
+std::vector<double> SumRows(ffi::ThreadPool& pool, const NormDims& d, int64_t width, Fn fn) {
+  std::vector<float> partial(d.batch * d.chunks * width, 0.0f);
+  ForRows(pool, d, [&](int64_t b, int64_t first, int64_t end) {
+    const int64_t task = b * d.chunks + first / d.chunk_rows();
+    fn(b, first, end, partial.data() + task * width);
+  });
+  std::vector<double> total(d.batch * width, 0.0);
+  for (int64_t task = 0; task < d.batch * d.chunks; ++task)
+    for (int64_t i = 0; i < width; ++i) total[task / d.chunks * width + i] += partial[task * width + i];
+  return total;
 }
 
 // Per-channel sums (B, C) -> per-group sums (B, G).
@@ -478,15 +492,13 @@ void GroupNormForwardPasses(ffi::ThreadPool& pool, const NormDims& d, const floa
   });
 }
 
-ffi::Error GroupNormForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gamma,
-                            ffi::Buffer<ffi::F32> beta, int64_t groups, float epsilon, bool silu,
-                            ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> mean,
-                            ffi::ResultBuffer<ffi::F32> rstd) {
-  if (ffi::Error error = CheckNorm(x.dimensions(), gamma.dimensions(), beta.dimensions(), groups); error.failure())
-    return error;
-  const NormDims d = MakeNormDims(pool, x.dimensions(), groups);
-  (silu ? GroupNormForwardPasses<true> : GroupNormForwardPasses<false>)(
-      pool, d, x.typed_data(), gamma.typed_data(), beta.typed_data(), epsilon, y->typed_data(), mean->typed_data(),
+ffi::Error GroupNormForward(ffi::ThreadPool pool, F32 x, F32 gamma, F32 beta, ffi::Attr<int64_t, kGroupsName> groups,
+                            ffi::Attr<float, kEpsilonName> epsilon, ffi::Attr<bool, kSiluName> silu, F32Result y,
+                            F32Result mean, F32Result rstd) {
+  ffi::ErrorOr<NormDims> d = CheckedNormDims(pool, x, gamma, beta, *groups);
+  if (d.has_error()) return std::move(d).error();
+  (*silu ? GroupNormForwardPasses<true> : GroupNormForwardPasses<false>)(
+      pool, *d, x.typed_data(), gamma.typed_data(), beta.typed_data(), *epsilon, y->typed_data(), mean->typed_data(),
       rstd->typed_data());
   return ffi::Error::Success();
 }
@@ -532,15 +544,13 @@ void GroupNormBackwardPasses(ffi::ThreadPool& pool, const NormDims& d, const flo
   });
 }
 
-ffi::Error GroupNormBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gamma,
-                             ffi::Buffer<ffi::F32> beta, ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> rstd,
-                             ffi::Buffer<ffi::F32> dy, int64_t groups, bool silu, ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dgamma,
-                             ffi::ResultBuffer<ffi::F32> dbeta) {
-  if (ffi::Error error = CheckNorm(x.dimensions(), gamma.dimensions(), beta.dimensions(), groups); error.failure())
-    return error;
-  const NormDims d = MakeNormDims(pool, x.dimensions(), groups);
-  (silu ? GroupNormBackwardPasses<true> : GroupNormBackwardPasses<false>)(
-      pool, d, x.typed_data(), gamma.typed_data(), beta.typed_data(), mean.typed_data(), rstd.typed_data(),
+ffi::Error GroupNormBackward(ffi::ThreadPool pool, F32 x, F32 gamma, F32 beta, F32 mean, F32 rstd, F32 dy,
+                             ffi::Attr<int64_t, kGroupsName> groups, ffi::Attr<bool, kSiluName> silu, F32Result dx,
+                             F32Result dgamma, F32Result dbeta) {
+  ffi::ErrorOr<NormDims> d = CheckedNormDims(pool, x, gamma, beta, *groups);
+  if (d.has_error()) return std::move(d).error();
+  (*silu ? GroupNormBackwardPasses<true> : GroupNormBackwardPasses<false>)(
+      pool, *d, x.typed_data(), gamma.typed_data(), beta.typed_data(), mean.typed_data(), rstd.typed_data(),
       dy.typed_data(), dx->typed_data(), dgamma->typed_data(), dbeta->typed_data());
   return ffi::Error::Success();
 }
@@ -576,7 +586,7 @@ ffi::Error CheckGeglu(ffi::Span<const int64_t> h) {
   return ffi::Error::Success();
 }
 
-ffi::Error GegluForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::ResultBuffer<ffi::F32> out) {
+ffi::Error GegluForward(ffi::ThreadPool pool, F32 h, F32Result out) {
   if (ffi::Error error = CheckGeglu(h.dimensions()); error.failure()) return error;
   const int64_t rows = h.dimensions()[0] * h.dimensions()[1], F = h.dimensions()[2] / 2;
   const float* H = h.typed_data();
@@ -587,8 +597,7 @@ ffi::Error GegluForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::Resu
   return ffi::Error::Success();
 }
 
-ffi::Error GegluBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::F32> dout,
-                         ffi::ResultBuffer<ffi::F32> dh) {
+ffi::Error GegluBackward(ffi::ThreadPool pool, F32 h, F32 dout, F32Result dh) {
   if (ffi::Error error = CheckGeglu(h.dimensions()); error.failure()) return error;
   const int64_t rows = h.dimensions()[0] * h.dimensions()[1], F = h.dimensions()[2] / 2;
   const float* H = h.typed_data();
@@ -602,69 +611,11 @@ ffi::Error GegluBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::Buf
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LayerdiffCpuAttentionForward, AttentionForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Attr<float>("scale")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LayerdiffCpuAttentionBackward, AttentionBackward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LayerdiffCpuGroupNormForward, GroupNormForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("groups")
-                                  .Attr<float>("epsilon")
-                                  .Attr<bool>("silu")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LayerdiffCpuGroupNormBackward, GroupNormBackward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("groups")
-                                  .Attr<bool>("silu")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LayerdiffCpuGegluForward, GegluForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LayerdiffCpuGegluBackward, GegluBackward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// Each handler's binding (its arguments, attributes and results, in order) is read from its implementation's
+// signature.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LayerdiffCpuAttentionForward, AttentionForward);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LayerdiffCpuAttentionBackward, AttentionBackward);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LayerdiffCpuGroupNormForward, GroupNormForward);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LayerdiffCpuGroupNormBackward, GroupNormBackward);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LayerdiffCpuGegluForward, GegluForward);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LayerdiffCpuGegluBackward, GegluBackward);
