@@ -24,6 +24,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from layerdiff_jax.cli import absl_flags_parser, config_problem
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "folder for checkpoints, metrics and the exported model", required=True)
 _RESUME = flags.DEFINE_bool("resume", True, "continue from the latest checkpoint in --workdir")
@@ -32,40 +34,11 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (multi-process runs)")
 
 
-def _config_problem(error: BaseException) -> str:
-    """One line for a --config file that does not load or an override that does not apply (ml_collections
-    raises chained KeyErrors, AttributeErrors and OSErrors, some of many lines)."""
-    chain = [error]
-    while chain[-1].__context__ is not None and len(chain) < 10:
-        chain.append(chain[-1].__context__)
-    for e in chain:  # the outermost KeyError holds the field name and ml_collections' "Did you mean"
-        if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str):
-            field, *hint = e.args[0].splitlines()
-            return f"no config field {field}" + (f" ({' '.join(hint)})" if hint else "")
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    reason = next((line for line in reversed(lines) if "Errno" in line), lines[-1] if lines else type(error).__name__)
-    if isinstance(error, (SyntaxError, NameError, ImportError)):
-        return f"the --config file does not load: {type(error).__name__}: {reason}"
-    return f"the --config file does not load: {reason}" if isinstance(error, OSError) else reason
-
-
 def _without_traceback(record: logging.LogRecord) -> bool:
     """Keeps a log record's message, drops its traceback: orbax's background threads log a failed checkpoint
     write with a traceback per thread, and the trainer reports the failure itself."""
     record.exc_info, record.exc_text = None, None
     return True
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, but a bad flag or config override is one line and exit status 2, not a traceback."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        message = str(e)
-    except (KeyError, AttributeError, TypeError, ValueError, OSError, SyntaxError, NameError, ImportError) as e:
-        message = f"bad config: {_config_problem(e)}"
-    print(f"train.py: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def main(argv: list[str]) -> int:
@@ -86,7 +59,7 @@ def main(argv: list[str]) -> int:
         print(f"bad config: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the --config file is missing or does not run
-        print(f"bad config: {_config_problem(e)}", file=sys.stderr)
+        print(f"bad config: {config_problem(e)}", file=sys.stderr)
         return 2
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
@@ -124,4 +97,4 @@ if __name__ == "__main__":
     from layerdiff_jax.hostmem import reexec_with_huge_page_malloc
 
     reexec_with_huge_page_malloc()
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=absl_flags_parser("train.py"))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from layerdiff_jax.data.layers import write_sample_folder
-from layerdiff_jax.data.loader import make_dataloader
+from layerdiff_jax.data.loader import batch_shapes, make_dataloader
 from layerdiff_jax.data.synthetic import generate_sample
 from layerdiff_jax.data.tfds_builders import build_from_folders, build_synthetic, open_data_source, record_to_sample
 from layerdiff_jax.data.tokenizer import load_tokenizer
@@ -63,6 +63,8 @@ def test_batches_equal_the_generator_output(data_dir, tokenizer):
     assert b["masks"].shape == (4, MAX_LAYERS, RES, RES, 1) and b["masks"].dtype == np.float32
     assert b["layer_valid"].dtype == bool and b["global_ids"].shape == (4, 77) and b["global_ids"].dtype == np.int32
     assert b["layer_ids"].shape == (4, MAX_LAYERS, 77)
+    # What a train step is compiled for ahead of time (layerdiff_jax.aot) is what the loader gives.
+    assert {k: (v.shape, v.dtype) for k, v in b.items()} == {k: (s.shape, s.dtype) for k, s in batch_shapes(4, MAX_LAYERS, RES, 77).items()}
     layer_counts = set()
     for position, (batch, i) in enumerate((batch, i) for batch in batches for i in range(4)):
         want = _expected(generate_sample(SEED, order[position], RES), tokenizer)

@@ -107,8 +107,12 @@ def matmul_flops(fn: Callable, *args) -> float | None:
     backend calls cuBLAS and cuDNN as custom calls it does not count. Kernels called as custom calls from the
     program itself (cuDNN attention) are not counted either; None where `fn` has no such operation."""
     traced = (fn if hasattr(fn, "trace") else jax.jit(fn)).trace(*args)  # a jitted fn traced as its own program
-    total = _jaxpr_flops(traced.jaxpr.jaxpr)
-    return total or None
+    return jaxpr_matmul_flops(traced.jaxpr)
+
+
+def jaxpr_matmul_flops(closed_jaxpr) -> float | None:
+    """`matmul_flops` of a traced program's (closed) jaxpr, e.g. `jitted.trace(...).jaxpr`; scans count per trip."""
+    return _jaxpr_flops(closed_jaxpr.jaxpr) or None
 
 
 def _jaxpr_flops(jaxpr) -> float:

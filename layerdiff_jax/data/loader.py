@@ -137,6 +137,21 @@ def stack_batch(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
 
 
+def batch_shapes(batch_size: int, max_layers: int, resolution: int, token_length: int, *, flat: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+    """The arrays of a batch as the module docstring lists them (layered, or `flat` images), square images of
+    `resolution` pixels: what a train step is compiled for before any data is read."""
+    B, L, H, T = batch_size, max_layers, resolution, token_length
+    if flat:
+        return {"images": jax.ShapeDtypeStruct((B, H, H, 3), np.float32), "ids": jax.ShapeDtypeStruct((B, T), np.int32)}
+    return {
+        "images": jax.ShapeDtypeStruct((B, L, H, H, 3), np.float32),
+        "masks": jax.ShapeDtypeStruct((B, L, H, H, 1), np.float32),
+        "layer_valid": jax.ShapeDtypeStruct((B, L), np.bool_),
+        "global_ids": jax.ShapeDtypeStruct((B, T), np.int32),
+        "layer_ids": jax.ShapeDtypeStruct((B, L, T), np.int32),
+    }
+
+
 def make_dataloader(
     data: str | os.PathLike | grain.RandomAccessDataSource,
     *,

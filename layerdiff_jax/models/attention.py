@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from layerdiff_jax.models import cpu_kernels, layers
+from layerdiff_jax.models.backend import target_backend
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,8 @@ def _pad_to(x, axis: int, multiple: int):
 
 def _cudnn_unsupported(query, key, mask, is_causal) -> str | None:
     """Why cuDNN flash attention cannot take this call (None: it can)."""
-    if jax.default_backend() != "gpu":
-        return f"cuDNN needs an NVIDIA GPU, the backend is {jax.default_backend()}"
+    if target_backend() != "gpu":
+        return f"cuDNN needs an NVIDIA GPU, the backend is {target_backend()}"
     if query.dtype not in _CUDNN_DTYPES:
         return f"cuDNN takes bfloat16/float16, got {query.dtype}"
     head_dim = query.shape[-1]
@@ -168,8 +169,8 @@ def _splash_attention(query, key, value, mask, is_causal, interpret: bool = Fals
 
 
 def _splash_unsupported(query, key, mask, is_causal) -> str | None:
-    if jax.default_backend() != "tpu":
-        return f"splash attention needs a TPU, the backend is {jax.default_backend()}"
+    if target_backend() != "tpu":
+        return f"splash attention needs a TPU, the backend is {target_backend()}"
     if mask is not None and not _is_key_mask(mask, query.shape[0], key.shape[1]):
         return f"splash attention takes key masks of shape (B, 1, 1, S), got {mask.shape}"
     if is_causal and query.shape[1] != key.shape[1]:
@@ -178,8 +179,8 @@ def _splash_unsupported(query, key, mask, is_causal) -> str | None:
 
 
 def _cpu_unsupported(query, key, mask, is_causal) -> str | None:
-    if jax.default_backend() != "cpu":
-        return f"the fused CPU kernel runs on CPUs, the backend is {jax.default_backend()}"
+    if target_backend() != "cpu":
+        return f"the fused CPU kernel runs on CPUs, the backend is {target_backend()}"
     if query.dtype != jnp.float32 or key.dtype != jnp.float32:
         return f"the fused CPU kernel takes float32, got {query.dtype}"
     if is_causal:
@@ -221,7 +222,7 @@ def kernel_refusal(
 
 def _auto(query, key, mask, is_causal) -> str:
     """The kernel "auto" runs for this call: the fused one on CPUs when it takes the call, else XLA."""
-    if jax.default_backend() != "cpu":
+    if target_backend() != "cpu":
         return "xla"
     reason = _cpu_unsupported(query, key, mask, is_causal)
     if reason is not None and reason == cpu_kernels.unavailable():

@@ -35,6 +35,8 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
+from layerdiff_jax.models.backend import target_backend
+
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
@@ -129,7 +131,7 @@ def _load(compiler: str, march: str = "native") -> str | None:
 def runs_on(*arrays) -> bool:
     """Whether the fused kernels run on these arrays: float32 on the CPU backend, with the library built (when it
     cannot be, the reason is logged once and the models run XLA ops instead)."""
-    if jax.default_backend() != "cpu" or any(jnp.dtype(x.dtype) != jnp.float32 for x in arrays):
+    if target_backend() != "cpu" or any(jnp.dtype(x.dtype) != jnp.float32 for x in arrays):
         return False
     reason = unavailable()
     if reason is not None:

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
 
 from layerdiff_jax.models import cpu_kernels
 
@@ -21,6 +22,20 @@ _default_kernel_init = nn.initializers.lecun_normal()
 
 def _partitioned(init, axes):
     return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def _gathered_kernel(op, kernel_axes: Sequence[str | None]):
+    """`op` (a dot or convolution) whose kernel is first constrained to `kernel_axes` with "embed", the axis
+    FSDP shards, gathered. The kernel arrives cast to the compute dtype, so FSDP's all-gather moves bfloat16
+    when the model computes in it, once per use (again in a rematerialised backward pass); its transpose
+    reduce-scatters the gradient onto the shards. Without it XLA may keep the kernel sharded and move the
+    activations instead (all-to-alls). Without a mesh the constraint does nothing."""
+    use_axes = tuple(None if a == "embed" else a for a in kernel_axes)
+
+    def call(lhs, rhs, *args, **kwargs):
+        return op(lhs, nn.with_logical_constraint(rhs, use_axes), *args, **kwargs)
+
+    return call
 
 
 def dense(
@@ -40,6 +55,7 @@ def dense(
         param_dtype=jnp.float32,
         kernel_init=_partitioned(kernel_init, axes),
         bias_init=_partitioned(nn.initializers.zeros_init(), axes[-1:]),
+        dot_general=_gathered_kernel(lax.dot_general, axes),
         name=name,
     )
 
@@ -65,6 +81,7 @@ def conv(
         param_dtype=jnp.float32,
         kernel_init=_partitioned(kernel_init, ("conv_height", "conv_width", *axes)),
         bias_init=_partitioned(nn.initializers.zeros_init(), axes[-1:]),
+        conv_general_dilated=_gathered_kernel(lax.conv_general_dilated, ("conv_height", "conv_width", *axes)),
         name=name,
     )
 

@@ -4,7 +4,8 @@
 tokenizer. Its jitted functions take prompts as token ids, so new prompts reuse the compiled program:
 one compilation per (batch, layers, latent size, steps, eta). With a `jax.sharding.Mesh` the batch axis
 of every input and output is sharded over the mesh's "data"/"fsdp" axes and the params are replicated,
-so a pod samples a long prompt list in data parallel (`jax.jit` with shardings; no pmap).
+so a pod samples a long prompt list in data parallel (`jax.jit` with shardings; no pmap). On a pod each host can
+take the samples its own devices drew (`iter_batches`, `SampledBatch.local`) instead of gathering every sample.
 
 Requests in one run may have different layer counts: each is padded to the largest with invalid
 layers (empty prompt, `layer_valid=False`), which the model never attends to and the sampler keeps
@@ -45,7 +46,7 @@ from layerdiff_jax.diffusion.settings import (
     check_prompt,
     check_sampling_settings,
 )
-from layerdiff_jax.mesh import BATCH_AXES, REPLICATED, batch_sharding, batch_size_divisor, batch_spec, gather_to_host
+from layerdiff_jax.mesh import BATCH_AXES, REPLICATED, batch_sharding, batch_size_divisor, batch_spec, gather_to_host, local_rows
 from layerdiff_jax.models.clip_text import CLIPTextTransformer
 from layerdiff_jax.models.layerdiff import LayerDiffUNet
 from layerdiff_jax.models.vae import AutoencoderKL
@@ -181,6 +182,24 @@ _PROGRAMS: dict[tuple, Any] = {}
 BATCH = batch_spec()  # an input split over the batch axes on its leading (sample) axis
 
 
+def jit_program(build, *static, mesh: Mesh | None, inputs: tuple[PartitionSpec, ...], num_outputs: int = 1):
+    """The jitted `build(*static)`, shared by every pipeline with the same `static` and mesh. `inputs` places each
+    argument on `mesh` (`BATCH`: split over the batch axes, `REPLICATED`: params, schedule, timesteps...); every
+    output is split over the batch axes."""
+    key = (build.__name__, *static, mesh)
+    if key not in _PROGRAMS:
+        if mesh is None:
+            _PROGRAMS[key] = jax.jit(build(*static))
+        else:
+            out = batch_sharding(mesh)
+            _PROGRAMS[key] = jax.jit(
+                build(*static),
+                in_shardings=tuple(NamedSharding(mesh, spec) for spec in inputs),
+                out_shardings=out if num_outputs == 1 else (out,) * num_outputs,
+            )
+    return _PROGRAMS[key]
+
+
 def _noise_program(latent_shape: tuple[int, ...]):
     def run(seeds):
         return jax.vmap(lambda s: jax.random.normal(jax.random.key(s), latent_shape))(seeds)
@@ -227,6 +246,38 @@ def _decode_program(vae: AutoencoderKL):
         return images.reshape(batch, num_layers, *size, 3), masks.mean(-1).reshape(batch, num_layers, *size)
 
     return run
+
+
+def denoise_program(
+    unet: LayerDiffUNet, text_encoder: CLIPTextTransformer, eta: float, prediction_type: str, guided: bool, mesh: Mesh | None
+):
+    """The jitted denoise program (`_denoise_program`) as pipelines run it on `mesh`."""
+    return jit_program(
+        _denoise_program, unet, text_encoder, float(eta), prediction_type, guided, mesh=mesh,
+        # params, schedule | x_start, frozen, layer_valid, ids, seeds | timesteps, scale
+        inputs=(REPLICATED, REPLICATED, BATCH, BATCH, BATCH, BATCH, BATCH, REPLICATED, REPLICATED),
+    )
+
+
+def denoise_arguments(params, schedule, batch: int, latent_shape: tuple[int, ...], num_tokens: int, steps: int) -> tuple:
+    """The denoise program's arguments for `batch` samples of `latent_shape` (L, h, w, 8), prompts of `num_tokens`
+    tokens and `steps` steps, as `LayerDiffPipeline.denoise` passes them (the latents as ShapeDtypeStructs):
+    params, schedule, x_start, frozen, layer_valid, ids, seeds, timesteps, scale."""
+    num_layers = latent_shape[0]
+
+    def rows(*shape, dtype):
+        return jax.ShapeDtypeStruct((batch, *shape), dtype)
+
+    return (
+        params, schedule, rows(*latent_shape, dtype=jnp.float32), rows(num_layers, dtype=bool), rows(num_layers, dtype=bool),
+        rows(2 + 2 * num_layers, num_tokens, dtype=np.int32), rows(dtype=np.uint32),
+        jax.ShapeDtypeStruct((steps,), np.int32), jax.ShapeDtypeStruct((), np.float32),
+    )
+
+
+def decode_program(vae: AutoencoderKL, mesh: Mesh | None):
+    """The jitted decode program (`_decode_program`) as pipelines run it on `mesh`: (params, latents) -> (images, masks)."""
+    return jit_program(_decode_program, vae, mesh=mesh, inputs=(REPLICATED, BATCH), num_outputs=2)
 
 
 def _encode_program(vae: AutoencoderKL):
@@ -420,21 +471,8 @@ class LayerDiffPipeline:
         return -(-size // self.batch_shards) * self.batch_shards
 
     def _program(self, build, *static, inputs: tuple[PartitionSpec, ...], num_outputs: int = 1):
-        """The jitted `build(*static)`, shared by every pipeline with the same `static` and mesh. `inputs`
-        places each argument (`BATCH`: split over the batch axes, `REPLICATED`: params, schedule, timesteps...);
-        every output is split over the batch axes."""
-        key = (build.__name__, *static, self.mesh)
-        if key not in _PROGRAMS:
-            if self.mesh is None:
-                _PROGRAMS[key] = jax.jit(build(*static))
-            else:
-                out = batch_sharding(self.mesh)
-                _PROGRAMS[key] = jax.jit(
-                    build(*static),
-                    in_shardings=tuple(NamedSharding(self.mesh, spec) for spec in inputs),
-                    out_shardings=out if num_outputs == 1 else (out,) * num_outputs,
-                )
-        return _PROGRAMS[key]
+        """`jit_program` on this pipeline's mesh."""
+        return jit_program(build, *static, mesh=self.mesh, inputs=inputs, num_outputs=num_outputs)
 
     def _executable(self, program, args: tuple, latents_shape: tuple[int, ...]):
         """`program` (from `_program`) compiled ahead of time for `args` (arrays or ShapeDtypeStructs, the params
@@ -472,20 +510,10 @@ class LayerDiffPipeline:
         self, batch: int, latent_shape: tuple[int, ...], num_tokens: int, steps: int, *, guidance: float, eta: float
     ) -> None:
         """Compiles the denoise and decode programs for batches of `batch` samples of `latent_shape` (L, h, w, 8),
-        prompts of `num_tokens` tokens and `steps` steps, as `iter_generate` runs them, and refuses them if they
+        prompts of `num_tokens` tokens and `steps` steps, as `iter_batches` runs them, and refuses them if they
         cannot fit (`_executable`) before any of their inputs is made: the run's first batch then reuses them."""
-        num_layers = latent_shape[0]
-        latents = jax.ShapeDtypeStruct((batch, *latent_shape), jnp.float32)  # the noise's and the denoised latents' type
-
-        def rows(*shape, dtype):
-            return jax.ShapeDtypeStruct((batch, *shape), dtype)
-
-        # As `denoise` passes them: params, schedule, x_start, frozen, layer_valid, ids, seeds, timesteps, scale.
-        denoise_args = (
-            self.params, self.schedule, latents, rows(num_layers, dtype=bool), rows(num_layers, dtype=bool),
-            rows(2 + 2 * num_layers, num_tokens, dtype=np.int32), rows(dtype=np.uint32),
-            jax.ShapeDtypeStruct((steps,), np.int32), jax.ShapeDtypeStruct((), np.float32),
-        )
+        denoise_args = denoise_arguments(self.params, self.schedule, batch, latent_shape, num_tokens, steps)
+        latents = denoise_args[2]  # the noise's and the denoised latents' type
         self._executable(self._denoiser(guidance, eta), denoise_args, latents.shape)
         self._executable(self._decoder(), (self.params, latents), latents.shape)
 
@@ -545,11 +573,7 @@ class LayerDiffPipeline:
 
     def _denoiser(self, guidance: float, eta: float):
         """The jitted denoise program; guidance 1 runs the conditional branch alone."""
-        return self._program(
-            _denoise_program, self.unet, self.text_encoder, float(eta), self.scheduler.prediction_type, float(guidance) != 1.0,
-            # params, schedule | x_start, frozen, layer_valid, ids, seeds | timesteps, scale
-            inputs=(REPLICATED, REPLICATED, BATCH, BATCH, BATCH, BATCH, BATCH, REPLICATED, REPLICATED),
-        )
+        return denoise_program(self.unet, self.text_encoder, eta, self.scheduler.prediction_type, float(guidance) != 1.0, self.mesh)
 
     def decode(self, latents: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Latents (B, L, h, w, 8) -> images (B, L, H, W, 3) and masks (B, L, H, W), both in [0, 1].
@@ -561,7 +585,7 @@ class LayerDiffPipeline:
 
     def _decoder(self):
         """The jitted decode program."""
-        return self._program(_decode_program, self.vae, inputs=(REPLICATED, BATCH), num_outputs=2)
+        return decode_program(self.vae, self.mesh)
 
     def encode(self, images: np.ndarray, masks: np.ndarray) -> jax.Array:
         """images (B, L, H, W, 3) and masks (B, L, H, W), both in [0, 1] -> latents (B, L, h, w, 8).
@@ -577,7 +601,13 @@ class LayerDiffPipeline:
         """Every sample of every request, in request order (`iter_generate`, collected)."""
         return list(self.iter_generate(requests, **settings))
 
-    def iter_generate(
+    def iter_generate(self, requests: Sequence[LayerRequest], **settings) -> Iterator[LayeredSample]:
+        """Every sample of every request, in request order, on every process, yielded as each batch finishes so that
+        a caller can write them before the next batch runs (`iter_batches`, each gathered)."""
+        for batch in self.iter_batches(requests, **settings):
+            yield from batch.gather()
+
+    def iter_batches(
         self,
         requests: Sequence[LayerRequest],
         *,
@@ -588,9 +618,9 @@ class LayerDiffPipeline:
         batch_size: int | None = None,
         size: tuple[int, int] | None = None,
         progress: bool = True,
-    ) -> Iterator[LayeredSample]:
-        """Draws every sample of every request (in request order) as `LayeredSample`s, yielded as each batch
-        finishes, so that a caller can write them before the next batch runs.
+    ) -> Iterator["SampledBatch"]:
+        """Draws every sample of every request (in request order), yielding each batch as it finishes, still on the
+        devices (`SampledBatch`). On several processes every one must take every batch: each is one computation.
 
         Batches of `batch_size` (default: one per batch shard; at most the run's samples, since a larger batch
         would only compute repeats; rounded up to a multiple of the shards) share one compiled program: all run
@@ -618,10 +648,37 @@ class LayerDiffPipeline:
             seeds = np.array([j.seed for j in filled], np.uint32)
             x_T = self.initial_noise(seeds, latent_shape)
             latents = self.denoise(x_T, ~valid[rows], valid[rows], ids[rows], timesteps, seeds, guidance=guidance, eta=eta)
-            images, masks = self.to_host(self.decode(latents))
-            for b, job in enumerate(chunk):
-                r = requests[job.request_index]
-                yield layered_sample(images[b], masks[b], r.prompt, r.all_layer_prompts, {"seed": job.seed, **settings})
+            described = [(requests[j.request_index], {"seed": j.seed, **settings}) for j in chunk]
+            yield SampledBatch(start, described, *self.decode(latents))
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledBatch:
+    """One batch of a run, decoded and still on the devices: `images` (B, L, H, W, 3) and `masks` (B, L, H, W), split
+    over the batch axes. Its rows are the run's samples `start`, `start` + 1, ... (one per entry of `described`: the
+    request and the metadata), then repeats that only fill the batch."""
+
+    start: int
+    described: list[tuple[LayerRequest, dict]]
+    images: jax.Array
+    masks: jax.Array
+
+    def gather(self, count: int | None = None) -> list[LayeredSample]:
+        """The batch's first `count` samples (default: all), on every process: all-gathered from the processes that
+        hold them. On several processes every one must call it alike."""
+        n = len(self.described) if count is None else min(count, len(self.described))
+        images, masks = gather_to_host((self.images[:n], self.masks[:n]))
+        return [self._sample(b, images[b], masks[b]) for b in range(n)]
+
+    def local(self) -> list[tuple[int, LayeredSample]]:
+        """(index in the run, sample) for the samples this process's devices hold, read without communication, in
+        order: over all processes every sample of the batch comes exactly once (`mesh.local_rows`)."""
+        images, masks = local_rows(self.images), local_rows(self.masks)
+        return [(self.start + b, self._sample(b, images[b], masks[b])) for b in sorted(images) if b < len(self.described)]
+
+    def _sample(self, b: int, images: np.ndarray, masks: np.ndarray) -> LayeredSample:
+        request, metadata = self.described[b]
+        return layered_sample(images, masks, request.prompt, request.all_layer_prompts, metadata)
 
 
 def layered_sample(images: np.ndarray, masks: np.ndarray, prompt: str, layer_prompts: Sequence[str], metadata: dict) -> LayeredSample:

@@ -177,10 +177,11 @@ def text_to_image_micro_loss(model: TextToImageModel, vae: AutoencoderKL, config
     return micro_loss
 
 
-def compiler_options(train: ml_collections.ConfigDict) -> dict[str, str] | None:
-    """XLA options for the train step: with `train.cpu_ynn_convolutions` off on a CPU, YNNPACK takes the
-    individual matrix products only and XLA's own kernels the convolutions."""
-    if train.cpu_ynn_convolutions or jax.default_backend() != "cpu":
+def compiler_options(train: ml_collections.ConfigDict, platform: str | None = None) -> dict[str, str] | None:
+    """XLA options for the train step on `platform` (default: JAX's default backend): with
+    `train.cpu_ynn_convolutions` off on a CPU, YNNPACK takes the individual matrix products only and XLA's own
+    kernels the convolutions."""
+    if train.cpu_ynn_convolutions or (platform or jax.default_backend()) != "cpu":
         return None
     return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
@@ -242,7 +243,7 @@ def make_train_step(
         in_shardings=(state_shardings, batch_sharding, frozen_shardings, replicated),
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
-        compiler_options=compiler_options(train),
+        compiler_options=compiler_options(train, mesh.devices.flat[0].platform),  # the mesh's: AOT compiles for TPUs on a CPU
     )
 
     def step(state, batch, frozen_params, empty_prompt):

@@ -4,8 +4,9 @@
 2. model       SD folder (or the toy SD) -> frozen VAE + text encoder, LayerDiff module, tokenizer; or, with
                config.model.kind "text_to_image", SD's UNet and text encoder trained on flat images
 3. data        grain loader over the built (or synthetic) dataset; one loader batch = one step's micro-batches
-4. state       abstract state -> shardings; restored from the latest checkpoint, or initialised from SD
-5. step        the jitted train step (`step.py`)
+4. state       restored from the latest checkpoint, or initialised from SD, placed with the program's shardings
+5. step        the jitted train step (`step.py`); the model, state shardings and step come from
+               `program.build_train_program`, which `layerdiff_jax.aot` compiles for TPU slices ahead of time
 6. loop        steps, metrics, checkpoints, sample grids, SIGTERM / Ctrl-C, the time limit, non-finite loss
 7. finish      last checkpoint, model folder export (`workdir/model/`)
 
@@ -34,7 +35,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from layerdiff_jax.convert.clip_text import load_text_encoder
-from layerdiff_jax.convert.core import read_config
 from layerdiff_jax.convert.model_folder import load_scheduler_config
 from layerdiff_jax.convert.sd_folder import CONVERSION_RECORD
 from layerdiff_jax.convert.unet import load_unet
@@ -44,16 +44,8 @@ from layerdiff_jax.data.synthetic import parse_layer_mix
 from layerdiff_jax.data.tfds_builders import build_synthetic, find_dataset_dir
 from layerdiff_jax.data.tokenizer import load_tokenizer
 from layerdiff_jax.fileio import OutputFolderError, folder_lock
-from layerdiff_jax.mesh import (
-    batch_size_divisor,
-    gather_to_host,
-    global_batch,
-    make_mesh,
-    put_global,
-)
-from layerdiff_jax.models.layerdiff import LayerDiffConfig, LayerDiffUNet, init_from_sd
-from layerdiff_jax.models.text_to_image import TextToImageModel
-from layerdiff_jax.models.unet import UNetConfig
+from layerdiff_jax.mesh import gather_to_host, global_batch, make_mesh, put_global
+from layerdiff_jax.models.layerdiff import init_from_sd
 from layerdiff_jax.toy import make_toy_sd
 from layerdiff_jax.training.autoencoder import VAEFitConfig, fit_toy_vae
 from layerdiff_jax.training.checkpoint import Checkpointer, StopRequest
@@ -70,20 +62,9 @@ from layerdiff_jax.training.export import (
 )
 from layerdiff_jax.training.metric_writer import MetricWriter, read_metrics
 from layerdiff_jax.training.samples import data_requests, write_sample_grid
-from layerdiff_jax.training.state import (
-    abstract_boxed_state,
-    abstract_state,
-    frozen_param_shardings,
-    make_optimizer,
-    state_initializer,
-)
-from layerdiff_jax.training.step import (
-    FrozenEncoders,
-    layerdiff_micro_loss,
-    make_train_step,
-    scheduler_from_config,
-    text_to_image_micro_loss,
-)
+from layerdiff_jax.training.program import ModelConfigs, build_train_program
+from layerdiff_jax.training.state import state_initializer
+from layerdiff_jax.training.step import scheduler_from_config
 
 log = logging.getLogger(__name__)
 
@@ -145,28 +126,6 @@ def prepare_data(data: ml_collections.ConfigDict, workdir: Path) -> Path:
         build_synthetic(root, num_train=s.num_train, num_test=0, resolution=data.resolution, seed=s.seed, layer_mix=parse_layer_mix(s.layer_mix))
     _sync("synthetic_data")
     return find_dataset_dir(root)
-
-
-def _check_sizes(config: ml_collections.ConfigDict, mesh, unet_config: UNetConfig, vae_factor: int) -> None:
-    """Batch and image sizes the mesh and the model can take; raised before anything is compiled."""
-    global_micro_batch = config.train.per_host_batch_size * jax.process_count()
-    divisor = batch_size_divisor(mesh)
-    if global_micro_batch % divisor:
-        raise ConfigError(
-            f"config.train.per_host_batch_size={config.train.per_host_batch_size} x {jax.process_count()} process(es) "
-            f"= {global_micro_batch} samples per micro-batch, not divisible by the {divisor} devices of the mesh's "
-            f"data x fsdp axes (config.mesh.shape={tuple(config.mesh.shape)})"
-        )
-    multiple = vae_factor * 2 ** (len(unet_config.block_out_channels) - 1)
-    if config.data.resolution % multiple:
-        raise ConfigError(f"config.data.resolution={config.data.resolution} must be a multiple of {multiple} for this VAE and UNet")
-    layerdiff = config.model.layerdiff
-    uses_enhancer = layerdiff.use_layer_prompts and layerdiff.prompt_enhancer != "none"
-    if uses_enhancer and unet_config.cross_attention_dim % layerdiff.enhancer_heads:
-        raise ConfigError(
-            f"config.model.layerdiff.enhancer_heads={layerdiff.enhancer_heads} does not divide the text width "
-            f"{unet_config.cross_attention_dim}"
-        )
 
 
 def _check_scheduler(sd_path: Path, scheduler) -> None:
@@ -239,22 +198,19 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, resume: bool) -> Tr
     log.info("mesh %s over %d device(s) in %d process(es)", dict(mesh.shape), mesh.size, jax.process_count())
 
     # 2. Model: the VAE and text encoder (frozen, except a text-to-image model's text encoder), the trained
-    # module (LayerDiff, or SD's UNet with its text encoder), the tokenizer.
+    # module (LayerDiff, or SD's UNet with its text encoder), the tokenizer; with the optimizer, the abstract state
+    # and its shardings and the jitted step (5.), as `layerdiff_jax.aot` compiles them ahead of time.
     sd_path = prepare_sd(config, workdir)
     dtype = jnp.dtype(config.model.compute_dtype)
     impl = config.model.attention_impl
-    vae, vae_params = load_vae(sd_path / "vae", dtype=dtype, attention_impl=impl)
-    text_encoder, text_params = load_text_encoder(sd_path / "text_encoder", dtype=dtype, attention_impl=impl)
-    unet_config = read_config(sd_path / "unet", UNetConfig.from_diffusers_config)
-    layered = config.model.kind == "layerdiff"
-    if layered:
-        model = LayerDiffUNet(unet_config, LayerDiffConfig(**config.model.layerdiff), dtype=dtype, attention_impl=impl, remat=config.model.remat)
-    else:
-        model = TextToImageModel(unet_config, text_encoder.config, dtype=dtype, attention_impl=impl, remat=config.model.remat)
+    _, vae_params = load_vae(sd_path / "vae", dtype=dtype, attention_impl=impl)
+    _, text_params = load_text_encoder(sd_path / "text_encoder", dtype=dtype, attention_impl=impl)
+    models = ModelConfigs.from_folder(sd_path)
     tokenizer = load_tokenizer(sd_path)
     scheduler = scheduler_from_config(config.diffusion)  # recorded with the model, so sampling matches training
     _check_scheduler(sd_path, scheduler)
-    _check_sizes(config, mesh, unet_config, vae.config.downsample_factor)
+    program = build_train_program(config, mesh, models, token_length=tokenizer.max_length, processes=jax.process_count())
+    model, vae, text_encoder, tx, layered = program.model, program.vae, program.text_encoder, program.tx, program.layered
 
     # 3. Data: each loader batch holds one step's micro-batches for this host.
     data_path = prepare_data(config.data, workdir)
@@ -270,18 +226,13 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, resume: bool) -> Tr
     )
     data_iterator = iter(loader)
 
-    # 4. State: shardings from logical axes; restored, or initialised from SD.
-    tx = make_optimizer(train_cfg)
+    # 4. State: restored, or initialised from SD, with the program's shardings.
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-    abstract, state_shardings = abstract_state(abstract_boxed_state(model, tx, ema=train_cfg.ema), mesh)
-    pixel = vae.config.downsample_factor
-    frozen_modules = {"vae": (vae, (jnp.zeros((1, pixel, pixel, 3)),))}
+    abstract, state_shardings = program.abstract_state, program.state_shardings
     frozen_params = {"vae": vae_params}
     if layered:
-        frozen_modules["text_encoder"] = (text_encoder, (jnp.zeros((1, tokenizer.max_length), jnp.int32),))
         frozen_params["text_encoder"] = text_params
-    frozen_shardings = frozen_param_shardings(frozen_modules, mesh)
-    frozen = put_global(frozen_params, frozen_shardings)
+    frozen = put_global(frozen_params, program.frozen_shardings)
     # What a dropped prompt becomes: the empty prompt's embedding, or its token ids for a trained text encoder.
     empty_prompt = jax.jit(text_encoder.apply)({"params": text_params}, tokenizer([""]))[0] if layered else tokenizer([""])[0]
     empty_prompt = put_global(np.asarray(empty_prompt), NamedSharding(mesh, PartitionSpec()))
@@ -308,12 +259,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, resume: bool) -> Tr
         state = initialize(put_global(params, state_shardings.params))
         del params
 
-    # 5. Step.
-    if layered:
-        micro_loss = layerdiff_micro_loss(model, FrozenEncoders(vae, text_encoder), config)
-    else:
-        micro_loss = text_to_image_micro_loss(model, vae, config)
-    train_step = make_train_step(micro_loss, tx, config, mesh, state_shardings, frozen_shardings)
+    # 5. Step: the program's.
+    train_step = program.step
 
     # 6. Loop. The loss of step n is read after step n+1 is dispatched, so the host never stalls the
     # devices, except before a checkpoint or a sample grid, made only from a state whose loss was finite.
