@@ -13,6 +13,10 @@ that looks complete.
   previous run recorded, and refuses, naming them, when the folder holds anything else. While a run writes,
   and after one that was interrupted, the record says unfinished, and readers refuse the folder
   (`check_finished`).
+- Several processes writing one folder (a pod's hosts, the folder on shared storage; `Processes`): process 0
+  claims it (lock and record) and the others wait for it; each other process records what it writes in a
+  part-file of its own (`.layerdiff_outputs.process_K.json`), which process 0 merges into the record at the
+  end, marking the run finished only when every process succeeded.
 
 Imports nothing heavy: command-line tools check their arguments with it before loading JAX.
 """
@@ -20,20 +24,26 @@ Imports nothing heavy: command-line tools check their arguments with it before l
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import functools
 import json
 import os
 import shutil
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 PARTIAL_SUFFIX = ".partial"
 _PREVIOUS_SUFFIX = ".previous"
 LOCK_FILE = ".layerdiff.lock"
 RECORD_FILE = ".layerdiff_outputs.json"
-_CONTROL_FILES = (LOCK_FILE, RECORD_FILE)
+_PART_PREFIX = ".layerdiff_outputs.process_"  # + K.json: what process K of a multi-process run wrote
+
+
+def _is_control(name: str) -> bool:
+    """The lock, the record and its part-files: the folder's bookkeeping, not a tool's output."""
+    return name in (LOCK_FILE, RECORD_FILE) or name.startswith(_PART_PREFIX)
 
 
 class OutputFolderError(OSError):
@@ -69,9 +79,9 @@ def staged_folder(folder: str | os.PathLike) -> Iterator[Path]:
         raise
     previous = folder.with_name(f".{folder.name}{_PREVIOUS_SUFFIX}")
     if folder.exists():
-        for name in _CONTROL_FILES:  # a claimed folder keeps its lock and record when its content is replaced
-            if (folder / name).exists():
-                os.replace(folder / name, staging / name)
+        for path in folder.iterdir():  # a claimed folder keeps its lock and record when its content is replaced
+            if _is_control(path.name):
+                os.replace(path, staging / path.name)
         shutil.rmtree(previous, ignore_errors=True)
         folder.rename(previous)
     staging.rename(folder)
@@ -85,7 +95,7 @@ def output_folder_problem(folder: str | os.PathLike, *, overwrite: bool) -> str 
     if folder.exists():
         if not folder.is_dir():
             return f"{folder} exists and is not a folder"
-        if any(p.name not in _CONTROL_FILES for p in folder.iterdir()) and not overwrite:
+        if any(not _is_control(p.name) for p in folder.iterdir()) and not overwrite:
             return f"{folder} exists and is not an empty folder (use --overwrite to write into it)"
         return None if os.access(folder, os.W_OK) else f"{folder} is not writable"
     parent = folder.absolute().parent
@@ -179,36 +189,101 @@ def folder_lock(folder: str | os.PathLike, tool: str) -> Iterator[Path]:
             lock.unlink(missing_ok=True)
 
 
-class OutputRecord:
-    """What a tool writes into a claimed folder. `add(name)` before writing an entry: the first call removes
-    what an earlier run recorded (so until then the folder is as it was) and marks the record unfinished;
-    `finish()` once everything the run meant to write is there."""
+@dataclasses.dataclass(frozen=True)
+class Processes:
+    """The processes of one run that write a shared output folder: this one's `index` and `allgather(value)`, which
+    returns every process's integer in process order once all of them have called it (so it is a barrier too; on a
+    JAX pod, `mesh.allgather_ints`). The default is a run of one process."""
 
-    def __init__(self, folder: Path, tool: str, earlier: set[str]):
-        self.folder, self.tool = folder, tool
+    index: int = 0
+    allgather: Callable[[int], list[int]] = lambda value: [value]
+
+
+def _part_path(folder: Path, index: int) -> Path:
+    return folder / f"{_PART_PREFIX}{index}.json"
+
+
+def _part_entries(folder: Path) -> dict[int, set[str]]:
+    """What each other process of a multi-process run recorded writing, by process index."""
+    parts = {}
+    for path in folder.glob(f"{_PART_PREFIX}*.json"):
+        index, entries = path.name[len(_PART_PREFIX) : -len(".json")], (_read_json(path) or {}).get("entries")
+        if index.isdigit() and isinstance(entries, list):
+            parts[int(index)] = {e for e in entries if isinstance(e, str)}
+    return parts
+
+
+class OutputRecord:
+    """What a tool writes into a claimed folder. `add(name)` before writing an entry; `finish()` once everything the
+    run meant to write is there. The run starts writing with `start()` (which the first `add` calls): until then the
+    folder is as it was; then the record says unfinished and what an earlier run recorded is removed.
+
+    With several `processes`, process 0 keeps the record and each other process records its entries in its own
+    part-file, and `start()` and `finish()` are collective: every process calls `start()` before its first `add` (no
+    process writes before process 0 has removed the earlier run's entries) and `finish()` at the end, where process 0
+    merges the part-files into the record, marked finished only if the run `succeeded` on every process.
+    """
+
+    def __init__(self, folder: Path, tool: str, earlier: set[str], processes: Processes = Processes()):
+        self.folder, self.tool, self.processes = folder, tool, processes
         self.entries: set[str] = set()
-        self._earlier: set[str] | None = earlier
+        self._earlier: set[str] | None = earlier  # None once the run started writing
+        self._by_process: dict[int, set[str]] = {}  # after a multi-process finish: who wrote what
+
+    def start(self) -> None:
+        self._start(keep=set())
+
+    def _start(self, keep: set[str]) -> None:
+        """`keep`: earlier entries about to be rewritten, left to the write that replaces them."""
+        if self._earlier is None:
+            return
+        if self.processes.index == 0:
+            self._save(finished=False)  # first, so that a run killed from here on is seen as unfinished
+            for name in sorted(self._earlier - keep):
+                _remove(self.folder / name)
+            for part in self.folder.glob(f"{_PART_PREFIX}*"):  # an earlier multi-process run's: its entries just went
+                part.unlink()
+        self._earlier = None
+        self.processes.allgather(0)
 
     def add(self, *names: str) -> None:
+        self._start(keep=set(names))
         self.entries.update(names)
-        self._save(finished=False)  # first, so that a run killed from here on is seen as unfinished
-        if self._earlier is not None:
-            for name in sorted(self._earlier - set(names)):
-                _remove(self.folder / name)
-            self._earlier = None
+        self._save(finished=False)
 
-    def finish(self) -> None:
-        self._save(finished=True)
+    def finish(self, succeeded: bool = True) -> bool:
+        """Marks the run finished if it `succeeded` (on every process); returns whether it did."""
+        self.start()
+        results = self.processes.allgather(int(succeeded))
+        if self.processes.index == 0:
+            parts = _part_entries(self.folder)
+            if len(results) > 1:
+                self._by_process = {0: set(self.entries), **parts}
+            self.entries.update(*parts.values())
+            self._save(finished=all(results))
+            for index in parts:  # merged: the record alone lists them now
+                _part_path(self.folder, index).unlink()
+        return all(results)
 
     def _save(self, *, finished: bool) -> None:
-        _write_json(self.folder / RECORD_FILE, {"tool": self.tool, "finished": finished, "updated": _now(), "entries": sorted(self.entries)})
+        data = {"tool": self.tool, "updated": _now(), "entries": sorted(self.entries)}
+        if self.processes.index:
+            _write_json(_part_path(self.folder, self.processes.index), data)
+            return
+        if self._by_process:
+            data["by_process"] = {str(k): sorted(v) for k, v in sorted(self._by_process.items())}
+        _write_json(self.folder / RECORD_FILE, {**data, "finished": finished})
 
 
 def recorded_entries(folder: str | os.PathLike) -> set[str] | None:
-    """The entries a tool recorded writing into `folder`, or None when it holds no record."""
-    record = _read_json(Path(folder) / RECORD_FILE)
+    """The entries a tool recorded writing into `folder` (with those in the part-files of a multi-process run that
+    stopped before merging them), or None when it holds no record."""
+    folder = Path(folder)
+    record = _read_json(folder / RECORD_FILE)
     entries = None if record is None else record.get("entries")
-    return set(entries) if isinstance(entries, list) and all(isinstance(e, str) for e in entries) else None
+    if not (isinstance(entries, list) and all(isinstance(e, str) for e in entries)):
+        return None
+    return set(entries).union(*_part_entries(folder).values())
 
 
 def check_finished(folder: str | os.PathLike) -> None:
@@ -220,7 +295,7 @@ def check_finished(folder: str | os.PathLike) -> None:
         tool = record.get("tool", "a tool")
         raise OutputFolderError(
             f"{folder} holds an unfinished run of {tool} (interrupted, failed, or still writing; "
-            f"{len(record.get('entries') or [])} entries written): rerun {tool} with --overwrite to finish it"
+            f"{len(recorded_entries(folder) or ())} entries written): rerun {tool} with --overwrite to finish it"
         )
 
 
@@ -258,7 +333,7 @@ def output_problem(
     if folder.is_dir():
         own = recorded_entries(folder)
         own = set(adopt) if own is None else own
-        foreign = sorted(p.name for p in folder.iterdir() if p.name not in _CONTROL_FILES and p.name not in own)
+        foreign = sorted(p.name for p in folder.iterdir() if not _is_control(p.name) and p.name not in own)
         if foreign:
             shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
             return (
@@ -276,16 +351,35 @@ def claim_output_folder(
     overwrite: bool = False,
     inputs: Iterable[str | os.PathLike | None] = (),
     adopt: Iterable[str] = (),
+    processes: Processes = Processes(),
 ) -> Iterator[OutputRecord]:
     """Locks `folder`, checks it (`output_problem`) and yields the new run's `OutputRecord` (which replaces what
     an earlier run recorded once the new one writes). A folder this call created and nothing was written to is
     removed at the end.
 
     `inputs`: paths the run reads; the output may not be, contain or lie inside any of them. `adopt`: entries
-    to count as the tool's own in a folder without a record (one written before records existed).
+    to count as the tool's own in a folder without a record (one written before records existed). `processes`:
+    the run's processes when several write the folder; every one calls this, process 0 claims the folder and the
+    others wait for it, and refuse too when it could not (its own error says why).
     """
     folder = Path(folder)
-    inputs, adopt = list(inputs), list(adopt)
+    if processes.index:
+        if not all(processes.allgather(1)):
+            raise OutputFolderError(f"{folder}: process 0 could not claim it (its error says why)")
+        yield OutputRecord(folder, tool, set(), processes)
+        return
+    with contextlib.ExitStack() as claimed:
+        try:
+            record = claimed.enter_context(_claim(folder, tool, overwrite, list(inputs), list(adopt), processes))
+        except BaseException:
+            processes.allgather(0)  # the others stop too
+            raise
+        processes.allgather(1)
+        yield record
+
+
+@contextlib.contextmanager
+def _claim(folder: Path, tool: str, overwrite: bool, inputs: list, adopt: list, processes: Processes) -> Iterator[OutputRecord]:
     check = functools.partial(output_problem, folder, overwrite=overwrite, inputs=inputs, adopt=adopt)
     problem = check()  # before the lock creates the folder (it might lie inside an input)
     if problem:
@@ -296,11 +390,11 @@ def claim_output_folder(
         if problem:
             raise OutputFolderError(problem)
         earlier = recorded_entries(folder)
-        record = OutputRecord(folder, tool, set(adopt) if earlier is None else earlier)
+        record = OutputRecord(folder, tool, set(adopt) if earlier is None else earlier, processes)
         try:
             yield record
         finally:
-            if created and not record.entries:  # refused or interrupted before writing: leave no trace
+            if created and not recorded_entries(folder):  # refused or interrupted before any process wrote: no trace
                 shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -107,6 +107,25 @@ def gather_to_host(tree: Any) -> Any:
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def local_rows(x: jax.Array) -> dict[int, np.ndarray]:
+    """The rows (leading-axis entries) of `x` that this process's devices hold, as numpy by row index, read without
+    communication. Where the mesh holds a row on several devices only one copy counts (replica 0), so over all
+    processes every row is returned exactly once."""
+    rows = {}
+    for shard in x.addressable_shards:
+        if shard.replica_id == 0:
+            rows.update(enumerate(np.asarray(shard.data), shard.index[0].start or 0))
+    return rows
+
+
+def allgather_ints(value: int) -> list[int]:
+    """`value` from every process, in process order, once all have called it (so also a barrier). Call on all
+    processes."""
+    if jax.process_count() == 1:
+        return [value]
+    return [int(v) for v in multihost_utils.process_allgather(np.int32(value))]
+
+
 def batch_size_divisor(mesh: Mesh) -> int:
     """A global micro-batch must be a multiple of this: the devices it is split over."""
     return math.prod(mesh.shape[a] for a in BATCH_AXES)

@@ -18,7 +18,6 @@ evaluate.py and build_dataset.py refuse.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from layerdiff_jax.diffusion.settings import (
     check_sampling_settings,
 )
 from layerdiff_jax.cli import attach_package_log, interrupted
-from layerdiff_jax.fileio import claim_output_folder, output_problem
+from layerdiff_jax.fileio import Processes, claim_output_folder, output_problem
 
 DESCRIPTION = __doc__.split("\n\n")[0]
 CONTACT_SHEET_ROWS = 64  # the sheet shows the first samples only: a run's size is not bounded by memory
@@ -61,8 +60,11 @@ seeds: requests without a seed draw seeds --seed, --seed+1, ... in order; a requ
 its samples seed, seed+1, ... Each seed is recorded in its sample.json.
 
 devices: with more than one device, every batch is sharded over all of them (batch size rounded up to a
-multiple of the device count). On a multi-host pod run the same command on every host with
---distributed; process 0 writes the outputs.
+multiple of the device count). On a multi-host pod run the same command on every host with --distributed
+(processes from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, a Cloud TPU slice or SLURM, else as
+jax.distributed.initialize() detects them), --out on storage every host shares: each host writes the samples its
+devices drew (sample i is sample_{i:04d} whichever host draws it), process 0 the contact sheet, and the run is
+marked finished only when every host wrote all of its samples.
 """
 
 
@@ -88,7 +90,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="image size (default: the size the model was trained at; another size is allowed, with a warning)")
     parser.add_argument("--formats", nargs="*", default=["ora", "psd"], choices=["ora", "psd"], help="layered files per sample (default: ora psd)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier sample.py run in --out (nothing else there is deleted)")
-    parser.add_argument("--distributed", action="store_true", help="multi-host run: call jax.distributed.initialize() first")
+    parser.add_argument("--distributed", action="store_true", help="multi-host run: start jax.distributed first (see devices below)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
@@ -135,20 +137,20 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     from layerdiff_jax.data.layers import DataError
-    from layerdiff_jax.mesh import data_parallel_mesh
+    from layerdiff_jax.mesh import allgather_ints, data_parallel_mesh, initialize_distributed
     from layerdiff_jax.sampling import CheckpointError, LayerDiffPipeline, LayerRequest, read_request_file
     from layerdiff_jax.sampling.outputs import CONTACT_SHEET, write_contact_sheet, write_sample
 
     written = 0
     try:
-        if args.distributed:
-            jax.distributed.initialize()
-        writer = jax.process_index() == 0  # process 0 writes every output
-        with contextlib.ExitStack() as stack:
-            if writer:  # before any work: one writer per folder
-                record = stack.enter_context(
-                    claim_output_folder(args.out, tool="sample.py", overwrite=args.overwrite, inputs=[args.checkpoint, args.spec])
-                )
+        if args.distributed and not initialize_distributed(None, None, None):
+            jax.distributed.initialize()  # a cluster JAX detects itself
+        processes = Processes(jax.process_index(), allgather_ints)
+        lead = processes.index == 0  # prints and writes the contact sheet; every process writes its own samples
+        # Before any work: one run per folder (process 0 claims it, the others wait for it).
+        with claim_output_folder(
+            args.out, tool="sample.py", overwrite=args.overwrite, inputs=[args.checkpoint, args.spec], processes=processes
+        ) as record:
             if args.spec is not None:
                 requests = read_request_file(args.spec)
             else:
@@ -158,32 +160,38 @@ def main(argv: list[str] | None = None) -> int:
             pipe.check_requests(requests)  # before the first compilation
             steps, guidance, settings_used = pipe.sampling.choose(args.steps, args.guidance)
             total = sum(r.num_samples for r in requests)
-            if writer:
+            if lead:
                 print(f"loaded {args.checkpoint} in {time.perf_counter() - start:.1f} s; {total} sample(s) "
                       f"on {jax.device_count()} device(s)")
                 print(settings_used)
             start = time.perf_counter()
             shown, failures = [], []
-            generated = pipe.iter_generate(
+            batches = pipe.iter_batches(
                 requests, steps=steps, guidance=guidance, eta=args.eta, seed=args.seed,
                 batch_size=args.batch_size or jax.device_count(), size=tuple(args.size) if args.size else None,
-                progress=writer and not args.quiet,
+                progress=lead and not args.quiet,
             )
-            for i, sample in enumerate(generated):  # written as each batch finishes
-                if len(shown) < CONTACT_SHEET_ROWS:
-                    shown.append(sample)
-                if writer:  # a sample that cannot be written must not lose the others
+            for batch in batches:  # written as each batch finishes
+                record.start()  # at the first batch, on every process: the earlier run's entries go before any write
+                if batch.start < CONTACT_SHEET_ROWS:
+                    shown += batch.gather(CONTACT_SHEET_ROWS - batch.start)
+                for i, sample in batch.local():  # a sample that cannot be written must not lose the others
                     name = f"sample_{i:04d}"
                     record.add(name)
                     failure = _attempt(write_sample, sample, args.out / name, formats=args.formats)
                     failures += failure
                     written += not failure
-            if writer:
+            total_written = sum(processes.allgather(written))
+            if lead:
                 record.add(CONTACT_SHEET)
                 failures += _attempt(write_contact_sheet, shown, args.out / CONTACT_SHEET)
-                if not failures:  # a run that lost a sample stays unfinished: readers refuse it
-                    record.finish()
-                print(f"{written} sample(s) in {time.perf_counter() - start:.1f} s -> {args.out}")
+            # A run that lost a sample on any process stays unfinished: readers refuse it.
+            if not record.finish(succeeded=not failures) and not failures:
+                failures.append(
+                    f"another process could not write all its outputs (its errors say which); {args.out} is marked unfinished"
+                )
+            if lead:
+                print(f"{total_written} sample(s) in {time.perf_counter() - start:.1f} s -> {args.out}")
     except (CheckpointError, RequestError, DataError, OSError) as e:  # OSError: the folder's lock, a full disk
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 1

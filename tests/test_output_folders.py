@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from layerdiff_jax.fileio import (
     LOCK_FILE,
     RECORD_FILE,
     OutputFolderError,
+    Processes,
     check_finished,
     claim_output_folder,
     recorded_entries,
@@ -130,6 +132,50 @@ def test_a_staged_folder_keeps_the_lock_and_record_of_the_folder_it_replaces(tmp
         with staged_folder(out) as staging:
             (staging / "sample.json").write_text("{}")
         assert (out / LOCK_FILE).exists() and (out / RECORD_FILE).exists() and (out / "sample.json").exists()
+
+
+def _two_processes() -> list[Processes]:
+    """Processes 0 and 1 of one run, for threads: an all-gather over a barrier."""
+    values, barrier = [0, 0], threading.Barrier(2, timeout=30)
+
+    def allgather(index):
+        def gather(value):
+            values[index] = value
+            barrier.wait()
+            gathered = list(values)
+            barrier.wait()  # read before either process's next value
+            return gathered
+
+        return gather
+
+    return [Processes(i, allgather(i)) for i in range(2)]
+
+
+def test_a_multi_process_run_stopped_before_merging_is_unfinished_and_overwrite_removes_every_part(tmp_path):
+    """Two processes write one folder and are killed before the end: what each recorded (process 1 in its part-file)
+    counts as the run's, so a rerun with --overwrite removes all of it, the part-file too."""
+    out = tmp_path / "out"
+
+    def write_and_die(processes, name):
+        with pytest.raises(KeyboardInterrupt):
+            with claim_output_folder(out, tool="sample.py", processes=processes) as record:
+                record.start()
+                record.add(name)
+                (out / name).mkdir()
+                raise KeyboardInterrupt
+
+    threads = [threading.Thread(target=write_and_die, args=(p, f"sample_000{p.index}")) for p in _two_processes()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert recorded_entries(out) == {"sample_0000", "sample_0001"} and (out / ".layerdiff_outputs.process_1.json").exists()
+    with pytest.raises(OutputFolderError, match=r"unfinished run of sample.py \(interrupted, failed, or still writing; 2 entries"):
+        check_finished(out)
+    with claim_output_folder(out, tool="sample.py", overwrite=True) as record:
+        record.add("sample_0000")
+        record.finish()
+    assert sorted(p.name for p in out.iterdir()) == [RECORD_FILE, "sample_0000"] and recorded_entries(out) == {"sample_0000"}
 
 
 def test_export_writes_only_into_its_own_folder(tmp_path, capsys):
