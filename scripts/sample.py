@@ -43,7 +43,7 @@ prompts:
   with max_layers=L takes at most L-1 --layer-prompt. A prompt longer than the tokenizer's limit (77
   tokens for CLIP) is truncated with a warning.
   --prompt alone is split into layers by rules over how English lists and places objects
-  (layerdiff_jax/sampling/prompt_split.py): "a cat and a lamp in front of a window" gives the background
+  (layerdiff_jax/data/prompt_split.py): "a cat and a lamp in front of a window" gives the background
   "a window" and the layers "a cat", "a lamp", in the sentence's order; "with" describes an object ("a
   girl with a red umbrella" is one layer), style ("a photo of", ", digital art") stays in the global
   prompt only, and with no place named the background is "the background". The split is printed; a

@@ -7,14 +7,13 @@ equal to that run's; process 0 merges what each recorded writing and marks the r
 
 import hashlib
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from sampling_toy import SIZE, make_random_layerdiff
-from train_support import subprocess_env
+from train_support import communicate_all, free_port, subprocess_env
 
 from layerdiff_jax.data.layers import list_sample_folders, read_sample_folder
 from layerdiff_jax.fileio import RECORD_FILE, OutputFolderError, recorded_entries
@@ -57,12 +56,6 @@ def request_args(tmp_path_factory):
     return ["--checkpoint", str(model), "--spec", str(spec), "--steps", "2", "--batch-size", "4", "--seed", "3", "--quiet", "--formats"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _outputs(folder: Path) -> dict[str, str]:
     """Every file a run wrote (not the folder's bookkeeping), by path: its SHA-256."""
     files = (p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
@@ -72,16 +65,12 @@ def _outputs(folder: Path) -> dict[str, str]:
 def _run_two_processes(command: list[str]) -> list[tuple[int, str]]:
     """(exit status, stderr) of `command` run as processes 0 and 1 of one jax.distributed run, one CPU device each."""
     env = subprocess_env(devices=1, fast_compile=True)
-    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2")
+    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES="2")
     processes = [
         subprocess.Popen(command, env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)
     ]
-    try:
-        outputs = [p.communicate(timeout=300) for p in processes]
-    finally:
-        for p in processes:
-            p.kill()
+    outputs = communicate_all(processes, timeout=300)
     return [(p.returncode, err) for p, (_, err) in zip(processes, outputs)]
 
 

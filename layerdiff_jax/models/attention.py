@@ -4,7 +4,7 @@ That single function is where the kernel is chosen, so switching it for every mo
 `attention_impl`:
 
 - "auto" (the configs' default): "cpu" on CPUs, "xla" on GPUs and TPUs, where "cudnn" and "splash" are chosen
-  by a config (README, "Which attention on which chip"). Calls the CPU kernel does not take run XLA attention
+  by a config (docs/accelerators.md, "Which attention on which chip"). Calls the CPU kernel does not take run XLA attention
   without a log line; a kernel that could not be built is logged once.
 - "xla": plain XLA ops, any backend. Computed heads-major: (B, T, N, H) is transposed to (B, N, T, H) before
   the two matmuls, so they are batched matmuls over leading axes: XLA:CPU lowers
