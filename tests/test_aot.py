@@ -36,8 +36,9 @@ MICRO = ModelConfigs(
 )
 
 
-def micro_config(fsdp: int = 1):
+def micro_config(fsdp: int = 1, attention: str = "xla"):
     config = base_config()
+    config.model.attention_impl = attention
     config.model.sd_path, config.data.path = "micro", "synthetic"  # not read: the architectures are MICRO
     config.model.layerdiff.enhancer_heads = 2
     config.model.layerdiff.max_layers = 2
@@ -47,9 +48,9 @@ def micro_config(fsdp: int = 1):
     return config
 
 
-def compile_train(slice_name: str, fsdp: int, batch_per_chip: int = 1):
+def compile_train(slice_name: str, fsdp: int, batch_per_chip: int = 1, attention: str = "xla"):
     s = slices.get_slice(slice_name)
-    return TrainCompiler.create(micro_config(fsdp), s, MICRO).compile(batch_per_chip)
+    return TrainCompiler.create(micro_config(fsdp, attention), s, MICRO).compile(batch_per_chip)
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,12 @@ def test_collectives_none_on_one_chip_some_with_fsdp(fsdp_steps):
     s = slices.get_slice("v4-16")
     estimate = fsdp_steps[8].estimate(s)
     assert estimate.communication_s > 0 and estimate.ideal_s == max(estimate.compute_s, estimate.communication_s, estimate.hbm_s)
+
+
+def test_splash_attention_compiles_on_a_sharded_batch():
+    # A Pallas kernel is not partitioned by XLA: it runs per batch shard (shard_map), or the compile fails.
+    step = compile_train("v4-8", 4, attention="splash")
+    assert step.memory.total > 0 and step.collectives.kinds["all-gather"].count > 0
 
 
 def test_an_oversized_batch_does_not_fit_in_one_line():

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -34,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from layerdiff_jax.mesh import BATCH_AXES
 from layerdiff_jax.models import cpu_kernels, layers
 from layerdiff_jax.models.backend import target_backend
 
@@ -164,8 +166,20 @@ def _splash_attention(query, key, value, mask, is_causal, interpret: bool = Fals
     if mask is not None:
         key_valid = key_valid & _pad_to(jnp.broadcast_to(mask[:, 0, 0, :], (batch, kv_len)), 1, _SPLASH_BLOCK)
     segments = segment_ids(q=jnp.zeros((batch, padded_q), jnp.int32), kv=jnp.where(key_valid, 0, 1).astype(jnp.int32))
-    out = jax.vmap(kernel)(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), segment_ids=segments)  # (B, N, T, H)
+    call = lambda q, k, v, segments: jax.vmap(kernel)(q, k, v, segment_ids=segments)  # noqa: E731
+    out = _per_batch_shard(call, q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), segments)  # (B, N, T, H)
     return out.swapaxes(1, 2)[:, :q_len, :, :head_dim]
+
+
+def _per_batch_shard(fn, *args):
+    """`fn(*args)` run on each device's share of the batch (the leading axis) under the mesh being traced for: XLA
+    cannot partition a Pallas kernel by itself. Without a mesh, or a batch the batch axes do not divide, a plain call."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = () if mesh.empty else tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
+    if not axes or args[0].shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return fn(*args)
+    spec = jax.sharding.PartitionSpec(axes)
+    return jax.shard_map(fn, in_specs=spec, out_specs=spec, check_vma=False)(*args)
 
 
 def _splash_unsupported(query, key, mask, is_causal) -> str | None:
