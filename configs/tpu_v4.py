@@ -8,9 +8,11 @@ Mesh (data, fsdp, tensor) = (-1, 4, 1): parameters, optimizer state and EMA are 
 and the remaining chips replicate them as data-parallel groups, so any slice with a multiple of 4 chips
 works. 8 samples per host per update (2 per chip on v4), so 32 on a v4-32 as the paper trains, without
 accumulation. bfloat16 activations, float32 master weights and an EMA of them; UNet blocks
-rematerialised. What to expect: 4.1 GiB of train state (parameters, Adam moments, EMA) plus 0.2 GiB of
-frozen VAE and text encoder per chip (docs/accelerators.md, "What fits where"), of a v4 chip's 32 GiB; the
-workdir must be shared by all hosts (a GCS bucket); the model folder is written to <workdir>/model by process 0.
+rematerialised. What to expect, compiled for a v4-32 ahead of time (`python scripts/compile_aot.py train
+--config configs/tpu_v4.py --slice v4-32`; docs/accelerators.md, "Ahead-of-time compiles for TPU slices"): 8.6 GiB
+per chip of a v4 chip's 32 GiB (4.3 GiB of arguments: the sharded train state and frozen encoders, 4.3 GiB of
+temporaries); the workdir must be shared by all hosts (a GCS bucket); the model folder is written to
+<workdir>/model by process 0.
 """
 
 from configs import sd15_256
