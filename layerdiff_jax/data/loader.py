@@ -9,7 +9,9 @@ Each batch (per host, `B = batch_size`, `L = max_layers`) is a dict ready for
     global_ids   int32   (B, T)       T = tokenizer.max_length (77)
     layer_ids    int32   (B, L, T)
 
-Padded layers are zero images and masks with the empty prompt's ids.
+Padded layers are zero images and masks with the empty prompt's ids. With `with_keys=True` a batch also holds
+
+    record_key   int64   (B,)         each sample's record in the data source, for caches keyed by record
 
 For pretraining a plain text-to-image model (the toy base), `flat_views` turns each layered record into one
 flat image with its prompt, never showing a mask or a layer (`ToFlatImage`):
@@ -38,6 +40,20 @@ from layerdiff_jax.data.tfds_builders import open_data_source, record_to_sample
 from layerdiff_jax.data.tokenizer import PromptTokenizer
 
 FLAT_VIEWS = ("composite", "background", "object")
+RECORD_KEY = "record_key"
+
+
+class KeyedSource(grain.RandomAccessDataSource):
+    """A data source whose records also carry their own key (`RECORD_KEY`)."""
+
+    def __init__(self, source: grain.RandomAccessDataSource):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: int) -> dict[str, Any]:
+        return {**self.source[key], RECORD_KEY: key}
 
 
 class ToLayerArrays(grain.MapTransform):
@@ -64,13 +80,16 @@ class ToLayerArrays(grain.MapTransform):
         masks[0] = background_mask(fg_masks)
         masks[1:n] = fg_masks
         ids = self.tokenizer([sample.global_prompt, *sample.layer_prompts, *[""] * (L - n)])
-        return {
+        arrays = {
             "images": images,
             "masks": masks,
             "layer_valid": np.arange(L) < n,
             "global_ids": ids[0],
             "layer_ids": ids[1:],
         }
+        if RECORD_KEY in record:
+            arrays[RECORD_KEY] = np.int64(record[RECORD_KEY])
+        return arrays
 
 
 def parse_flat_views(text: str) -> dict[str, float]:
@@ -166,6 +185,7 @@ def make_dataloader(
     num_epochs: int | None = None,
     worker_count: int = 0,
     flat_views: dict[str, float] | None = None,
+    with_keys: bool = False,
 ) -> grain.DataLoader:
     """A grain DataLoader over a built dataset (a path, see `open_data_source`) or a data source.
 
@@ -173,9 +193,12 @@ def make_dataloader(
     (default: `jax.process_index()` of `jax.process_count()`); a last partial batch is dropped.
     `num_epochs=None` repeats forever, reshuffling every epoch. `worker_count > 0` decodes in that many
     worker processes. All samples must share one image size. `flat_views` ({view: probability}, see
-    `parse_flat_views`) gives flat images and prompts for text-to-image training instead of layers.
+    `parse_flat_views`) gives flat images and prompts for text-to-image training instead of layers. `with_keys`
+    adds each layered sample's record key to the batch.
     """
     source = open_data_source(data, split) if isinstance(data, (str, os.PathLike)) else data
+    if with_keys:
+        source = KeyedSource(source)
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
     if not 0 <= shard_index < shard_count:

@@ -101,6 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.global_prompt_dropout = 0.1  # per sample: the global prompt becomes ""
     c.train.layer_prompt_dropout = 0.1  # per sample: every layer prompt becomes ""
     c.train.sample_posterior = True  # VAE latents drawn from the posterior (as SD trains), else its mean
+    # Encode each record's layers and masks once and keep the latents in host memory (training/latent_cache.py);
+    # needs sample_posterior False. Worth it where the VAE costs as much as the UNet, as with the toy models.
+    c.train.cache_latents = False
     c.train.ema = False
     c.train.ema_decay = 0.9999
     # XLA:CPU runs convolutions through YNNPACK by default; False leaves them to XLA's own kernels, whose
@@ -311,6 +314,11 @@ def _check_together(config: ml_collections.ConfigDict) -> None:
                 f"config.data.synthetic.layer_mix draws samples of {most} layers, more than config.model.layerdiff."
                 f"max_layers={config.model.layerdiff.max_layers}"
             )
+    if config.train.cache_latents and (config.train.sample_posterior or config.model.kind != "layerdiff"):
+        raise ConfigError(
+            "config.train.cache_latents keeps one latent per record: it needs config.train.sample_posterior=False "
+            "and config.model.kind='layerdiff' (text-to-image training draws a new view of each record every time)"
+        )
     fit = config.model.toy_vae
     if config.model.sd_path == TOY_SD and fit.steps and fit.crop > config.data.resolution:
         raise ConfigError(

@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from layerdiff_jax.convert.core import read_config
 from layerdiff_jax.data.loader import batch_shapes
+from layerdiff_jax.training.latent_cache import with_latents
 from layerdiff_jax.mesh import BATCH_AXES, batch_size_divisor
 from layerdiff_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer
 from layerdiff_jax.models.init import abstract_params
@@ -105,6 +106,9 @@ class TrainProgram:
             train.per_host_batch_size * processes, config.model.layerdiff.max_layers, config.data.resolution, token_length,
             flat=not self.layered,
         )
+        if train.cache_latents:
+            side = config.data.resolution // self.vae.config.downsample_factor
+            samples = with_latents(samples, (side, side, 2 * self.vae.config.latent_channels), jnp.float32)
         # As the trainer hands it to the step: (grad_accum_steps, global micro-batch, ...), split on axis 1.
         batch = {
             key: jax.ShapeDtypeStruct((train.grad_accum_steps, *s.shape), s.dtype, sharding=batch_sharding) for key, s in samples.items()

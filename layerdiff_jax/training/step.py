@@ -1,12 +1,13 @@
 """The training loss and the jitted, sharded train step (the paper's training objective).
 
 The frozen VAE and text encoder run inside the step on the batch as the data pipeline delivers it (pixels
-and token ids), not from a cache of latents and embeddings: a cache would save their forward passes (the
-VAE encoder is a small part of a LayerDiff step) but would tie a dataset to one VAE and one resolution and
-fix each latent to one posterior sample. Per micro-batch:
+and token ids): a dataset stays independent of the VAE and resolution, and each latent can be a fresh
+posterior sample. At SD size the VAE encoder is a small part of a LayerDiff step; where it is not (the toy
+models), `config.train.cache_latents` has the trainer encode each record once (`latent_cache.py`) and the
+batch bring `latents` instead. Per micro-batch:
 
 1. latents: the VAE encodes every layer's image and its mask (repeated to 3 channels, mapped to [-1, 1]);
-   image latent ++ mask latent gives the model's 8 channels;
+   image latent ++ mask latent gives the model's 8 channels (or the batch's cached `latents`);
 2. prompts: the text encoder embeds the global and layer prompts; 10%/10% of samples (config) have
    their global / all their layer prompts replaced by the empty prompt's embedding;
 3. timesteps: one t for all layers of a sample with probability p_shared, else one per layer;
@@ -43,6 +44,7 @@ from layerdiff_jax.models.clip_text import CLIPTextTransformer
 from layerdiff_jax.models.layerdiff import LayerDiffUNet
 from layerdiff_jax.models.text_to_image import TextToImageModel
 from layerdiff_jax.models.vae import AutoencoderKL
+from layerdiff_jax.training.latent_cache import LATENTS
 from layerdiff_jax.training.state import TrainState, learning_rate_schedule
 
 Batch = Mapping[str, jax.Array]
@@ -139,9 +141,12 @@ def layerdiff_micro_loss(model: LayerDiffUNet, encoders: FrozenEncoders, config:
 
     def micro_loss(params, micro_batch, rng, frozen, empty_prompt):
         k_latent, k_drop, k_loss = jax.random.split(rng, 3)
-        latents = encode_latents(
-            encoders, frozen["vae"], micro_batch["images"], micro_batch["masks"], k_latent if train.sample_posterior else None
-        )
+        if LATENTS in micro_batch:  # encoded on the host by the trainer's LatentCache
+            latents = micro_batch[LATENTS]
+        else:
+            latents = encode_latents(
+                encoders, frozen["vae"], micro_batch["images"], micro_batch["masks"], k_latent if train.sample_posterior else None
+            )
         global_context, layer_context = encode_prompts(encoders, frozen["text_encoder"], micro_batch["global_ids"], micro_batch["layer_ids"])
         global_context, layer_context = drop_prompts(
             k_drop, global_context, layer_context, empty_prompt, train.global_prompt_dropout, train.layer_prompt_dropout
@@ -209,7 +214,7 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: Batch, frozen, empty_prompt):
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
-        accum = batch["images"].shape[0]
+        accum = jax.tree.leaves(batch)[0].shape[0]  # every array is (grad_accum_steps, micro-batch, ...)
 
         def accumulate(grad_sum, inputs):
             micro_batch, micro_rng = inputs

@@ -41,7 +41,7 @@ from layerdiff_jax.convert.unet import load_unet
 from layerdiff_jax.convert.vae import load_vae
 from layerdiff_jax.data.loader import make_dataloader, parse_flat_views
 from layerdiff_jax.data.synthetic import parse_layer_mix
-from layerdiff_jax.data.tfds_builders import build_synthetic, find_dataset_dir
+from layerdiff_jax.data.tfds_builders import build_synthetic, find_dataset_dir, open_data_source
 from layerdiff_jax.data.tokenizer import load_tokenizer
 from layerdiff_jax.fileio import OutputFolderError, folder_lock
 from layerdiff_jax.mesh import gather_to_host, global_batch, make_mesh, put_global
@@ -62,9 +62,10 @@ from layerdiff_jax.training.export import (
 )
 from layerdiff_jax.training.metric_writer import MetricWriter, read_metrics
 from layerdiff_jax.training.samples import data_requests, write_sample_grid
+from layerdiff_jax.training.latent_cache import LatentCache, cache_bytes, check_fits
 from layerdiff_jax.training.program import ModelConfigs, build_train_program
 from layerdiff_jax.training.state import state_initializer
-from layerdiff_jax.training.step import scheduler_from_config
+from layerdiff_jax.training.step import FrozenEncoders, encode_latents, scheduler_from_config
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +140,25 @@ def _check_scheduler(sd_path: Path, scheduler) -> None:
         )
 
 
-def _micro_batches(batch: dict[str, np.ndarray], accum: int, resolution: int) -> dict[str, np.ndarray]:
-    """A loader batch of accum x per-host samples -> arrays (accum, per-host batch, ...)."""
+def _micro_batches(batch: dict[str, np.ndarray], accum: int, resolution: int, cache: LatentCache | None) -> dict[str, np.ndarray]:
+    """A loader batch of accum x per-host samples -> arrays (accum, per-host batch, ...), with `latents` from
+    `cache` in place of images and masks when there is one."""
     size = batch["images"].shape[-3:-1]
     if size != (resolution, resolution):
         raise ConfigError(f"the data's images are {size[0]}x{size[1]}, config.data.resolution is {resolution}")
+    if cache is not None:
+        batch = cache(batch)
     return {key: value.reshape(accum, -1, *value.shape[1:]) for key, value in batch.items()}
+
+
+def _latent_cache(config: ml_collections.ConfigDict, program, vae_params, num_records: int) -> LatentCache:
+    """The host's cache of its `num_records` records' latents, after checking that it fits in host memory."""
+    vae = program.vae
+    side = config.data.resolution // vae.config.downsample_factor
+    channels = 2 * vae.config.latent_channels
+    check_fits(cache_bytes(num_records, config.model.layerdiff.max_layers, side, channels, np.float32), f"{num_records} records")
+    encoders = FrozenEncoders(vae, program.text_encoder)
+    return LatentCache(lambda params, images, masks: encode_latents(encoders, params, images, masks, None), vae_params)
 
 
 def _time_limit(train_cfg: ml_collections.ConfigDict, log_every: int):
@@ -214,8 +228,10 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, resume: bool) -> Tr
 
     # 3. Data: each loader batch holds one step's micro-batches for this host.
     data_path = prepare_data(config.data, workdir)
+    source = open_data_source(data_path, config.data.split)
+    cache = _latent_cache(config, program, vae_params, len(source) // jax.process_count()) if train_cfg.cache_latents else None
     loader = make_dataloader(
-        data_path,
+        source,
         batch_size=train_cfg.per_host_batch_size * train_cfg.grad_accum_steps,
         max_layers=config.model.layerdiff.max_layers,
         tokenizer=tokenizer,
@@ -223,6 +239,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, resume: bool) -> Tr
         split=config.data.split,
         worker_count=config.data.worker_count,
         flat_views=None if layered else parse_flat_views(config.data.flat_views),
+        with_keys=cache is not None,
     )
     data_iterator = iter(loader)
 
@@ -321,7 +338,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, resume: bool) -> Tr
     try:
         with StopRequest(checkpointer) as stop_requested:
             while step < train_cfg.num_steps:
-                batch = _micro_batches(next(data_iterator), train_cfg.grad_accum_steps, config.data.resolution)
+                batch = _micro_batches(next(data_iterator), train_cfg.grad_accum_steps, config.data.resolution, cache)
                 state, metrics = train_step(state, global_batch(batch, mesh, sample_axis=1), frozen, empty_prompt)
                 step += 1
                 progress.update(1)
