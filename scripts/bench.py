@@ -20,7 +20,7 @@ The check (`--suite check`, layerdiff_jax/bench/check.py) measures, in order of 
 torch, attention kernels, UNet forward speed, DDIM sampling, the train step at the largest batch that fits,
 then torch.compile; it writes DIR/check.json and DIR/check.md after every row and stops at the deadline.
 Exit status: 0 done; 1 a step failed (the row says why); 2 bad arguments or missing packages; 3 stopped at
-the deadline.
+the deadline. The standard suite exits 1 too where a row failed: its other rows still ran.
 """
 
 from __future__ import annotations
@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run_standard(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from layerdiff_jax.bench.check import EXIT_STEP_FAILED
     from layerdiff_jax.bench.report import format_table
     from layerdiff_jax.bench.suite import BenchSettings, run_suite
 
@@ -124,7 +125,8 @@ def _run_standard(args: argparse.Namespace) -> int:
         settings = dataclasses.replace(settings, repeats=args.repeats)
     rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
     result = run_suite(settings, rows)
-    return _report(result, format_table(result), args.json or Path("bench_results") / f"bench_{args.device}{'_quick' if args.quick else ''}.json")
+    _report(result, format_table(result), args.json or Path("bench_results") / f"bench_{args.device}{'_quick' if args.quick else ''}.json")
+    return EXIT_STEP_FAILED if any(row.get("status") == "failed" for row in result["rows"]) else 0
 
 
 def _run_profile(args: argparse.Namespace) -> int:

@@ -107,11 +107,43 @@ def test_rows_measured_above_the_core_count_are_unreliable_and_never_met(monkeyp
     assert report._met(row).startswith("unreliable: torch side: load average 2.50")
     assert suite.add_target(row, "MFU", 0.9, 0.5, at_least=True)["met"] is None
 
-    # measured() records the load before and after every measurement.
+    # timed() records the load before and after every measurement.
     loads = iter([(9.0, 0, 0), (1.0, 0, 0)])
     monkeypatch.setattr(measure, "load_average", lambda: next(loads))
-    timing, fields = suite.measured(lambda: measure.Timing([0.1]))
+    timing, fields = measure.timed(lambda: None, 1, compile_s=2.0)
     assert (fields["load_before"], fields["load_after"], fields["reliable"]) == (9.0, 1.0, False)
+    assert len(timing.times) == 1 and timing.compile_s == 2.0
+
+
+def test_merged_measurements_are_unreliable_if_any_was():
+    """Row 1 merges its one-call memory measurement with its timings' load: a busy memory call is not hidden."""
+    quiet, busy, busier = (measure.load_fields(load, load, cores=2) for load in (0.5, 2.5, 3.0))
+    for parts in ((busy, quiet), (quiet, busy), (busy, busier), ({"rss_peak_bytes": 1}, quiet)):
+        merged = measure.merged_fields(*parts)
+        assert merged["reliable"] is ("unreliable" not in merged)
+        assert merged["reliable"] is all(p.get("reliable", True) for p in parts)
+    assert measure.merged_fields(busy, quiet)["load_after"] == 0.5  # the later measurement's load is the row's
+    assert measure.merged_fields(busy, busier)["unreliable"] == "load average 2.50 > 2 cores; load average 3.00 > 2 cores"
+
+
+def test_a_failing_row_family_becomes_a_failed_row_and_the_others_still_run(monkeypatch, tmp_path, capsys):
+    def boom(settings, sd):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(suite, "build_sd", lambda settings: "sd")
+    monkeypatch.setattr(suite, "bench_unet", lambda settings: [{"row": "1a", "impl": "ours"}])
+    monkeypatch.setattr(suite, "bench_ddim", boom)
+    monkeypatch.setattr(suite, "bench_layers", lambda settings, sd: [{"row": "3", "impl": "ours", "sd": sd}])
+    result = suite.run_suite(suite.BenchSettings.for_device("cpu", quick=True))
+    assert [(r["row"], r.get("status", "ok")) for r in result["rows"]] == [("1a", "ok"), ("2", "failed"), ("3", "ok")]
+    failed = result["rows"][1]
+    assert failed["error"] == "RuntimeError: out of memory" and "boom" in failed["traceback"]
+    assert result["rows"][2]["sd"] == "sd" and "end" in result["load_average"]
+    # The CLI still writes the other rows, and exits as the check does when a step failed.
+    out = tmp_path / "bench.json"
+    assert load_script("bench").main(["--quick", "--rows", "ddim", "--json", str(out)]) == check.EXIT_STEP_FAILED
+    assert json.loads(out.read_text())["rows"][0]["status"] == "failed"
+    assert "| 2 | DDIM text-to-image, ours vs diffusers; RuntimeError: out of memory |" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------- the check's time box and batch search

@@ -33,7 +33,6 @@ import logging
 import os
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,15 +56,14 @@ from layerdiff_jax.bench.suite import (
     build_unet_pair,
     compile_layer_step,
     error_fields,
+    failed_row,
     flops_fields,
     layer_training,
-    measured,
     nhwc_numpy,
     quick_compilation,
     quick_sd,
     suite_environment,
     time_layer_step,
-    time_torch,
     torch_unet_call,
     unet_forward,
 )
@@ -189,14 +187,6 @@ class CheckSettings:
 
 
 # --------------------------------------------------------------------------------------- the time box
-
-
-def failed_row(row_id: str, name: str, impl: str, error: BaseException) -> Row:
-    """A row for a measurement that raised (called while handling `error`: the traceback is the current one)."""
-    return {
-        "row": row_id, "name": name, "impl": impl, "status": "failed",
-        "error": f"{type(error).__name__}: {error}"[:2000], "traceback": traceback.format_exc()[-4000:],
-    }
 
 
 class CheckRun:
@@ -523,7 +513,7 @@ def _attention_row(ctx: Context, name: str, impl: str, inputs: tuple, reference:
     args = (*low, _mask_arg(mask), jnp.asarray(cotangent))
     compiled, compile_s = measure.compile_jitted(_attention_program(impl, mask is not None), *args)
     out, grads = jax.device_get(compiled(*args))
-    timing, fields = measured(lambda: measure.time_compiled(compiled, args, ctx.settings.repeats["attention"], compile_s))
+    timing, fields = measure.timed(lambda: jax.block_until_ready(compiled(*args)), ctx.settings.repeats["attention"], compile_s=compile_s)
     grad_error = max(error_fields(np.asarray(g, np.float32), r)["rel_err"] for g, r in zip(grads, ref_grads))
     row = _row(
         "a2", name, impl if refusal is None else f"{impl} -> xla", timing,
@@ -555,8 +545,8 @@ def step_b_unet_speed(ctx: Context, run: CheckRun) -> None:
             run.add(failed_row("b", name, f"ours {impl}", error))
     pair = ctx.unet_pair()
     torch_unet = ref.to_device(pair.torch_unet, ctx.torch_device, dtype)
-    torch_timing, torch_fields = time_torch(
-        torch_unet_call(torch_unet, pair.torch_args(ctx.torch_device, dtype), ctx.torch_device), repeats, ctx.torch_device
+    torch_timing, torch_fields = measure.timed(
+        torch_unet_call(torch_unet, pair.torch_args(ctx.torch_device, dtype), ctx.torch_device), repeats, torch_device=ctx.torch_device
     )
     flops = ctx.model_flops()
     reference = _row("b", name, "torch eager (SDPA)", torch_timing, images_per_s=ctx.settings.images / torch_timing.median,
@@ -564,7 +554,7 @@ def step_b_unet_speed(ctx: Context, run: CheckRun) -> None:
     ours_rows = []
     for impl in impls:
         compiled, compile_s = ctx.forward(impl)
-        timing, fields = measured(lambda: measure.time_compiled(compiled, ctx.bf16_args(), repeats, compile_s))
+        timing, fields = measure.timed(lambda: jax.block_until_ready(compiled(*ctx.bf16_args())), repeats, compile_s=compile_s)
         row = _row(
             "b", name, f"ours {impl}", timing, images_per_s=ctx.settings.images / timing.median,
             xla_step_bytes=measure.compiled_memory_bytes(compiled), attention_fallbacks=ctx.forward_fallbacks[impl], **fields,
@@ -727,7 +717,7 @@ def step_b_torch_compile(ctx: Context, run: CheckRun) -> None:
     start = time.perf_counter()
     call()  # compiles
     first_s = time.perf_counter() - start
-    timing, fields = time_torch(call, ctx.settings.repeats["unet"], ctx.torch_device)
+    timing, fields = measure.timed(call, ctx.settings.repeats["unet"], torch_device=ctx.torch_device)
     timing.compile_s = max(first_s - timing.median, 0.0)
     name = (
         f"UNet forward ({_images(ctx.settings.images)} x {CFG_COPIES} for CFG, {b.latent_size}x{b.latent_size} latents, "

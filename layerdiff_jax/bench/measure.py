@@ -88,17 +88,35 @@ def time_interleaved(calls: Sequence[Callable[[], Any]], repeats: int, warmup: i
     return [Timing(t) for t in times]
 
 
-def compile_jitted(jitted, *args, options: dict | None = None) -> tuple[Any, float]:
-    """(the compiled executable, seconds spent lowering and compiling it); `options` are XLA compiler options."""
+def compile_jitted(jitted, *args) -> tuple[Any, float]:
+    """(the compiled executable, seconds spent lowering and compiling it)."""
     start = time.perf_counter()
-    compiled = jitted.lower(*args).compile(compiler_options=options)
+    compiled = jitted.lower(*args).compile()
     return compiled, time.perf_counter() - start
 
 
-def time_compiled(compiled, args: tuple, repeats: int, compile_s: float) -> Timing:
-    timing = time_calls(lambda: jax.block_until_ready(compiled(*args)), repeats)
+def timed(call: Callable[[], Any], repeats: int, *, warmup: int = 1, compile_s: float | None = None,
+          torch_device=None) -> tuple[Timing, dict[str, Any]]:
+    """`call` timed (`time_calls`; it must block on its result) with `compile_s` recorded, and a row's fields for
+    it: host RSS around it, the allocator's peak and the load before and after (`load_fields`: a row measured on a
+    busy machine is unreliable). A torch call (`torch_device`) reports torch's own peak on CUDA and gives torch's
+    cached blocks back afterwards, so that JAX can allocate them again."""
+    torch = None
+    if torch_device is not None and torch_device.type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+    load_before = load_average()[0]
+    with RssPeak() as rss:
+        timing = time_calls(call, repeats, warmup)
     timing.compile_s = compile_s
-    return timing
+    fields = {**rss.as_dict(), **load_fields(load_before, load_average()[0])}
+    peak = device_peak_bytes() if torch is None else torch.cuda.max_memory_allocated()
+    if peak is not None:
+        fields["device_peak_bytes"] = peak
+    if torch is not None:
+        torch.cuda.empty_cache()
+    return timing, fields
 
 
 def matmul_flops(fn: Callable, *args) -> float | None:
@@ -235,6 +253,17 @@ def load_fields(before: float, after: float, cores: int | None = None) -> dict[s
     if not fields["reliable"]:
         fields["unreliable"] = f"load average {max(before, after):.2f} > {cores} cores"
     return fields
+
+
+def merged_fields(*fields: dict[str, Any]) -> dict[str, Any]:
+    """Several measurements' fields as one row's, later ones winning, except that the row is unreliable if any
+    of them was (with every reason): a later reliable measurement does not make an earlier busy one count."""
+    merged = {k: v for f in fields for k, v in f.items() if k not in ("reliable", "unreliable")}
+    reasons = [f["unreliable"] for f in fields if not f.get("reliable", True)]
+    merged["reliable"] = not reasons
+    if reasons:
+        merged["unreliable"] = "; ".join(dict.fromkeys(reasons))
+    return merged
 
 
 def _cpu_model() -> str:

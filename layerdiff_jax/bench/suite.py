@@ -7,8 +7,8 @@
 4. Memory per step: XLA's planned peak per call, the allocator peak on accelerators, host RSS on CPU.
 5. Model FLOPs per step counted on the jaxpr (`measure.matmul_flops`), and MFU against the chip's bfloat16 peak (accelerators).
 
-Every measurement records the load average before and after it (`measured`); a row measured above the core
-count is unreliable and meets no target (`add_target`). The accelerator check (`check.py`) is built from the
+Every measurement records the load average before and after it (`measure.timed`); a row measured above the
+core count is unreliable and meets no target (`add_target`). The accelerator check (`check.py`) is built from the
 same pieces: the UNet pair, the SD components, the DDIM row and the train-step helpers below.
 """
 
@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import logging
 import time
+import traceback
 from typing import Any, Callable
 
 import jax
@@ -193,17 +194,12 @@ def _row(row: str, name: str, impl: str, timing: measure.Timing | None, **fields
     return out
 
 
-def measured(run: Callable[[], measure.Timing]) -> tuple[measure.Timing, dict[str, Any]]:
-    """Runs a measurement, recording host RSS (CPU) around it, the allocator peak (accelerators) and the
-    machine's load before and after it (`measure.load_fields`: a row measured on a busy machine is unreliable)."""
-    load_before = measure.load_average()[0]
-    with measure.RssPeak() as rss:
-        timing = run()
-    fields = {**rss.as_dict(), **measure.load_fields(load_before, measure.load_average()[0])}
-    peak = measure.device_peak_bytes()
-    if peak is not None:
-        fields["device_peak_bytes"] = peak
-    return timing, fields
+def failed_row(row_id: str, name: str, impl: str, error: BaseException) -> Row:
+    """A row for a measurement that raised (called while handling `error`: the traceback is the current one)."""
+    return {
+        "row": row_id, "name": name, "impl": impl, "status": "failed",
+        "error": f"{type(error).__name__}: {error}"[:2000], "traceback": traceback.format_exc()[-4000:],
+    }
 
 
 def flops_fields(flops: float | None, seconds: float, device: jax.Device, peak_flops: float | None = None) -> dict[str, Any]:
@@ -335,20 +331,6 @@ def nhwc_numpy(torch_out) -> np.ndarray:
     return torch_out.float().permute(0, 2, 3, 1).cpu().numpy()
 
 
-def time_torch(call: Callable[[], Any], repeats: int, torch_device, warmup: int = 1) -> tuple[measure.Timing, dict[str, Any]]:
-    """`measured` for a torch call, with torch's own allocator peak on CUDA; torch's cached blocks are given
-    back afterwards so that JAX can allocate them again."""
-    import torch
-
-    if torch_device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    timing, fields = measured(lambda: measure.time_calls(call, repeats, warmup))
-    if torch_device.type == "cuda":
-        fields["device_peak_bytes"] = torch.cuda.max_memory_allocated()
-        torch.cuda.empty_cache()
-    return timing, fields
-
-
 def bench_unet(settings: BenchSettings) -> list[Row]:
     from layerdiff_jax.bench import torch_reference as ref
 
@@ -372,8 +354,8 @@ def bench_unet(settings: BenchSettings) -> list[Row]:
     ):
         compiled, compile_s = measure.compile_jitted(program, *args)
         ours_call = lambda: jax.block_until_ready(compiled(*args))  # noqa: E731
-        _, memory = measured(lambda: measure.time_calls(ours_call, 1))  # one call each for the memory columns
-        _, torch_memory = time_torch(torch_call, 1, torch_device)
+        _, memory = measure.timed(ours_call, 1)  # one call each for the memory columns
+        _, torch_memory = measure.timed(torch_call, 1, torch_device=torch_device)
         # The timings: the two sides take turns, so this VM's drift between minutes slows both alike.
         load_before = measure.load_average()[0]
         timing, torch_timing = measure.time_interleaved([ours_call, torch_call], settings.repeats)
@@ -381,15 +363,13 @@ def bench_unet(settings: BenchSettings) -> list[Row]:
         timing.compile_s = compile_s
         ours = _row(
             row_id, f"{label} ({shape})", "ours", timing,
-            xla_step_bytes=measure.compiled_memory_bytes(compiled), **{**memory, **load},
+            xla_step_bytes=measure.compiled_memory_bytes(compiled), **measure.merged_fields(memory, load),
             **flops_fields(measure.matmul_flops(program, *args), timing.median, device, settings.peak_flops),
         )
-        reference = _row(row_id, f"{label} ({shape})", "torch", torch_timing, **{**torch_memory, **load})
+        reference = _row(row_id, f"{label} ({shape})", "torch", torch_timing, **measure.merged_fields(torch_memory, load))
         rows += [_compare(ours, reference, higher_is_better=False, target=1.0, name="ours/torch time"), reference]
-
-    if settings.dtype == "float32":  # parity of the two forwards: the same network with the same weights
-        ours_out = np.asarray(jax.jit(forward)(*args))
-        rows[0].update(error_fields(ours_out, nhwc_numpy(torch_forward())))
+        if row_id == "1a" and settings.dtype == "float32":  # parity of the two forwards: same network, same weights
+            ours.update(error_fields(np.asarray(ours_call()), nhwc_numpy(torch_call())))
     return rows
 
 
@@ -450,7 +430,7 @@ def build_sd(settings: BenchSettings, unet: UNetPair | None = None) -> SDCompone
 # ------------------------------------------------------------------------------------ row 2: DDIM t2i
 
 
-def bench_ddim(settings: BenchSettings, sd: SDComponents, row: str = "2", compiler_options: dict | None = None) -> list[Row]:
+def bench_ddim(settings: BenchSettings, sd: SDComponents, row: str = "2") -> list[Row]:
     import torch
 
     from layerdiff_jax.bench import torch_reference as ref
@@ -468,9 +448,7 @@ def bench_ddim(settings: BenchSettings, sd: SDComponents, row: str = "2", compil
     program = text_to_image_program(sd.unet[0], sd.vae[0], sd.text_encoder[0])
     schedule, timesteps, scale = make_schedule(), ddim_timesteps(s.steps), np.float32(GUIDANCE_SCALE)
     ids, uncond_ids = sd.tokenizer(prompts), sd.tokenizer([""] * len(prompts))
-    compiled, compile_s = measure.compile_jitted(
-        program, params, schedule, ids, uncond_ids, jnp.asarray(noise, dtype), timesteps, scale, options=compiler_options
-    )
+    compiled, compile_s = measure.compile_jitted(program, params, schedule, ids, uncond_ids, jnp.asarray(noise, dtype), timesteps, scale)
 
     def ours():  # prompts in, float images on the host out, like the pipeline call
         ids, uncond_ids = sd.tokenizer(prompts), sd.tokenizer([""] * len(prompts))
@@ -486,9 +464,8 @@ def bench_ddim(settings: BenchSettings, sd: SDComponents, row: str = "2", compil
 
     # First calls: the warm-up, and the images compared below.
     ours_images, torch_images = ours(), diffusers_run()
-    timing, memory = measured(lambda: measure.time_calls(ours, settings.repeats, warmup=0))
-    timing.compile_s = compile_s
-    torch_timing, torch_memory = time_torch(diffusers_run, settings.repeats, torch_device, warmup=0)
+    timing, memory = measure.timed(ours, settings.repeats, warmup=0, compile_s=compile_s)
+    torch_timing, torch_memory = measure.timed(diffusers_run, settings.repeats, warmup=0, torch_device=torch_device)
     name = f"DDIM {s.steps} steps + CFG {GUIDANCE_SCALE:g}, text-to-image (B={s.batch}, {s.image_size}x{s.image_size}, {settings.dtype})"
     ours_row = _row(row, name, "ours", timing, images_per_s=s.batch / timing.median,
                     xla_step_bytes=measure.compiled_memory_bytes(compiled), **memory)
@@ -603,11 +580,11 @@ class CompiledStep:
         return measure.matmul_flops(self.step, *self.arg_shapes)
 
 
-def compile_layer_step(training: LayerTraining, step, batch: dict, compiler_options: dict | None = None) -> CompiledStep:
+def compile_layer_step(training: LayerTraining, step, batch: dict) -> CompiledStep:
     """Lowers and compiles a train step for `batch` (the state's shapes do not change between steps)."""
     start = time.perf_counter()
     args = (training.state, batch, training.frozen, training.empty_context)
-    compiled = step.lower(*args).compile(compiler_options=compiler_options)
+    compiled = step.lower(*args).compile()
     seconds = time.perf_counter() - start
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), args)
     return CompiledStep(compiled, seconds, step, shapes, batch, samples=batch["images"].shape[1])
@@ -620,9 +597,7 @@ def time_layer_step(training: LayerTraining, step: CompiledStep, repeats: int) -
         training.state, metrics = step.compiled(training.state, step.batch, training.frozen, training.empty_context)
         jax.block_until_ready((training.state, metrics))
 
-    timing, fields = measured(lambda: measure.time_calls(call, repeats))
-    timing.compile_s = step.compile_s
-    return timing, fields
+    return measure.timed(call, repeats, compile_s=step.compile_s)
 
 
 def bench_layers(settings: BenchSettings, sd: SDComponents) -> list[Row]:
@@ -683,10 +658,14 @@ def quick_compilation(quick: bool):
 
 
 def run_suite(settings: BenchSettings, rows: tuple[str, ...] = ROWS, progress: Callable[[str], None] = log.info) -> dict[str, Any]:
-    """Every requested row, in this process; returns {"environment", "settings", "rows", "load_average"}."""
+    """Every requested row, in this process; returns {"environment", "settings", "rows", "load_average"}. A row
+    family that raises is recorded as a failed row (`failed_row`) and the others still run."""
+    from layerdiff_jax.bench import torch_reference as ref
+
     unknown = sorted(set(rows) - set(ROWS))
     if unknown:
         raise ValueError(f"unknown benchmark row(s) {unknown}; choose from {ROWS}")
+    ref.torch_device(settings.device)  # a torch without CUDA is a setting that cannot run here, not a failed row
     result: dict[str, Any] = {
         "suite": "standard",
         "environment": suite_environment(settings),
@@ -694,17 +673,21 @@ def run_suite(settings: BenchSettings, rows: tuple[str, ...] = ROWS, progress: C
         "load_average": {"start": measure.load_average()},
         "rows": [],
     }
+    sd = functools.cache(lambda: build_sd(settings))  # rows 2 and 3 share it
+    families = (
+        ("unet", "1", "UNet forward / forward+backward, ours vs torch", lambda: bench_unet(settings)),
+        ("ddim", "2", "DDIM text-to-image, ours vs diffusers", lambda: bench_ddim(settings, sd())),
+        ("layers", "3", "LayerDiff train step over layer counts", lambda: bench_layers(settings, sd())),
+    )
     with quick_compilation(settings.quick):
-        if "unet" in rows:
-            progress("row 1: UNet forward / forward+backward, ours vs torch")
-            result["rows"] += bench_unet(settings)
-        if "ddim" in rows or "layers" in rows:
-            sd = build_sd(settings)
-            if "ddim" in rows:
-                progress("row 2: DDIM text-to-image, ours vs diffusers")
-                result["rows"] += bench_ddim(settings, sd)
-            if "layers" in rows:
-                progress("row 3: LayerDiff train step over layer counts")
-                result["rows"] += bench_layers(settings, sd)
+        for family, row_id, title, bench in families:
+            if family not in rows:
+                continue
+            progress(f"row {row_id}: {title}")
+            try:
+                result["rows"] += bench()
+            except Exception as error:  # noqa: BLE001 - one row family's failure must not cost the others
+                log.exception("benchmark row %s failed", row_id)
+                result["rows"].append(failed_row(row_id, title, "", error))
     result["load_average"]["end"] = measure.load_average()
     return result
