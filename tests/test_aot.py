@@ -75,6 +75,8 @@ def test_collectives_none_on_one_chip_some_with_fsdp(fsdp_steps):
     for step in fsdp_steps.values():
         assert step.collectives.kinds["all-gather"].count > 0  # the parameters, gathered for use
         assert step.collectives.bytes_per_chip > 0
+        # Kernels gathered at use and text tokens kept batch-sharded: no activation is re-split across chips.
+        assert step.collectives.kinds["all-to-all"].count == 0
     s = slices.get_slice("v4-16")
     estimate = fsdp_steps[8].estimate(s)
     assert estimate.communication_s > 0 and estimate.ideal_s == max(estimate.compute_s, estimate.communication_s, estimate.hbm_s)

@@ -131,7 +131,7 @@ class CLIPEncoder(nn.Module):
     @nn.compact
     def __call__(self, x):
         for i in range(self.config.num_hidden_layers):
-            x = CLIPEncoderLayer(self.config, attention_impl=self.attention_impl, dtype=self.dtype, name=f"layers_{i}")(x)
+            x = layers.constrain_tokens(CLIPEncoderLayer(self.config, attention_impl=self.attention_impl, dtype=self.dtype, name=f"layers_{i}")(x))
         return x
 
 
@@ -155,7 +155,7 @@ class CLIPTextTransformer(nn.Module):
             raise ValueError(
                 f"CLIPTextTransformer: {input_ids.shape[1]} tokens exceed max_position_embeddings={cfg.max_position_embeddings}"
             )
-        x = CLIPTextEmbeddings(cfg, dtype=self.dtype, name="embeddings")(input_ids)
+        x = layers.constrain_tokens(CLIPTextEmbeddings(cfg, dtype=self.dtype, name="embeddings")(input_ids))
         x = CLIPEncoder(cfg, attention_impl=self.attention_impl, dtype=self.dtype, name="encoder")(x)
         x = layers.layer_norm(cfg.layer_norm_eps, dtype=self.dtype, name="final_layer_norm")(x)
         return x.astype(jnp.float32)

@@ -124,15 +124,15 @@ class LayerPromptEnhancer(nn.Module):
         def attention(name):
             return Attention(self.num_heads, width // self.num_heads, zero_init_out=True, attention_impl=self.attention_impl, dtype=self.dtype, name=name)
 
-        x = layer_context.reshape(batch, num_layers * length, width)
+        x = layers.constrain_tokens(layer_context.reshape(batch, num_layers * length, width))
         parts = self.variant.split("+")
         if "s" in parts:
             mask = jnp.repeat(layer_valid, length, axis=1)[:, None, None, :]
-            x = x + attention("self_attn")(_norm("norm_self", self.dtype)(x), mask=mask)
+            x = layers.constrain_tokens(x + attention("self_attn")(_norm("norm_self", self.dtype)(x), mask=mask))
         if "c" in parts:
-            x = x + attention("cross_attn")(_norm("norm_cross", self.dtype)(x), global_context)
+            x = layers.constrain_tokens(x + attention("cross_attn")(_norm("norm_cross", self.dtype)(x), global_context))
         if "f" in parts:
-            x = x + FeedForward(zero_init_out=True, dtype=self.dtype, name="ff")(_norm("norm_ff", self.dtype)(x))
+            x = layers.constrain_tokens(x + FeedForward(zero_init_out=True, dtype=self.dtype, name="ff")(_norm("norm_ff", self.dtype)(x)))
         return x.reshape(batch, num_layers, length, width)
 
 
@@ -190,6 +190,8 @@ class LayerDiffUNet(nn.Module):
         global_context, layer_valid = jnp.asarray(global_context), jnp.asarray(layer_valid, bool)
         layer_context = None if layer_context is None else jnp.asarray(layer_context)
         self._check_inputs(latents, timesteps, global_context, layer_context, layer_valid)
+        global_context = layers.constrain_tokens(global_context)
+        layer_context = None if layer_context is None else layers.constrain_tokens(layer_context)
         batch, num_layers, height, width, _ = latents.shape
         fold = lambda x: x.reshape(batch * num_layers, *x.shape[2:])  # noqa: E731  (B, L, ...) -> (B*L, ...)
         per_layer = lambda x: jnp.repeat(x, num_layers, axis=0)  # noqa: E731  (B, ...) -> (B*L, ...)

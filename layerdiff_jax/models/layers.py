@@ -24,6 +24,12 @@ def _partitioned(init, axes):
     return nn.with_logical_partitioning(init, tuple(axes))
 
 
+def constrain_tokens(x: jax.Array) -> jax.Array:
+    """Token sequences (B, ..., T, D) sharded over the batch only, as the UNet's feature maps are: left to itself,
+    XLA splits text tokens along their width too and moves them with all-to-alls and partial-sum all-reduces."""
+    return nn.with_logical_constraint(x, ("batch", *[None] * (x.ndim - 3), "length", "embed"))
+
+
 def _gathered_kernel(op, kernel_axes: Sequence[str | None]):
     """`op` (a dot or convolution) whose kernel is first constrained to `kernel_axes` with "embed", the axis
     FSDP shards, gathered. The kernel arrives cast to the compute dtype, so FSDP's all-gather moves bfloat16
