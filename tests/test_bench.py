@@ -159,7 +159,8 @@ def test_check_run_writes_every_row_at_once_and_stops_at_the_deadline(tmp_path):
     env = {"date": "d", "host": "h", "cpu": "c", "cpu_count": 2, "jax_backend": "cpu", "device": "cpu", "device_count": 1,
            "versions": {"jax": "0"}, "python": "3", "xla_flags": ""}
     plan = [("x", "first"), ("y", "raises"), ("z", "runs past the deadline"), ("w", "after the deadline")]
-    run = check.CheckRun(tmp_path, 1.0, plan=plan, header={"environment": env, "settings": {"attention_impl": "xla"}}, exit=fake_exit)
+    # 5 s: steps x and y must end before the deadline even on a loaded 2-core machine; z waits for it.
+    run = check.CheckRun(tmp_path, 5.0, plan=plan, header={"environment": env, "settings": {"attention_impl": "xla"}}, exit=fake_exit)
 
     def first(r):
         r.add({"row": "x", "name": "first row", "impl": "ours", "median_s": 0.1})
@@ -171,16 +172,16 @@ def test_check_run_writes_every_row_at_once_and_stops_at_the_deadline(tmp_path):
 
     assert run.step("x", first) is True
     assert run.step("y", raises) is False
-    run.step("z", lambda r: stopped.wait(10))
+    run.step("z", lambda r: stopped.wait(30))
     assert run.step("w", lambda r: pytest.fail("ran after the deadline")) is False
     assert run.finish() == check.EXIT_DEADLINE
 
     ((status, at_exit),) = exits
-    assert status == check.EXIT_DEADLINE and at_exit["stopped"] == "deadline (1 s) reached during step z"
+    assert status == check.EXIT_DEADLINE and at_exit["stopped"] == "deadline (5 s) reached during step z"
     assert [(s["id"], s["status"]) for s in at_exit["steps"]] == [("x", "done"), ("y", "failed"), ("z", "stopped"), ("w", "not run")]
     assert [r["status"] for r in at_exit["rows"]] == ["ok", "failed"] and "RuntimeError: boom" in at_exit["rows"][1]["error"]
     table = (tmp_path / "check.md").read_text()
-    assert "| y | raises; RuntimeError: boom |" in table and "stopped: deadline (1 s) reached during step z" in table
+    assert "| y | raises; RuntimeError: boom |" in table and "stopped: deadline (5 s) reached during step z" in table
 
 
 def _fake_compiles(fixed: float, per_sample: float):
