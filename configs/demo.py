@@ -36,7 +36,7 @@ def get_config():
     # The toy VAE is fitted on posterior means (training/autoencoder.py), its variance is untrained.
     c.finetune.train.sample_posterior = False
     # So each record's latents can be encoded once (training/latent_cache.py): the toy VAE's pass over 64x64 layers
-    # and masks costs about as much as the toy UNet's step, and every epoch after the first skips it.
+    # and masks is a large share of the toy step, and every epoch after the first skips it.
     c.finetune.train.cache_latents = True
     # Sampling from an average of the last ~100 steps' weights: a short run's raw weights are noisy.
     c.finetune.train.ema = True

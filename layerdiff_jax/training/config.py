@@ -102,7 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.layer_prompt_dropout = 0.1  # per sample: every layer prompt becomes ""
     c.train.sample_posterior = True  # VAE latents drawn from the posterior (as SD trains), else its mean
     # Encode each record's layers and masks once and keep the latents in host memory (training/latent_cache.py);
-    # needs sample_posterior False. Worth it where the VAE costs as much as the UNet, as with the toy models.
+    # needs sample_posterior False. Worth it where the VAE is a large share of the step and records repeat (toy models).
     c.train.cache_latents = False
     c.train.ema = False
     c.train.ema_decay = 0.9999

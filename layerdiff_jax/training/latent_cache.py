@@ -4,9 +4,10 @@ With `config.train.cache_latents` (which needs `sample_posterior = False`: a pos
 time its record is read), the trainer passes each loader batch through a `LatentCache` before the step: records
 seen for the first time are encoded by the frozen VAE on this host's first device, the rest come from host
 memory, and the step receives `latents` in place of `images` and `masks`. On a small model the VAE's pass over
-full-resolution layers and masks costs as much as the UNet's, so every epoch after the first trains faster.
-MaxDiffusion caches its latents the same way, but before training: encoding on first use costs nothing up front,
-which matters to runs that stop on a time budget. Neither grain nor the other libraries have such a stage.
+full-resolution layers and masks is a large share of the step, so every epoch after the first trains faster; the
+first runs a little slower, since the host waits for each batch's encoding instead of preparing the next one.
+MaxDiffusion caches its latents before training instead; encoding on first use needs no separate stage, which
+suits runs that stop on a time budget. Neither grain nor the other libraries have such a stage.
 """
 
 from __future__ import annotations
