@@ -25,6 +25,9 @@ def get_config():
     c.finetune.train.num_steps = 5000  # at most: on a 2-core CPU the time budget stops fine-tuning before
     # Most of the layer counts' errors are in 3 and 4 layers: draw those more often than the even mix.
     c.data.layer_mix = "2:0.2,3:0.4,4:0.4"
+    # Black objects go on white: on black, a black object's image latent is a small step from an empty layer's,
+    # and the fine-tuned model overshot it into green (docs/experiments.md, issue 30).
+    c.data.foreground_fill = "contrast"
     # Batch 4 rather than 8: the same samples per second on this CPU, so twice the updates in the budget, and
     # masks come out clean (docs/experiments.md, "2026-12-06 — issue 31: passages moved here from the README").
     c.finetune.train.per_host_batch_size = 4

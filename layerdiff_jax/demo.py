@@ -27,7 +27,7 @@ import ml_collections
 from layerdiff_jax.convert.core import read_config
 from layerdiff_jax.convert.model_folder import load_scheduler_config
 from layerdiff_jax.convert.unet import load_unet
-from layerdiff_jax.data.synthetic import generate_sample, parse_colour_weights, parse_layer_mix
+from layerdiff_jax.data.synthetic import FOREGROUND_FILLS, generate_sample, parse_colour_weights, parse_layer_mix
 from layerdiff_jax.data.tfds_builders import build_synthetic, find_dataset_dir
 from layerdiff_jax.evaluation.report import evaluate_samples, format_table
 from layerdiff_jax.models.layerdiff import LayerDiffConfig, init_from_sd
@@ -65,6 +65,7 @@ def demo_config() -> ml_collections.ConfigDict:
     c.data.resolution = 64
     c.data.layer_mix = "2:0.34,3:0.33,4:0.33"
     c.data.colour_weights = ""  # 'colour:weight,...': foregrounds of these colours drawn more often
+    c.data.foreground_fill = "black"  # a foreground layer outside its object (the mask hides it), or "contrast"
     c.data.seed = 0
 
     c.finetune = base_config()
@@ -97,6 +98,8 @@ def validate_demo_config(config: ml_collections.ConfigDict) -> ml_collections.Co
             parse(config.data[field])
         except ValueError as e:
             raise ConfigError(f"config.data.{field}: {e}") from None
+    if config.data.foreground_fill not in FOREGROUND_FILLS:
+        raise ConfigError(f"config.data.foreground_fill={config.data.foreground_fill!r}: expected one of {', '.join(FOREGROUND_FILLS)}")
     for field in ("per_layer_count", "step0_per_layer_count"):
         if config.sample[field] < 1:
             raise ConfigError(f"config.sample.{field} must be >= 1, got {config.sample[field]}")
@@ -156,6 +159,7 @@ def build_data(data: ml_collections.ConfigDict, out: Path) -> Path:
         build_synthetic(
             root, num_train=data.num_train, num_test=0, resolution=data.resolution, seed=data.seed,
             layer_mix=parse_layer_mix(data.layer_mix), colour_weights=parse_colour_weights(data.colour_weights),
+            foreground_fill=data.foreground_fill,
         )
     return find_dataset_dir(root)
 

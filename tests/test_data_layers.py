@@ -77,6 +77,9 @@ def test_cut_foreground_keeps_the_dilated_ring():
     f = cut_foreground(image, mask)
     np.testing.assert_array_equal(f[2:7, 2:7], image[2:7, 2:7])
     assert f[:2].max() == 0 and f[7:].max() == 0 and f[:, :2].max() == 0
+    filled = cut_foreground(image, mask, fill=(10, 20, 30))
+    np.testing.assert_array_equal(filled[2:7, 2:7], image[2:7, 2:7])
+    assert (filled[:2] == (10, 20, 30)).all() and (filled[7:] == (10, 20, 30)).all()
 
 
 def test_synthetic_composite_is_the_drawn_image_and_layers_validate():

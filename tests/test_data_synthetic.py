@@ -139,3 +139,21 @@ def test_prompt_parsers_reject_other_phrases():
     assert parse_foreground_prompt("a pink circle") is None
     assert parse_background_prompt("a white checked background") == ("white", "checked")
     assert parse_background_prompt("the background") is None
+
+
+def test_contrast_fill_puts_dark_objects_on_white_and_changes_nothing_the_masks_show():
+    found_dark = False
+    for index in range(20):
+        black = generate_sample(3, index, 32, {4: 1.0})
+        contrast = generate_sample(3, index, 32, {4: 1.0}, foreground_fill="contrast")
+        np.testing.assert_array_equal(black.masks, contrast.masks)
+        np.testing.assert_array_equal(black.composite(), contrast.composite())
+        assert black.layer_prompts == contrast.layer_prompts
+        for fg_black, fg_contrast, mask, meta in zip(black.foregrounds, contrast.foregrounds, black.masks, black.metadata["foregrounds"]):
+            outside = np.all(fg_black == 0, axis=-1) & (mask == 0)
+            expected = 255 if meta["colour"] == "black" else 0
+            assert outside.any() and np.all(fg_contrast[outside] == expected)
+            found_dark |= meta["colour"] == "black"
+    assert found_dark
+    with pytest.raises(ValueError, match="expected one of black, contrast"):
+        generate_sample(3, 5, foreground_fill="grey")

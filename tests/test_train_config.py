@@ -36,6 +36,10 @@ def test_demo_config_validates_and_names_a_bad_field():
     config.finetune.train.learning_rate = 0.0
     with pytest.raises(ConfigError, match=r"config\.finetune\.train\.learning_rate must be > 0"):
         validate_demo_config(config)
+    config = load_config("demo")
+    config.data.foreground_fill = "grey"
+    with pytest.raises(ConfigError, match="config.data.foreground_fill='grey': expected one of black, contrast"):
+        validate_demo_config(config)
 
 
 def test_base_config_needs_model_and_data():

@@ -130,10 +130,11 @@ def dilate_mask(mask: np.ndarray, kernel_size: int = DILATION_KERNEL) -> np.ndar
     return windows.max(axis=(-2, -1))
 
 
-def cut_foreground(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """F_i: `image` (H, W, 3) kept where the 5x5-dilated `mask` (H, W) is non-zero, black elsewhere."""
+def cut_foreground(image: np.ndarray, mask: np.ndarray, fill: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
+    """F_i: `image` (H, W, 3) kept where the 5x5-dilated `mask` (H, W) is non-zero, the colour `fill` elsewhere
+    (black by default). The mask hides the fill; it only decides what "nothing here" looks like to the VAE."""
     keep = dilate_mask(mask) > 0
-    return np.where(keep[..., None], image, 0).astype(image.dtype)
+    return np.where(keep[..., None], image, np.asarray(fill, image.dtype)).astype(image.dtype)
 
 
 # ----------------------------------------------------------------------------- exchange folders

@@ -29,6 +29,10 @@ PATTERNS = ("plain", "striped", "checked")
 SIZE_RANGE = (0.25, 0.45)  # shape side as a fraction of the image side: at 64 px and a 4x VAE, at least 4 latent pixels
 PATTERN_DARKEN = 0.6  # stripes/checks use this fraction of the background colour
 SHAPE_GAP = 2  # pixels kept free between shapes, so 5x5-dilated cuts never reach another shape
+# Outside a foreground layer's cut: black, or "contrast": white behind an object darker than DARK_LUMA, so that a
+# black object differs from an empty layer in its image latent, not only in its mask.
+FOREGROUND_FILLS = ("black", "contrast")
+DARK_LUMA = 64
 DEFAULT_LAYER_MIX: dict[int, float] = {2: 1 / 3, 3: 1 / 3, 4: 1 / 3}  # total layers -> probability
 _LAYOUT_TRIES, _BOX_TRIES = 100, 200
 
@@ -36,6 +40,12 @@ _LAYOUT_TRIES, _BOX_TRIES = 100, 200
 def darker(colour: tuple[int, int, int]) -> tuple[int, int, int]:
     """The pattern tone of a background colour."""
     return tuple(int(round(c * PATTERN_DARKEN)) for c in colour)
+
+
+def surround(colour: tuple[int, int, int], foreground_fill: str) -> tuple[int, int, int]:
+    """What a foreground layer of an object in `colour` shows outside its cut (`FOREGROUND_FILLS`)."""
+    luma = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]  # ITU-R 601, as elsewhere here
+    return (255, 255, 255) if foreground_fill == "contrast" and luma < DARK_LUMA else (0, 0, 0)
 
 
 def _article(word: str) -> str:
@@ -185,9 +195,13 @@ def generate_sample(
     resolution: int = 64,
     layer_mix: Mapping[int, float] | None = None,
     colour_weights: Mapping[str, float] | None = None,
+    foreground_fill: str = "black",
 ) -> LayeredSample:
     """Sample `index` of the synthetic dataset with `seed`; the same arguments give the same sample.
-    `colour_weights` (`parse_colour_weights`) draws foregrounds of some colours more often than others."""
+    `colour_weights` (`parse_colour_weights`) draws foregrounds of some colours more often than others;
+    `foreground_fill` (`FOREGROUND_FILLS`) is what a foreground layer shows outside its cut."""
+    if foreground_fill not in FOREGROUND_FILLS:
+        raise ValueError(f"foreground fill {foreground_fill!r}: expected one of {', '.join(FOREGROUND_FILLS)}")
     mix = _check_layer_mix(DEFAULT_LAYER_MIX if layer_mix is None else layer_mix)
     rng = np.random.default_rng([seed, index])
     num_layers = int(rng.choice(list(mix), p=list(mix.values())))
@@ -212,7 +226,8 @@ def generate_sample(
     for (colour, _), mask in zip(chosen, masks):
         image[mask] = PALETTE[colour]
     masks = masks.astype(np.uint8) * 255
-    foregrounds = np.stack([cut_foreground(image, m) for m in masks])
+    fills = [surround(PALETTE[c], foreground_fill) for c, _ in chosen]
+    foregrounds = np.stack([cut_foreground(image, m, fill) for m, fill in zip(masks, fills)])
 
     fg_prompts = [foreground_prompt(c, s) for c, s in chosen]
     bg_prompt = background_prompt(bg_colour, pattern)

@@ -100,6 +100,7 @@ class SyntheticLayersConfig(tfds.core.BuilderConfig):
     num_test: int = 100
     layer_mix: dict[int, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_LAYER_MIX))
     colour_weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    foreground_fill: str = "black"
 
 
 class SyntheticLayers(_LayeredBuilder):
@@ -113,7 +114,9 @@ class SyntheticLayers(_LayeredBuilder):
     def _generate_examples(self, indices):
         c = self.builder_config
         for index in indices:
-            yield index, sample_to_example(generate_sample(c.seed, index, c.resolution, c.layer_mix, c.colour_weights))
+            yield index, sample_to_example(
+                generate_sample(c.seed, index, c.resolution, c.layer_mix, c.colour_weights, c.foreground_fill)
+            )
 
 
 @dataclasses.dataclass(eq=False)
@@ -171,6 +174,7 @@ def build_synthetic(
     seed: int = 0,
     layer_mix: dict[int, float] | None = None,
     colour_weights: dict[str, float] | None = None,
+    foreground_fill: str = "black",
 ) -> Path:
     """Builds the synthetic dataset under `out_dir`; returns the dataset folder (`.../1.0.0`)."""
     mix = dict(DEFAULT_LAYER_MIX if layer_mix is None else layer_mix)
@@ -183,8 +187,10 @@ def build_synthetic(
         num_test=num_test,
         layer_mix=mix,
         colour_weights=weights,
+        foreground_fill=foreground_fill,
         description=f"Synthetic layered shapes, {resolution}x{resolution}, seed {seed}, layer mix {mix}"
-        + (f", colour weights {weights}" if weights else ""),
+        + (f", colour weights {weights}" if weights else "")
+        + (f", foregrounds filled {foreground_fill}" if foreground_fill != "black" else ""),
     )
     return _prepare(SyntheticLayers(config=config, data_dir=os.fspath(out_dir), file_format="array_record"))
 
