@@ -2,7 +2,7 @@
 """Builds layered datasets (tfds, array_record) and writes synthetic samples for inspection.
 
   build_dataset.py synthetic --out DIR --num-train N --num-test M [--resolution 64] [--seed 0]
-                             [--layer-mix 2:0.34,3:0.33,4:0.33]
+                             [--layer-mix 2:0.34,3:0.33,4:0.33] [--foreground-fill black|contrast]
   build_dataset.py folder --samples DIR --out DIR [--skip-bad] [--name NAME]
   build_dataset.py export --out DIR --num N [--resolution 64] [--seed 0] [--layer-mix ...] [--overwrite]
   build_dataset.py grid --out docs/images/synthetic_samples.png [--num 4] [--resolution 160] [--seed 0]
@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from layerdiff_jax.cli import bad_samples, int_in, interrupted
 from layerdiff_jax.data.layers import DataError, write_sample_folder
-from layerdiff_jax.data.synthetic import DEFAULT_LAYER_MIX, generate_sample, parse_layer_mix
+from layerdiff_jax.data.synthetic import DEFAULT_LAYER_MIX, FOREGROUND_FILLS, generate_sample, parse_layer_mix
 from layerdiff_jax.data.tfds_builders import build_from_folders, build_synthetic, split_sizes
 from layerdiff_jax.data.visualize import sample_grid
 from layerdiff_jax.fileio import OutputFolderError, claim_output_folder
@@ -56,6 +56,12 @@ def _add_synthetic_args(p: argparse.ArgumentParser, resolution: int) -> None:
         type=parse_layer_mix,
         default=DEFAULT_LAYER_MIX,
         help="total layers (background included) and their weights, e.g. 2:0.34,3:0.33,4:0.33",
+    )
+    p.add_argument(
+        "--foreground-fill",
+        choices=FOREGROUND_FILLS,
+        default="black",
+        help="a foreground layer outside its object (its mask hides it): black, or white behind dark objects (contrast)",
     )
 
 
@@ -104,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             resolution=args.resolution,
             seed=args.seed,
             layer_mix=args.layer_mix,
+            foreground_fill=args.foreground_fill,
         ))
     elif args.command == "folder":
         try:
@@ -122,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with claim_output_folder(args.out, tool="build_dataset.py export", overwrite=args.overwrite) as record:
                 for index in tqdm(range(args.num), desc="samples"):
-                    sample = generate_sample(args.seed, index, args.resolution, args.layer_mix)
+                    sample = generate_sample(args.seed, index, args.resolution, args.layer_mix, foreground_fill=args.foreground_fill)
                     name = f"sample_{index:05d}"
                     record.add(name)
                     write_sample_folder(sample, args.out / name)
@@ -135,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             return interrupted("", written, "sample folder(s)", args.out)
         print(f"wrote {written} sample folders to {args.out}")
     elif args.command == "grid":
-        samples = [generate_sample(args.seed, i, args.resolution, args.layer_mix) for i in range(args.num)]
+        samples = [
+            generate_sample(args.seed, i, args.resolution, args.layer_mix, foreground_fill=args.foreground_fill)
+            for i in range(args.num)
+        ]
         args.out.parent.mkdir(parents=True, exist_ok=True)
         sample_grid(samples, cell=args.resolution).save(args.out)
         print(f"wrote {args.out}")

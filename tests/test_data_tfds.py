@@ -8,7 +8,7 @@ import PIL.Image
 import pytest
 from script_support import load_script
 
-from layerdiff_jax.data.layers import DataError, list_sample_folders, write_sample_folder
+from layerdiff_jax.data.layers import DataError, dilate_mask, list_sample_folders, write_sample_folder
 from layerdiff_jax.data.synthetic import generate_sample
 from layerdiff_jax.data.tfds_builders import (
     build_from_folders,
@@ -123,6 +123,18 @@ def test_build_script(tmp_path, capsys):
     assert "examples: train 6, test 2" in capsys.readouterr().out
     source = open_data_source(tmp_path / "syn")
     assert {record_to_sample(source[i]).num_layers for i in range(len(source))} == {2}
+
+    args = ["synthetic", "--out", str(tmp_path / "contrast"), "--num-train", "20", "--num-test", "0", "--resolution", "32",
+            "--layer-mix", "4:1", "--foreground-fill", "contrast"]  # fmt: skip
+    assert script.main(args) == 0
+    source = open_data_source(tmp_path / "contrast")
+    surrounds = {}  # layer prompt's colour -> colours outside every mask
+    for i in range(len(source)):
+        sample = record_to_sample(source[i])
+        for prompt, fg, mask in zip(sample.layer_prompts[1:], sample.foregrounds, sample.masks):
+            outside = dilate_mask(mask) == 0
+            surrounds.setdefault(prompt.split()[1] == "black", set()).update(map(tuple, fg[outside]))
+    assert surrounds == {True: {(255, 255, 255)}, False: {(0, 0, 0)}}
 
     grid = tmp_path / "grid.png"
     assert script.main(["grid", "--out", str(grid), "--num", "3", "--resolution", "32"]) == 0
