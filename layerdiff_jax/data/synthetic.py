@@ -44,7 +44,7 @@ def darker(colour: tuple[int, int, int]) -> tuple[int, int, int]:
 
 def surround(colour: tuple[int, int, int], foreground_fill: str) -> tuple[int, int, int]:
     """What a foreground layer of an object in `colour` shows outside its cut (`FOREGROUND_FILLS`)."""
-    luma = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]  # ITU-R 601, as elsewhere here
+    luma = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]  # ITU-R 601, the weights of PIL's greyscale
     return (255, 255, 255) if foreground_fill == "contrast" and luma < DARK_LUMA else (0, 0, 0)
 
 
