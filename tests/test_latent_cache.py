@@ -2,7 +2,7 @@
 
 The end-to-end test trains the micro SD for a few steps with and without the cache from the same seed: the step
 sees the same latents either way, so the losses agree to float32 rounding (the VAE runs in its own jitted program
-rather than inside the step, which may order its sums differently).
+rather than inside the step, which may order its sums differently); the cached run then resumes for more steps.
 """
 
 import json
@@ -33,6 +33,11 @@ def test_training_on_cached_latents_is_training_on_the_vaes_latents(tmp_path):
         losses[cached] = _losses(workdir)
     assert len(losses[True]) == 12
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
+
+    # A run with the cache resumes from its checkpoint (the loader's position included) for more steps.
+    config.train.num_steps = 14
+    result = train(config, workdir)
+    assert result.step == 14 and len(_losses(workdir)) == 14
 
 
 def _batch(keys, rng):

@@ -55,6 +55,9 @@ class KeyedSource(grain.RandomAccessDataSource):
     def __getitem__(self, key: int) -> dict[str, Any]:
         return {**self.source[key], RECORD_KEY: key}
 
+    def __repr__(self) -> str:  # grain checks a checkpoint's data position against the source's repr on resume
+        return f"KeyedSource({self.source!r})"
+
 
 class ToLayerArrays(grain.MapTransform):
     """A decoded record -> the padded per-sample arrays of a batch (see the module docstring)."""
