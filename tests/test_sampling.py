@@ -91,6 +91,19 @@ def test_generate_compiles_once_per_shape(pipe, checkpoint):
         np.testing.assert_array_equal(a.masks, b.masks)
 
 
+def test_decode_is_the_vae_on_each_layers_image_and_mask_latents(pipe):
+    """The decode program goes one layer at a time; each layer's image and mask come out as the VAE decodes them."""
+    h = w = SIZE // pipe.vae_factor
+    latents = jax.random.normal(jax.random.key(0), (2, 3, h, w, 8))
+    images, masks = pipe.decode(latents)
+    assert images.shape == (2, 3, SIZE, SIZE, 3) and masks.shape == (2, 3, SIZE, SIZE)
+    for layer in range(3):
+        image_lat, mask_lat = latents[:, layer, ..., :4], latents[:, layer, ..., 4:]
+        image, mask = (pipe.vae.apply({"params": pipe.params["vae"]}, x, method=pipe.vae.decode_latents) for x in (image_lat, mask_lat))
+        np.testing.assert_allclose(images[:, layer], np.clip((image + 1) / 2, 0, 1), atol=1e-5)
+        np.testing.assert_allclose(masks[:, layer], np.clip((mask + 1) / 2, 0, 1).mean(-1), atol=1e-5)
+
+
 def test_padding_layers_do_not_change_a_request(pipe):
     """A 2-layer request padded to 3 layers (next to a 3-layer one) samples as it does alone."""
     ts = ddim_timesteps(STEPS)

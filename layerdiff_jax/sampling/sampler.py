@@ -237,13 +237,17 @@ def _denoise_program(unet: LayerDiffUNet, text_encoder: CLIPTextTransformer, eta
 
 
 def _decode_program(vae: AutoencoderKL):
-    def run(params, latents):
-        batch, num_layers, h, w, c = latents.shape
-        image_lat, mask_lat = jnp.split(latents.reshape(batch * num_layers, h, w, c), 2, axis=-1)
+    def decode_layer(params, latents):  # (B, h, w, 8): one layer of every sample, its image and its mask together
+        image_lat, mask_lat = jnp.split(latents, 2, axis=-1)
         decoded = vae.apply({"params": params["vae"]}, jnp.concatenate([image_lat, mask_lat]), method=AutoencoderKL.decode_latents)
         images, masks = jnp.split(to_unit(decoded), 2)
-        size = images.shape[1:3]
-        return images.reshape(batch, num_layers, *size, 3), masks.mean(-1).reshape(batch, num_layers, *size)
+        return images, masks.mean(-1)
+
+    def run(params, latents):
+        # One layer at a time (the layer axis is never sharded): at 512x512 the VAE decoder's activations for every
+        # layer of a batch at once outgrow the denoise program's, and would cap the batch a chip can sample.
+        images, masks = jax.lax.map(lambda x: decode_layer(params, x), jnp.moveaxis(latents, 1, 0))
+        return jnp.moveaxis(images, 0, 1), jnp.moveaxis(masks, 0, 1)
 
     return run
 
