@@ -45,12 +45,19 @@ def classifier_free_guidance(eps_cond: jax.Array, eps_uncond: jax.Array, scale: 
     return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
+def _pair_rows(a: jax.Array, b: jax.Array) -> jax.Array:
+    """(B, ...) and (B, ...) -> (2B, ...) with rows a[0], b[0], a[1], b[1], ..."""
+    return jnp.stack([a, b], axis=1).reshape(-1, *jnp.shape(a)[1:])
+
+
 def guided_model_fn(apply_fn: ApplyFn, cond: Any, uncond: Any, scale: float) -> ModelFn:
     """Turns a conditional model into a guided ``model_fn(x, t)`` for ``ddim_sample``.
 
     ``apply_fn(x, t, conditions) -> eps``; ``cond`` / ``uncond`` are pytrees of the same structure whose
     leaves have the batch size of x as their leading axis. Conditional and unconditional branches run
-    as ONE model call on the batch ``[x; x]`` (halves split afterwards), as in diffusers' pipelines.
+    as ONE model call, as in diffusers' pipelines, on a batch of 2 x B rows in which each sample's two rows
+    are neighbours: where the batch is sharded, a sample's branches stay on its device (``[x; x]`` would put
+    the unconditional half on other devices and move it there and back at every step).
     Build it inside the jitted sampling function so the conditions are traced, not baked-in constants.
     """
     if jax.tree.structure(cond) != jax.tree.structure(uncond):
@@ -67,8 +74,8 @@ def guided_model_fn(apply_fn: ApplyFn, cond: Any, uncond: Any, scale: float) -> 
         for leaf in jax.tree.leaves(cond):
             if jnp.shape(leaf)[:1] != (batch,):
                 raise ValueError(f"condition leaf shape {jnp.shape(leaf)} must lead with batch {batch}")
-        both = jax.tree.map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
-        eps = apply_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
-        return classifier_free_guidance(eps[:batch], eps[batch:], scale)
+        both = jax.tree.map(_pair_rows, cond, uncond)
+        eps = apply_fn(_pair_rows(x, x), _pair_rows(t, t), both).reshape(batch, 2, *x.shape[1:])
+        return classifier_free_guidance(eps[:, 0], eps[:, 1], scale)
 
     return model_fn

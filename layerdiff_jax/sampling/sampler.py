@@ -238,10 +238,13 @@ def _denoise_program(unet: LayerDiffUNet, text_encoder: CLIPTextTransformer, eta
 
 def _decode_program(vae: AutoencoderKL):
     def decode_layer(params, latents):  # (B, h, w, 8): one layer of every sample, its image and its mask together
-        image_lat, mask_lat = jnp.split(latents, 2, axis=-1)
-        decoded = vae.apply({"params": params["vae"]}, jnp.concatenate([image_lat, mask_lat]), method=AutoencoderKL.decode_latents)
-        images, masks = jnp.split(to_unit(decoded), 2)
-        return images, masks.mean(-1)
+        batch, h, w, c = latents.shape
+        # (B, h, w, 2, 4) -> (2B, h, w, 4): each sample's image and mask latents are neighbouring rows, so where the
+        # batch is sharded they stay on the sample's device.
+        pairs = latents.reshape(batch, h, w, 2, c // 2).transpose(0, 3, 1, 2, 4).reshape(2 * batch, h, w, c // 2)
+        decoded = to_unit(vae.apply({"params": params["vae"]}, pairs, method=AutoencoderKL.decode_latents))
+        decoded = decoded.reshape(batch, 2, *decoded.shape[1:])
+        return decoded[:, 0], decoded[:, 1].mean(-1)
 
     def run(params, latents):
         # One layer at a time (the layer axis is never sharded): at 512x512 the VAE decoder's activations for every
