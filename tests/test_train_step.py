@@ -9,10 +9,10 @@ from train_support import WIDTH, random_params
 from layerdiff_jax.diffusion.schedules import make_schedule
 from layerdiff_jax.models.layerdiff import LayerDiffConfig, LayerDiffUNet
 from layerdiff_jax.models.unet import UNetConfig
-from layerdiff_jax.models.vae import AutoencoderKL, VAEConfig
+from layerdiff_jax.models.vae import AutoencoderKL, VAEConfig, encode_layers
 from layerdiff_jax.training.config import base_config
 from layerdiff_jax.training.state import learning_rate_schedule
-from layerdiff_jax.training.step import FrozenEncoders, diffusion_loss, drop_prompts, encode_latents
+from layerdiff_jax.training.step import diffusion_loss, drop_prompts
 
 RNG = np.random.default_rng(0)
 
@@ -22,7 +22,7 @@ def test_latents_are_image_then_mask_per_layer():
     params = random_params(vae, (jnp.zeros((1, 4, 4, 3)),), RNG)
     images = RNG.uniform(-1, 1, (2, 3, 8, 8, 3)).astype(np.float32)
     masks = RNG.uniform(0, 1, (2, 3, 8, 8, 1)).astype(np.float32)
-    latents = np.asarray(encode_latents(FrozenEncoders(vae, None), params, images, masks, rng=None))
+    latents = np.asarray(encode_layers(vae, params, images, masks))
     assert latents.shape == (2, 3, 4, 4, 8)
     encode = lambda x: np.asarray(vae.apply({"params": params}, x, method=AutoencoderKL.encode_latents))  # noqa: E731
     for b in range(2):

@@ -49,7 +49,7 @@ from layerdiff_jax.diffusion.settings import (
 from layerdiff_jax.mesh import BATCH_AXES, REPLICATED, batch_sharding, batch_size_divisor, batch_spec, gather_to_host, local_rows
 from layerdiff_jax.models.clip_text import CLIPTextTransformer
 from layerdiff_jax.models.layerdiff import LayerDiffUNet
-from layerdiff_jax.models.vae import AutoencoderKL
+from layerdiff_jax.models.vae import AutoencoderKL, encode_layers
 
 DEFAULT_BACKGROUND_PROMPT = BACKGROUND_NEGATIVE  # the paper's p_0 = "the background" unless described
 DEFAULT_IMAGE_SIZE = 256  # the paper's training resolution, when the checkpoint does not record one
@@ -289,11 +289,7 @@ def decode_program(vae: AutoencoderKL, mesh: Mesh | None):
 
 def _encode_program(vae: AutoencoderKL):
     def run(params, images, masks):
-        batch, num_layers, h, w, _ = images.shape
-        pixels = jnp.concatenate([images.reshape(-1, h, w, 3), jnp.repeat(masks.reshape(-1, h, w, 1), 3, axis=-1)])
-        latents = vae.apply({"params": params["vae"]}, pixels * 2.0 - 1.0, method=AutoencoderKL.encode_latents)
-        image_lat, mask_lat = jnp.split(latents, 2)
-        return jnp.concatenate([image_lat, mask_lat], axis=-1).reshape(batch, num_layers, *latents.shape[1:3], -1)
+        return encode_layers(vae, params["vae"], images * 2.0 - 1.0, masks[..., None])
 
     return run
 

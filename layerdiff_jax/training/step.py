@@ -43,7 +43,7 @@ from layerdiff_jax.mesh import BATCH_AXES, mesh_rules
 from layerdiff_jax.models.clip_text import CLIPTextTransformer
 from layerdiff_jax.models.layerdiff import LayerDiffUNet
 from layerdiff_jax.models.text_to_image import TextToImageModel
-from layerdiff_jax.models.vae import AutoencoderKL
+from layerdiff_jax.models.vae import AutoencoderKL, encode_layers
 from layerdiff_jax.training.latent_cache import LATENTS
 from layerdiff_jax.training.state import TrainState, learning_rate_schedule
 
@@ -61,16 +61,6 @@ class FrozenEncoders:
 def scheduler_from_config(diffusion: ml_collections.ConfigDict) -> SchedulerConfig:
     """The training config's schedule and prediction type, as the model folder records them for sampling."""
     return SchedulerConfig(**{f.name: diffusion[f.name] for f in dataclasses.fields(SchedulerConfig)})
-
-
-def encode_latents(encoders: FrozenEncoders, vae_params, images, masks, rng: jax.Array | None) -> jax.Array:
-    """images (B,L,H,W,3) in [-1,1], masks (B,L,H,W,1) in [0,1] -> latents (B,L,h,w,2C): image ++ mask."""
-    batch, num_layers, height, width, _ = images.shape
-    pixels = jnp.stack([images, jnp.repeat(masks, 3, axis=-1) * 2.0 - 1.0], axis=2)  # samples stay outermost
-    pixels = pixels.reshape(batch * num_layers * 2, height, width, 3)
-    z = encoders.vae.apply({"params": vae_params}, pixels, rng, method=AutoencoderKL.encode_latents)
-    z = z.reshape(batch, num_layers, 2, *z.shape[1:])
-    return jnp.concatenate([z[:, :, 0], z[:, :, 1]], axis=-1)
 
 
 def encode_prompts(encoders: FrozenEncoders, text_params, global_ids, layer_ids) -> tuple[jax.Array, jax.Array]:
@@ -144,8 +134,8 @@ def layerdiff_micro_loss(model: LayerDiffUNet, encoders: FrozenEncoders, config:
         if LATENTS in micro_batch:  # encoded on the host by the trainer's LatentCache
             latents = micro_batch[LATENTS]
         else:
-            latents = encode_latents(
-                encoders, frozen["vae"], micro_batch["images"], micro_batch["masks"], k_latent if train.sample_posterior else None
+            latents = encode_layers(
+                encoders.vae, frozen["vae"], micro_batch["images"], micro_batch["masks"], k_latent if train.sample_posterior else None
             )
         global_context, layer_context = encode_prompts(encoders, frozen["text_encoder"], micro_batch["global_ids"], micro_batch["layer_ids"])
         global_context, layer_context = drop_prompts(

@@ -46,6 +46,7 @@ from layerdiff_jax.data.tokenizer import load_tokenizer
 from layerdiff_jax.fileio import OutputFolderError, folder_lock
 from layerdiff_jax.mesh import gather_to_host, global_batch, make_mesh, put_global
 from layerdiff_jax.models.layerdiff import init_from_sd
+from layerdiff_jax.models.vae import encode_layers
 from layerdiff_jax.toy import make_toy_sd
 from layerdiff_jax.training.autoencoder import VAEFitConfig, fit_toy_vae
 from layerdiff_jax.training.checkpoint import Checkpointer, StopRequest
@@ -65,7 +66,7 @@ from layerdiff_jax.training.samples import data_requests, write_sample_grid
 from layerdiff_jax.training.latent_cache import LatentCache, cache_bytes, check_fits
 from layerdiff_jax.training.program import ModelConfigs, build_train_program
 from layerdiff_jax.training.state import state_initializer
-from layerdiff_jax.training.step import FrozenEncoders, encode_latents, scheduler_from_config
+from layerdiff_jax.training.step import scheduler_from_config
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +158,7 @@ def _latent_cache(config: ml_collections.ConfigDict, program, vae_params, num_re
     side = config.data.resolution // vae.config.downsample_factor
     channels = 2 * vae.config.latent_channels
     check_fits(cache_bytes(num_records, config.model.layerdiff.max_layers, side, channels, np.float32), f"{num_records} records")
-    encoders = FrozenEncoders(vae, program.text_encoder)
-    return LatentCache(lambda params, images, masks: encode_latents(encoders, params, images, masks, None), vae_params)
+    return LatentCache(lambda params, images, masks: encode_layers(vae, params, images, masks), vae_params)
 
 
 def _time_limit(train_cfg: ml_collections.ConfigDict, log_every: int):
