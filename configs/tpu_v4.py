@@ -10,8 +10,9 @@ slice (FSDP), which compiled for a v4-32 holds 5.2 GiB per chip where 4-way FSDP
 so 32 on a v4-32 as the paper trains, without accumulation. bfloat16 activations, float32 master weights and an
 EMA of them; UNet blocks rematerialised. What to expect, compiled ahead of time (`python scripts/compile_aot.py
 train --config configs/tpu_v4.py --slice v4-32`): 5.2 GiB per chip of a v4 chip's 32 GiB on a v4-32 (1.1 GiB of
-arguments: the sharded train state and frozen encoders, 4.1 GiB of temporaries); the workdir must be shared by all
-hosts (a GCS bucket); the model folder is written to <workdir>/model by process 0.
+arguments: the sharded train state and frozen encoders, 4.1 GiB of temporaries), 8.2 on a v4-8, 5.3 on a v4-128; on
+a v5e-256 with `--config.mesh.shape=(-1,64,1)` (256-way FSDP would not divide SD's kernels) 4.9 of a v5e chip's 16.
+The workdir must be shared by all hosts (a GCS bucket); the model folder is written to <workdir>/model by process 0.
 """
 
 from configs import sd15_256
