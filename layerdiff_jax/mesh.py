@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -80,6 +81,13 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh | jax.sharding.AbstractMesh) -
         shapes,
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
+
+
+def interleave_rows(a: jax.Array, b: jax.Array) -> jax.Array:
+    """(N, ...) and (N, ...) -> (2N, ...) with rows a[0], b[0], a[1], b[1], ...: one batch for one model call in which
+    row i's two versions are neighbours, so where the batch is split over devices they stay on row i's device
+    (concatenating [a; b] along a split axis would move b's rows to other devices)."""
+    return jnp.stack([a, b], axis=1).reshape(-1, *a.shape[1:])
 
 
 def batch_spec(sample_axis: int = 0) -> PartitionSpec:

@@ -105,7 +105,6 @@ def test_the_sampler_programs_compile_for_a_slice():
         assert program.memory.total > 0 and program.jaxpr_flops > 0
         # Parameters are replicated and each sample's rows stay on its chip (guidance pairs a sample's conditional and
         # unconditional rows, decode its image and mask latents): a data-parallel program moves nothing between chips.
-        # (Concatenating [x; x] along the split batch axis cost 15 all-to-alls and 36 collective-permutes here.)
         assert {kind: total.count for kind, total in program.collectives.kinds.items() if total.count} == {}
     assert (denoise.name, decode.name) == ("denoise", "decode")
     assert [trips for _, trips in denoise.collectives.loops] == [3]  # the DDIM scan, read from the HLO

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from layerdiff_jax.diffusion.ddim import ModelFn
 from layerdiff_jax.diffusion.settings import BACKGROUND_PROMPT
+from layerdiff_jax.mesh import interleave_rows
 
 BACKGROUND_NEGATIVE = BACKGROUND_PROMPT
 # Foreground phrases are joined like a CLIP prompt list ("a cat, a red ball"): a comma keeps each
@@ -45,19 +46,13 @@ def classifier_free_guidance(eps_cond: jax.Array, eps_uncond: jax.Array, scale: 
     return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
-def _pair_rows(a: jax.Array, b: jax.Array) -> jax.Array:
-    """(B, ...) and (B, ...) -> (2B, ...) with rows a[0], b[0], a[1], b[1], ..."""
-    return jnp.stack([a, b], axis=1).reshape(-1, *jnp.shape(a)[1:])
-
-
 def guided_model_fn(apply_fn: ApplyFn, cond: Any, uncond: Any, scale: float) -> ModelFn:
     """Turns a conditional model into a guided ``model_fn(x, t)`` for ``ddim_sample``.
 
     ``apply_fn(x, t, conditions) -> eps``; ``cond`` / ``uncond`` are pytrees of the same structure whose
     leaves have the batch size of x as their leading axis. Conditional and unconditional branches run
-    as ONE model call, as in diffusers' pipelines, on a batch of 2 x B rows in which each sample's two rows
-    are neighbours: where the batch is sharded, a sample's branches stay on its device (``[x; x]`` would put
-    the unconditional half on other devices and move it there and back at every step).
+    as ONE model call, as in diffusers' pipelines, on a batch in which each sample's two rows are neighbours
+    (`mesh.interleave_rows`): where the batch is sharded, a sample's branches stay on its device.
     Build it inside the jitted sampling function so the conditions are traced, not baked-in constants.
     """
     if jax.tree.structure(cond) != jax.tree.structure(uncond):
@@ -74,8 +69,8 @@ def guided_model_fn(apply_fn: ApplyFn, cond: Any, uncond: Any, scale: float) -> 
         for leaf in jax.tree.leaves(cond):
             if jnp.shape(leaf)[:1] != (batch,):
                 raise ValueError(f"condition leaf shape {jnp.shape(leaf)} must lead with batch {batch}")
-        both = jax.tree.map(_pair_rows, cond, uncond)
-        eps = apply_fn(_pair_rows(x, x), _pair_rows(t, t), both).reshape(batch, 2, *x.shape[1:])
+        both = jax.tree.map(interleave_rows, cond, uncond)
+        eps = apply_fn(interleave_rows(x, x), interleave_rows(t, t), both).reshape(batch, 2, *x.shape[1:])
         return classifier_free_guidance(eps[:, 0], eps[:, 1], scale)
 
     return model_fn

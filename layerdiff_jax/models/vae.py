@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from layerdiff_jax.mesh import interleave_rows
 from layerdiff_jax.models import layers
 from layerdiff_jax.models.attention import Attention
 from layerdiff_jax.models.config_types import check_field_types
@@ -235,11 +236,11 @@ class Decoder(nn.Module):
 def encode_layers(vae: "AutoencoderKL", params, images: jax.Array, masks: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     """Layered samples -> LayerDiff's latents: images (B, L, H, W, 3) in [-1, 1] and masks (B, L, H, W, 1) in [0, 1]
     -> (B, L, h, w, 2C), each layer's image latent then its mask latent (the mask repeated to 3 channels, as SD
-    encodes masks). Samples stay the outermost axis of the VAE's batch, so a batch split over devices is encoded
-    where it lies."""
+    encodes masks). A layer's image and mask are neighbouring rows of the VAE's batch, so a batch split over devices
+    is encoded where it lies."""
     batch, num_layers, height, width, _ = images.shape
-    pixels = jnp.stack([images, jnp.repeat(masks, 3, axis=-1) * 2.0 - 1.0], axis=2)
-    pixels = pixels.reshape(batch * num_layers * 2, height, width, 3)
+    rows = (batch * num_layers, height, width, 3)
+    pixels = interleave_rows(images.reshape(rows), (jnp.repeat(masks, 3, axis=-1) * 2.0 - 1.0).reshape(rows))
     z = vae.apply({"params": params}, pixels, rng, method=AutoencoderKL.encode_latents)
     z = z.reshape(batch, num_layers, 2, *z.shape[1:])
     return jnp.concatenate([z[:, :, 0], z[:, :, 1]], axis=-1)

@@ -46,7 +46,9 @@ from layerdiff_jax.diffusion.settings import (
     check_prompt,
     check_sampling_settings,
 )
-from layerdiff_jax.mesh import BATCH_AXES, REPLICATED, batch_sharding, batch_size_divisor, batch_spec, gather_to_host, local_rows
+from layerdiff_jax.mesh import (
+    BATCH_AXES, REPLICATED, batch_sharding, batch_size_divisor, batch_spec, gather_to_host, interleave_rows, local_rows,
+)
 from layerdiff_jax.models.clip_text import CLIPTextTransformer
 from layerdiff_jax.models.layerdiff import LayerDiffUNet
 from layerdiff_jax.models.vae import AutoencoderKL, encode_layers
@@ -238,12 +240,9 @@ def _denoise_program(unet: LayerDiffUNet, text_encoder: CLIPTextTransformer, eta
 
 def _decode_program(vae: AutoencoderKL):
     def decode_layer(params, latents):  # (B, h, w, 8): one layer of every sample, its image and its mask together
-        batch, h, w, c = latents.shape
-        # (B, h, w, 2, 4) -> (2B, h, w, 4): each sample's image and mask latents are neighbouring rows, so where the
-        # batch is sharded they stay on the sample's device.
-        pairs = latents.reshape(batch, h, w, 2, c // 2).transpose(0, 3, 1, 2, 4).reshape(2 * batch, h, w, c // 2)
+        pairs = interleave_rows(*jnp.split(latents, 2, axis=-1))
         decoded = to_unit(vae.apply({"params": params["vae"]}, pairs, method=AutoencoderKL.decode_latents))
-        decoded = decoded.reshape(batch, 2, *decoded.shape[1:])
+        decoded = decoded.reshape(latents.shape[0], 2, *decoded.shape[1:])
         return decoded[:, 0], decoded[:, 1].mean(-1)
 
     def run(params, latents):
