@@ -3,6 +3,7 @@
 
   python scripts/compile_aot.py --list-slices
   python scripts/compile_aot.py train --config configs/tpu_v4.py --slice v4-32 [--batch-per-chip 2] [--find-max-batch]
+  python scripts/compile_aot.py train --config configs/shapes_cpu.py --slice v4-8 --profile-compile /tmp/trace
   python scripts/compile_aot.py sample --slice v5e-256 --size 512 --layers 4 --steps 50 [--config ...] [--find-max-batch]
 
 No TPU is needed: libtpu (pip install -e ".[tpu]") describes the slice, and XLA:TPU compiles for it here
@@ -14,7 +15,8 @@ every chip. The components' architectures are config.model.sd_path's when that f
 
 Prints one table: per-chip memory against HBM, FLOPs, collectives, ideal times at the chips' peak rates (estimates,
 not measurements), compile time; --json PATH writes it all. --find-max-batch compiles candidates to find the largest
-batch per chip that fits. A compile of SD-1.5-size programs takes minutes and ~20 GB of host memory per candidate.
+batch per chip that fits. A compile of SD-1.5-size programs takes minutes and ~20 GB of host memory per candidate;
+--profile-compile DIR traces it and prints where that time went (layerdiff_jax/aot/compile_profile.py).
 
 Exit status: 0 when the programs fit; 1 when they do not (the line names the bytes over and, with --find-max-batch,
 the largest batch that fits) or do not compile for the slice (the line says why); 2 on bad input, refused before
@@ -41,6 +43,9 @@ _LIST = flags.DEFINE_bool("list-slices", False, "list the known slices and their
 _BATCH = flags.DEFINE_integer("batch-per-chip", None, "samples per chip (train: per micro-batch); default the config's (train), 1 (sample)", lower_bound=1)
 _FIND = flags.DEFINE_bool("find-max-batch", False, "compile candidates to find the largest batch per chip that fits")
 _JSON = flags.DEFINE_string("json", None, "write the report as JSON to this file")
+_PROFILE = flags.DEFINE_string(
+    "profile-compile", None, "trace the compile into this folder and print where its time went (phases, slowest instructions)"
+)
 _SIZE = flags.DEFINE_integer("size", None, "sample: image side in pixels (default: the config's data.resolution, else 512)", lower_bound=1)
 _LAYERS = flags.DEFINE_integer("layers", None, "sample: layers, background included (default: the model's max_layers)", lower_bound=1)
 _STEPS = flags.DEFINE_integer("steps", 50, "sample: DDIM steps", lower_bound=1)
@@ -134,6 +139,8 @@ def run(command: str) -> int:
         raise BadInput(f"{command} needs --slice (--list-slices lists them)")
     if _JSON.value and not Path(_JSON.value).absolute().parent.is_dir():
         raise BadInput(f"--json {_JSON.value}: its folder does not exist")
+    if _PROFILE.value and Path(_PROFILE.value).exists() and not Path(_PROFILE.value).is_dir():
+        raise BadInput(f"--profile-compile {_PROFILE.value}: not a folder")
     try:
         s = get_slice(_SLICE.value)
         config = _config(required=command == "train")
@@ -151,6 +158,26 @@ def run(command: str) -> int:
 
 
 def _compile(command, s, settings, batch, compile_at, samples_per_batch, unit) -> int:
+    from layerdiff_jax.aot import compile_profile
+
+    if not _PROFILE.value:
+        return _compile_and_report(command, s, settings, batch, compile_at, samples_per_batch, unit)
+    sources: dict[str, str] = {}
+
+    def compile_at_noting_sources(b: int):
+        programs = compile_at(b)
+        for p in programs:
+            sources.update(p.op_names)
+        return programs
+
+    with compile_profile.traced(_PROFILE.value):
+        status = _compile_and_report(command, s, settings, batch, compile_at_noting_sources, samples_per_batch, unit)
+    print(f"\nwhere the compile went (trace in {_PROFILE.value}, opens in Perfetto):")
+    print("\n".join(compile_profile.summary(_PROFILE.value, sources).lines()))
+    return status
+
+
+def _compile_and_report(command, s, settings, batch, compile_at, samples_per_batch, unit) -> int:
     from layerdiff_jax.aot.analysis import DoesNotFit, peak_rss_bytes
     from layerdiff_jax.aot.fit import largest_batch
     from layerdiff_jax.aot.report import Report, table

@@ -12,7 +12,7 @@ import sys
 import pytest
 from train_support import REPO, WIDTH, subprocess_env
 
-from layerdiff_jax.aot import slices
+from layerdiff_jax.aot import compile_profile, slices
 from layerdiff_jax.aot.analysis import DoesNotFit
 from layerdiff_jax.aot.fit import largest_batch
 from layerdiff_jax.aot.hlo import collectives
@@ -69,9 +69,7 @@ def test_memory_statistics_are_positive_and_arguments_fall_with_fsdp(fsdp_steps)
     assert arguments[0] > arguments[1] > arguments[2], arguments
 
 
-def test_collectives_none_on_one_chip_some_with_fsdp(fsdp_steps):
-    one_chip = compile_train("v5e-1", 1)
-    assert one_chip.collectives.count == 0 and one_chip.collectives.bytes_per_chip == 0
+def test_collectives_some_with_fsdp(fsdp_steps):  # none on one chip: the next test
     for step in fsdp_steps.values():
         assert step.collectives.kinds["all-gather"].count > 0  # the parameters, gathered for use
         assert step.collectives.bytes_per_chip > 0
@@ -86,6 +84,20 @@ def test_splash_attention_compiles_on_a_sharded_batch():
     # A Pallas kernel is not partitioned by XLA: it runs per batch shard (shard_map), or the compile fails.
     step = compile_train("v4-8", 4, attention="splash")
     assert step.memory.total > 0 and step.collectives.kinds["all-gather"].count > 0
+
+
+def test_one_chip_compile_profiled_no_collectives(tmp_path):
+    compiler = TrainCompiler.create(micro_config(), slices.get_slice("v5e-1"), MICRO)  # libtpu set up before tracing
+    with compile_profile.traced(tmp_path):
+        step = compiler.compile(1)
+    assert step.collectives.count == 0 and step.collectives.bytes_per_chip == 0
+    found = compile_profile.summary(tmp_path, step.op_names, count=5)
+    assert set(found.phases_s) == set(compile_profile.PHASES.values()) and all(s > 0 for s in found.phases_s.values())
+    assert found.instructions_emitted > 10 and len(found.slowest) == 5
+    seconds = [s for _, s, _ in found.slowest]
+    assert seconds == sorted(seconds, reverse=True) and seconds[0] > 0
+    assert any("LayerDiffUNet" in source for _, _, source in found.slowest), found.slowest  # instructions traced to the model
+    assert found.lines()[0].startswith("compile phases: HLO passes ")
 
 
 def test_an_oversized_batch_does_not_fit_in_one_line():
@@ -230,6 +242,8 @@ def _cli(*args):
         (["train", "--config=configs/shapes_cpu.py", "--slice=v4-8", "--config.mesh.shape=(3,1,1)"],
          "compile_aot.py: config.mesh.shape=(3, 1, 1) does not divide the 4 chips of v4-8"),
         (["train", "--slice=v4-8"], "compile_aot.py: train needs --config"),
+        (["train", "--config=configs/shapes_cpu.py", "--slice=v4-8", "--profile-compile=README.md"],
+         "compile_aot.py: --profile-compile README.md: not a folder"),
         (["deploy", "--slice=v4-8"], "compile_aot.py: give one command, train or sample"),
     ],
 )

@@ -22,6 +22,7 @@ import resource
 import time
 from typing import Any
 
+from layerdiff_jax.aot.compile_profile import op_names
 from layerdiff_jax.aot.hlo import Collectives, collectives
 from layerdiff_jax.aot.slices import GiB, Slice
 from layerdiff_jax.bench.measure import jaxpr_matmul_flops
@@ -101,6 +102,7 @@ class CompiledProgram:
     xla_bytes_accessed: float | None  # per chip, loop bodies once
     collectives: Collectives
     compile_s: float  # tracing, lowering and compiling
+    op_names: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)  # HLO instruction -> JAX operation
 
     def estimate(self, s: Slice) -> Estimate:
         flops = self.jaxpr_flops / s.chips if self.jaxpr_flops is not None else self.xla_flops
@@ -155,9 +157,10 @@ def compile_program(name: str, trace, s: Slice) -> CompiledProgram:
     cost = compiled.cost_analysis() or {}
     if isinstance(cost, list):  # older jax: one dict per computation
         cost = cost[0] if cost else {}
+    hlo = compiled.as_text()
     return CompiledProgram(
         name, memory, jaxpr_matmul_flops(traced.jaxpr), cost.get("flops"), cost.get("bytes accessed"),
-        collectives(compiled.as_text()), compile_s,
+        collectives(hlo), compile_s, op_names(hlo),
     )
 
 
