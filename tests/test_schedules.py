@@ -11,6 +11,7 @@ from layerdiff_jax.diffusion.schedules import (
     SchedulerConfig,
     add_noise,
     make_schedule,
+    min_snr_weight,
     sample_noise,
     sample_timesteps,
     training_target,
@@ -114,6 +115,22 @@ def test_training_target_matches_diffusers(prediction_type):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="prediction_type"):
         training_target(make_schedule(), jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t), "velocity")
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weight_matches_diffusers(prediction_type):
+    from diffusers.training_utils import compute_snr
+
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    t = np.array([[0, 100, 500], [700, 999, 17]], np.int32)
+    snr = compute_snr(ref, torch.from_numpy(t).long()).numpy()
+    # diffusers' train_text_to_image.py: min(snr, gamma), divided by snr (epsilon) or snr + 1 (v_prediction).
+    x0_weight = np.minimum(snr, 5.0)
+    want = {"epsilon": x0_weight / snr, "v_prediction": x0_weight / (snr + 1), "sample": x0_weight}[prediction_type]
+    got = np.asarray(min_snr_weight(make_schedule(), jnp.asarray(t), prediction_type, 5.0))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert got.min() < 0.99  # some timestep is weighted down
+    np.testing.assert_array_equal(np.asarray(min_snr_weight(make_schedule(), jnp.asarray(t), prediction_type, 0.0)), 1.0)
 
 
 def test_scheduler_config_is_a_diffusers_ddim_config():

@@ -147,6 +147,23 @@ def training_target(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, t:
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
+def min_snr_weight(schedule: NoiseSchedule, t: jax.Array, prediction_type: str, gamma: float) -> jax.Array:
+    """Per-timestep loss weights of Min-SNR-gamma (Hang et al., 2023, arXiv:2303.09556), float32 of ``t``'s shape:
+    each timestep's loss counts as an x0 loss weighted by ``min(SNR_t, gamma)``, ``SNR_t = abar / (1 - abar)``, as
+    diffusers' training scripts weight it. The low-noise steps (SNR above gamma) count less; against plain MSE on
+    velocity targets the highest-noise steps count less too. ``gamma = 0`` weights every timestep 1 (plain MSE).
+    """
+    if gamma == 0:
+        return jnp.ones(jnp.shape(t), jnp.float32)
+    abar = jnp.take(schedule.alphas_cumprod, jnp.asarray(t)).astype(jnp.float32)
+    snr = abar / (1.0 - abar)
+    # The target's own scale relative to x0's error: eps = x0 * sqrt(snr), v = x0 * sqrt(snr + 1).
+    per_target = {"epsilon": snr, "v_prediction": snr + 1.0, "sample": jnp.ones_like(snr)}
+    if prediction_type not in per_target:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    return jnp.minimum(snr, gamma) / per_target[prediction_type]
+
+
 def sample_noise(rng: jax.Array, shape: tuple[int, ...], offset: float = 0.0) -> jax.Array:
     """Training noise, float32 ``shape`` = (..., h, w, C): standard normal, plus ``offset`` times one normal
     draw per image and channel when ``offset > 0`` ("offset noise").

@@ -84,6 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.diffusion.prediction_type = "epsilon"  # the model's output, as SD 1.5's: "epsilon", "v_prediction" or "sample"
     c.diffusion.p_shared_timestep = 0.5  # else every layer draws its own t
     c.diffusion.noise_offset = 0.0  # per-image, per-channel noise added to the training noise (0: as SD trains)
+    c.diffusion.min_snr_gamma = 0.0  # Min-SNR-gamma loss weights per timestep (0: plain MSE, as the paper trains)
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 100_000  # optimizer updates
@@ -209,6 +210,7 @@ RULES: dict[str, _Rule] = {
     "diffusion.prediction_type": _one_of(PREDICTION_TYPES),
     "diffusion.p_shared_timestep": _PROBABILITY,
     "diffusion.noise_offset": _NON_NEGATIVE,
+    "diffusion.min_snr_gamma": _NON_NEGATIVE,
     "train.num_steps": _POSITIVE,
     "train.per_host_batch_size": _POSITIVE,
     "train.grad_accum_steps": _POSITIVE,

@@ -35,6 +35,7 @@ from layerdiff_jax.diffusion.schedules import (
     NoiseSchedule,
     SchedulerConfig,
     add_noise,
+    min_snr_weight,
     sample_noise,
     sample_timesteps,
     training_target,
@@ -93,9 +94,11 @@ def diffusion_loss(
     p_shared: float,
     noise_offset: float = 0.0,
     prediction_type: str = "epsilon",
+    min_snr_gamma: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """MSE between the model output and its `prediction_type` target (the noise, as SD 1.5 trains, by default)
-    over the image and mask latents of valid layers; (loss, {loss_image, loss_mask})."""
+    over the image and mask latents of valid layers, each layer's weighted by Min-SNR-`min_snr_gamma` of its
+    timestep (0: unweighted, as the paper trains); (loss, {loss_image, loss_mask})."""
     batch, num_layers = latents.shape[:2]
     k_t, k_noise = jax.random.split(rng)
     timesteps = sample_timesteps(k_t, batch, num_layers, schedule.num_train_timesteps, p_shared)
@@ -103,8 +106,9 @@ def diffusion_loss(
     noisy = add_noise(schedule, latents, noise, timesteps)
     pred = model.apply({"params": params}, noisy, timesteps, global_context, layer_context, layer_valid)
     err = jnp.square(pred.astype(jnp.float32) - training_target(schedule, latents, noise, timesteps, prediction_type))
-    weight = layer_valid.astype(jnp.float32)
-    count = jnp.maximum(weight.sum(), 1.0)
+    valid = layer_valid.astype(jnp.float32)
+    count = jnp.maximum(valid.sum(), 1.0)
+    weight = valid * min_snr_weight(schedule, timesteps, prediction_type, min_snr_gamma)
     channels = latents.shape[-1] // 2
 
     def over_valid_layers(e):
@@ -144,6 +148,7 @@ def layerdiff_micro_loss(model: LayerDiffUNet, encoders: FrozenEncoders, config:
         return diffusion_loss(
             model, params, latents, global_context, layer_context, micro_batch["layer_valid"], k_loss, schedule,
             config.diffusion.p_shared_timestep, config.diffusion.noise_offset, config.diffusion.prediction_type,
+            config.diffusion.min_snr_gamma,
         )
 
     return micro_loss
