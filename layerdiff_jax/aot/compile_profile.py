@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
-import gzip
-import json
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import jax
+
+from layerdiff_jax.bench.profile import trace_events
 
 PHASES = {  # libtpu's event -> what the summary calls it, in compile order
     "XLA::TPU run hlo passes": "HLO passes",
@@ -66,11 +65,7 @@ class CompileSummary:
 
 def summary(trace_dir: str | Path, sources: Mapping[str, str], count: int = 8) -> CompileSummary:
     """The newest trace under `trace_dir`, summarised; `sources` maps instruction names to JAX operations (`op_names`)."""
-    traces = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))
-    if not traces:
-        raise FileNotFoundError(f"no profiler trace under {trace_dir}")
-    with gzip.open(traces[-1]) as f:
-        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    events = trace_events(str(trace_dir))
     phases = dict.fromkeys(PHASES.values(), 0.0)
     emitted = []
     for e in events:

@@ -74,6 +74,15 @@ def torch_kind(op: str) -> str:
     return "elementwise and other"
 
 
+def trace_events(trace_dir: str) -> list[dict[str, Any]]:
+    """The complete events (name, start and duration in microseconds) of the newest profiler trace under `trace_dir`."""
+    traces = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))
+    if not traces:
+        raise FileNotFoundError(f"no profiler trace under {trace_dir}")
+    with gzip.open(traces[-1]) as f:
+        return [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+
+
 def xla_breakdown(program: Callable, args: tuple, calls: int = 3) -> dict[str, float]:
     """Milliseconds per call of the jitted `program` on `args`, by kind (KINDS), from the profiler's trace."""
     compiled = program.lower(*args).compile()
@@ -83,12 +92,10 @@ def xla_breakdown(program: Callable, args: tuple, calls: int = 3) -> dict[str, f
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             for _ in range(calls):
                 jax.block_until_ready(compiled(*args))
-        (trace,) = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
-        with gzip.open(trace) as f:
-            events = json.load(f)["traceEvents"]
+        events = trace_events(trace_dir)
     totals: collections.Counter = collections.Counter()
     for event in events:
-        if event.get("ph") == "X" and not event["name"].startswith(_NOT_THUNKS):
+        if not event["name"].startswith(_NOT_THUNKS):
             totals[xla_kind(texts.get(event["name"], ""))] += event["dur"] / 1e3 / calls
     return dict(totals)
 
