@@ -66,6 +66,7 @@ def demo_config() -> ml_collections.ConfigDict:
     c.data.layer_mix = "2:0.34,3:0.33,4:0.33"
     c.data.colour_weights = ""  # 'colour:weight,...': foregrounds of these colours drawn more often
     c.data.foreground_fill = "black"  # a foreground layer outside its object (the mask hides it), or "contrast"
+    c.data.similar_colours = 0.0  # fraction of samples whose objects are in colours near their neighbour's
     c.data.seed = 0
 
     c.finetune = base_config()
@@ -100,6 +101,8 @@ def validate_demo_config(config: ml_collections.ConfigDict) -> ml_collections.Co
             raise ConfigError(f"config.data.{field}: {e}") from None
     if config.data.foreground_fill not in FOREGROUND_FILLS:
         raise ConfigError(f"config.data.foreground_fill={config.data.foreground_fill!r}: expected one of {', '.join(FOREGROUND_FILLS)}")
+    if not 0.0 <= config.data.similar_colours <= 1.0:
+        raise ConfigError(f"config.data.similar_colours={config.data.similar_colours}: expected a fraction in [0, 1]")
     for field in ("per_layer_count", "step0_per_layer_count"):
         if config.sample[field] < 1:
             raise ConfigError(f"config.sample.{field} must be >= 1, got {config.sample[field]}")
@@ -159,7 +162,7 @@ def build_data(data: ml_collections.ConfigDict, out: Path) -> Path:
         build_synthetic(
             root, num_train=data.num_train, num_test=0, resolution=data.resolution, seed=data.seed,
             layer_mix=parse_layer_mix(data.layer_mix), colour_weights=parse_colour_weights(data.colour_weights),
-            foreground_fill=data.foreground_fill,
+            foreground_fill=data.foreground_fill, similar_colours=data.similar_colours,
         )
     return find_dataset_dir(root)
 

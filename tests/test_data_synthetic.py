@@ -10,6 +10,7 @@ from layerdiff_jax.data.synthetic import (
     SIZE_RANGE,
     darker,
     generate_sample,
+    nearest_colours,
     parse_background_prompt,
     parse_foreground_prompt,
     parse_colour_weights,
@@ -126,6 +127,25 @@ def test_colour_weights_draw_hard_colours_more_often_and_leave_the_default_draw_
     # No weights draw as before: held-out requests and built datasets stay what they were.
     assert generate_sample(7, 3).layer_prompts == generate_sample(7, 3, colour_weights={}).layer_prompts
     assert parse_colour_weights("") == {}
+
+
+def test_similar_colours_put_near_colours_side_by_side_and_leave_the_default_draw_alone():
+    def near_share(rate):
+        near = total = 0
+        for i in range(200):
+            meta = generate_sample(0, i, 32, {3: 1.0}, similar_colours=rate).metadata
+            colours = [meta["background"]["colour"]] + [f["colour"] for f in meta["foregrounds"]]
+            near += sum(b in nearest_colours(a) for a, b in zip(colours, colours[1:]))
+            total += len(colours) - 1
+        return near / total
+
+    assert nearest_colours("red") == ["orange", "yellow"] and nearest_colours("blue") == ["purple", "green"]
+    assert near_share(0.0) < 0.4 and near_share(1.0) > 0.9
+    sample = generate_sample(0, 5, 32, {4: 1.0}, similar_colours=1.0)
+    assert len({tuple(f[k] for k in ("colour", "shape")) for f in sample.metadata["foregrounds"]}) == 3  # distinct objects
+    assert generate_sample(7, 3).layer_prompts == generate_sample(7, 3, similar_colours=0.0).layer_prompts
+    with pytest.raises(ValueError, match="similar_colours"):
+        generate_sample(7, 3, similar_colours=1.5)
 
 
 @pytest.mark.parametrize("text", ["pink:2", "black", "black:0", "black:x"])

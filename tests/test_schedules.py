@@ -87,6 +87,20 @@ def test_sample_timesteps_policy():
     assert not (never == never[:, :1]).all(axis=1).any()
 
 
+def test_sample_timesteps_bias_towards_the_noisiest():
+    def late_share(**bias):
+        t = np.asarray(sample_timesteps(jax.random.key(3), 4000, 3, 1000, 0.5, **bias))
+        assert t.min() >= 0 and t.max() < 1000
+        return (t >= 750).mean(), t[t < 750].mean(), t[t >= 750].mean()
+
+    # Multiplier 3 on the last quarter: 0.25 * 3 / (0.25 * 3 + 0.75) = half of the draws, each part uniform.
+    for multiplier, expected in ((1.0, 0.25), (3.0, 0.5)):
+        share, early_mean, late_mean = late_share(late_portion=0.25, late_multiplier=multiplier)
+        assert abs(share - expected) < 0.02 and abs(early_mean - 374.5) < 10 and abs(late_mean - 874.5) < 5
+    with pytest.raises(ValueError, match="late_portion"):
+        sample_timesteps(jax.random.key(0), 2, 2, 1000, late_portion=1.0)
+
+
 def test_sample_noise_offset():
     shape = (256, 3, 16, 16, 4)
     plain = np.asarray(sample_noise(jax.random.key(0), shape))

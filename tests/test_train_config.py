@@ -40,6 +40,10 @@ def test_demo_config_validates_and_names_a_bad_field():
     config.data.foreground_fill = "grey"
     with pytest.raises(ConfigError, match="config.data.foreground_fill='grey': expected one of black, contrast"):
         validate_demo_config(config)
+    config = load_config("demo")
+    config.data.similar_colours = 1.5
+    with pytest.raises(ConfigError, match=r"config\.data\.similar_colours=1\.5: expected a fraction in \[0, 1\]"):
+        validate_demo_config(config)
 
 
 def test_base_config_needs_model_and_data():
@@ -72,6 +76,7 @@ def _set(config, field: str, value) -> None:
         ("mesh.shape", (2, 2), r"config\.mesh\.shape must be 3 positive ints"),
         ("data.synthetic.layer_mix", "two", r"config\.data\.synthetic\.layer_mix must be"),
         ("train.per_host_batch_size", 0, r"config\.train\.per_host_batch_size must be > 0"),
+        ("diffusion.timestep_bias_portion", 1.0, r"config\.diffusion\.timestep_bias_portion must be in \(0, 1\)"),
     ],
 )
 def test_bad_values_name_the_field(field, value, message):

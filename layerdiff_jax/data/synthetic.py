@@ -35,6 +35,7 @@ FOREGROUND_FILLS = ("black", "contrast")
 DARK_LUMA = 64
 DEFAULT_LAYER_MIX: dict[int, float] = {2: 1 / 3, 3: 1 / 3, 4: 1 / 3}  # total layers -> probability
 _LAYOUT_TRIES, _BOX_TRIES = 100, 200
+SIMILAR_COLOURS = 2  # a hard case's layer is drawn in one of its anchor's this many nearest palette colours
 
 
 def darker(colour: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -189,6 +190,28 @@ def _background(rng: np.random.Generator, colour: str, pattern: str, resolution:
     return image
 
 
+def nearest_colours(colour: str, count: int = SIMILAR_COLOURS) -> list[str]:
+    """The `count` palette colours nearest to `colour` (Euclidean, sRGB), nearest first."""
+    rgb = np.array(PALETTE[colour], np.float64)
+    others = [c for c in PALETTE if c != colour]
+    return sorted(others, key=lambda c: float(np.sum((np.array(PALETTE[c]) - rgb) ** 2)))[:count]
+
+
+def _similar_colour_pairs(rng: np.random.Generator, pairs: list[tuple[str, str]], bg_colour: str, count: int) -> list[tuple[str, str]]:
+    """`count` distinct (colour, shape) pairs from `pairs`, each in a colour near the previous layer's (the
+    background's for the first): the scenes where a layer most easily takes its neighbour's colour."""
+    chosen: list[tuple[str, str]] = []
+    anchor = bg_colour
+    for _ in range(count):
+        free = [p for p in pairs if p not in chosen]
+        near = [p for p in free if p[0] in nearest_colours(anchor)]
+        unused = [p for p in near if p[0] not in {c for c, _ in chosen}]  # a new colour where one is near
+        pool = unused or near or free
+        chosen.append(pool[rng.integers(len(pool))])
+        anchor = chosen[-1][0]
+    return chosen
+
+
 def generate_sample(
     seed: int,
     index: int,
@@ -196,10 +219,14 @@ def generate_sample(
     layer_mix: Mapping[int, float] | None = None,
     colour_weights: Mapping[str, float] | None = None,
     foreground_fill: str = "black",
+    similar_colours: float = 0.0,
 ) -> LayeredSample:
     """Sample `index` of the synthetic dataset with `seed`; the same arguments give the same sample.
     `colour_weights` (`parse_colour_weights`) draws foregrounds of some colours more often than others;
-    `foreground_fill` (`FOREGROUND_FILLS`) is what a foreground layer shows outside its cut."""
+    `foreground_fill` (`FOREGROUND_FILLS`) is what a foreground layer shows outside its cut; `similar_colours`
+    is the fraction of samples whose foregrounds are drawn in colours close to one already in the scene."""
+    if not 0.0 <= similar_colours <= 1.0:
+        raise ValueError(f"similar_colours={similar_colours}: expected a probability in [0, 1]")
     if foreground_fill not in FOREGROUND_FILLS:
         raise ValueError(f"foreground fill {foreground_fill!r}: expected one of {', '.join(FOREGROUND_FILLS)}")
     mix = _check_layer_mix(DEFAULT_LAYER_MIX if layer_mix is None else layer_mix)
@@ -212,12 +239,15 @@ def generate_sample(
 
     # Distinct (colour, shape) pairs, none in the background colour.
     pairs = [(c, s) for c, s in itertools.product(colours, SHAPES) if c != bg_colour]
-    if colour_weights:
-        weights = np.array([_check_colour_weights(colour_weights).get(c, 1.0) for c, _ in pairs])
-        picks = rng.choice(len(pairs), size=num_layers - 1, replace=False, p=weights / weights.sum())
-    else:  # the unweighted draw, which the datasets and held-out requests made so far were drawn with
-        picks = rng.choice(len(pairs), size=num_layers - 1, replace=False)
-    chosen = [pairs[i] for i in picks]
+    if similar_colours and rng.random() < similar_colours:
+        chosen = _similar_colour_pairs(rng, pairs, bg_colour, num_layers - 1)
+    else:
+        if colour_weights:
+            weights = np.array([_check_colour_weights(colour_weights).get(c, 1.0) for c, _ in pairs])
+            picks = rng.choice(len(pairs), size=num_layers - 1, replace=False, p=weights / weights.sum())
+        else:  # the unweighted draw, which the datasets and held-out requests made so far were drawn with
+            picks = rng.choice(len(pairs), size=num_layers - 1, replace=False)
+        chosen = [pairs[i] for i in picks]
     boxes = _place_boxes(rng, num_layers - 1, resolution)
 
     # Shapes never overlap, so painting order does not matter; the layer order is the random draw order.

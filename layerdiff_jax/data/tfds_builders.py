@@ -101,6 +101,7 @@ class SyntheticLayersConfig(tfds.core.BuilderConfig):
     layer_mix: dict[int, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_LAYER_MIX))
     colour_weights: dict[str, float] = dataclasses.field(default_factory=dict)
     foreground_fill: str = "black"
+    similar_colours: float = 0.0
 
 
 class SyntheticLayers(_LayeredBuilder):
@@ -115,7 +116,7 @@ class SyntheticLayers(_LayeredBuilder):
         c = self.builder_config
         for index in indices:
             yield index, sample_to_example(
-                generate_sample(c.seed, index, c.resolution, c.layer_mix, c.colour_weights, c.foreground_fill)
+                generate_sample(c.seed, index, c.resolution, c.layer_mix, c.colour_weights, c.foreground_fill, c.similar_colours)
             )
 
 
@@ -175,6 +176,7 @@ def build_synthetic(
     layer_mix: dict[int, float] | None = None,
     colour_weights: dict[str, float] | None = None,
     foreground_fill: str = "black",
+    similar_colours: float = 0.0,
 ) -> Path:
     """Builds the synthetic dataset under `out_dir`; returns the dataset folder (`.../1.0.0`)."""
     mix = dict(DEFAULT_LAYER_MIX if layer_mix is None else layer_mix)
@@ -188,9 +190,11 @@ def build_synthetic(
         layer_mix=mix,
         colour_weights=weights,
         foreground_fill=foreground_fill,
+        similar_colours=similar_colours,
         description=f"Synthetic layered shapes, {resolution}x{resolution}, seed {seed}, layer mix {mix}"
         + (f", colour weights {weights}" if weights else "")
-        + (f", foregrounds filled {foreground_fill}" if foreground_fill != "black" else ""),
+        + (f", foregrounds filled {foreground_fill}" if foreground_fill != "black" else "")
+        + (f", {similar_colours:.0%} in similar colours" if similar_colours else ""),
     )
     return _prepare(SyntheticLayers(config=config, data_dir=os.fspath(out_dir), file_format="array_record"))
 

@@ -188,16 +188,30 @@ def sample_timesteps(
     num_layers: int,
     num_train_timesteps: int,
     p_shared: float = 0.5,
+    late_portion: float = 0.25,
+    late_multiplier: float = 1.0,
 ) -> jax.Array:
     """LayerDiff's training timesteps, int32 ``(batch, num_layers)``.
 
     With probability ``p_shared`` a sample uses one t for all its layers; otherwise each layer draws its
-    own t. Every t is uniform on ``[0, num_train_timesteps)``.
+    own t. Every t is uniform on ``[0, num_train_timesteps)``, except that the last ``late_portion`` of the
+    timesteps (the noisiest) are drawn ``late_multiplier`` times as often as the others, as diffusers'
+    training scripts bias them (``timestep_bias_strategy="later"``).
     """
     if not 0.0 <= p_shared <= 1.0:
         raise ValueError(f"p_shared must be in [0, 1], got {p_shared}")
+    if not 0.0 < late_portion < 1.0 or late_multiplier <= 0.0:
+        raise ValueError(f"late_portion must be in (0, 1) and late_multiplier > 0, got {late_portion}, {late_multiplier}")
+
+    def draw(key, shape):
+        if late_multiplier == 1.0:
+            return jax.random.randint(key, shape, 0, num_train_timesteps, jnp.int32)
+        late = np.arange(num_train_timesteps) >= num_train_timesteps - round(late_portion * num_train_timesteps)
+        logits = jnp.asarray(np.log(np.where(late, late_multiplier, 1.0)), jnp.float32)
+        return jax.random.categorical(key, logits, shape=shape).astype(jnp.int32)
+
     k_flag, k_shared, k_layer = jax.random.split(rng, 3)
     shared = jax.random.bernoulli(k_flag, p_shared, (batch, 1))
-    t_shared = jax.random.randint(k_shared, (batch, 1), 0, num_train_timesteps, jnp.int32)
-    t_layer = jax.random.randint(k_layer, (batch, num_layers), 0, num_train_timesteps, jnp.int32)
+    t_shared = draw(k_shared, (batch, 1))
+    t_layer = draw(k_layer, (batch, num_layers))
     return jnp.where(shared, t_shared, t_layer)

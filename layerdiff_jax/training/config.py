@@ -85,6 +85,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.diffusion.p_shared_timestep = 0.5  # else every layer draws its own t
     c.diffusion.noise_offset = 0.0  # per-image, per-channel noise added to the training noise (0: as SD trains)
     c.diffusion.min_snr_gamma = 0.0  # Min-SNR-gamma loss weights per timestep (0: plain MSE, as the paper trains)
+    # The noisiest late_portion of the timesteps drawn late_multiplier times as often as the rest (1: uniform,
+    # as the paper trains).
+    c.diffusion.timestep_bias_portion = 0.25
+    c.diffusion.timestep_bias_multiplier = 1.0
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 100_000  # optimizer updates
@@ -211,6 +215,8 @@ RULES: dict[str, _Rule] = {
     "diffusion.p_shared_timestep": _PROBABILITY,
     "diffusion.noise_offset": _NON_NEGATIVE,
     "diffusion.min_snr_gamma": _NON_NEGATIVE,
+    "diffusion.timestep_bias_portion": _Rule(lambda v: 0.0 < v < 1.0, "must be in (0, 1)"),
+    "diffusion.timestep_bias_multiplier": _POSITIVE,
     "train.num_steps": _POSITIVE,
     "train.per_host_batch_size": _POSITIVE,
     "train.grad_accum_steps": _POSITIVE,

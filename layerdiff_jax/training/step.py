@@ -95,13 +95,15 @@ def diffusion_loss(
     noise_offset: float = 0.0,
     prediction_type: str = "epsilon",
     min_snr_gamma: float = 0.0,
+    timestep_bias: tuple[float, float] = (0.25, 1.0),
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """MSE between the model output and its `prediction_type` target (the noise, as SD 1.5 trains, by default)
     over the image and mask latents of valid layers, each layer's weighted by Min-SNR-`min_snr_gamma` of its
-    timestep (0: unweighted, as the paper trains); (loss, {loss_image, loss_mask})."""
+    timestep (0: unweighted, as the paper trains), the timesteps drawn with `timestep_bias` (`sample_timesteps`'s
+    late_portion and late_multiplier); (loss, {loss_image, loss_mask})."""
     batch, num_layers = latents.shape[:2]
     k_t, k_noise = jax.random.split(rng)
-    timesteps = sample_timesteps(k_t, batch, num_layers, schedule.num_train_timesteps, p_shared)
+    timesteps = sample_timesteps(k_t, batch, num_layers, schedule.num_train_timesteps, p_shared, *timestep_bias)
     noise = sample_noise(k_noise, latents.shape, noise_offset)
     noisy = add_noise(schedule, latents, noise, timesteps)
     pred = model.apply({"params": params}, noisy, timesteps, global_context, layer_context, layer_valid)
@@ -148,7 +150,7 @@ def layerdiff_micro_loss(model: LayerDiffUNet, encoders: FrozenEncoders, config:
         return diffusion_loss(
             model, params, latents, global_context, layer_context, micro_batch["layer_valid"], k_loss, schedule,
             config.diffusion.p_shared_timestep, config.diffusion.noise_offset, config.diffusion.prediction_type,
-            config.diffusion.min_snr_gamma,
+            config.diffusion.min_snr_gamma, (config.diffusion.timestep_bias_portion, config.diffusion.timestep_bias_multiplier),
         )
 
     return micro_loss
