@@ -28,9 +28,6 @@ def get_config():
     # Black objects go on white: on black, a black object's image latent is a small step from an empty layer's,
     # and the fine-tuned model overshot it into green (docs/experiments.md, issue 30).
     c.data.foreground_fill = "contrast"
-    # Most wrong colours were a neighbour's (another layer's or the background's, or the next colour along
-    # red-orange-yellow): 30% of the samples put each object in a colour near its neighbour's, to learn from.
-    c.data.similar_colours = 0.3
     # Batch 4 rather than 8: the same samples per second on this CPU, so twice the updates in the budget, and
     # masks come out clean (docs/experiments.md, "2026-12-06 — issue 31: passages moved here from the README").
     c.finetune.train.per_host_batch_size = 4
