@@ -96,7 +96,10 @@ def test_one_chip_compile_profiled_no_collectives(tmp_path):
     assert found.instructions_emitted > 10 and len(found.slowest) == 5
     seconds = [s for _, s, _ in found.slowest]
     assert seconds == sorted(seconds, reverse=True) and seconds[0] > 0
-    assert any("LayerDiffUNet" in source for _, _, source in found.slowest), found.slowest  # instructions traced to the model
+    # Which instructions are slowest depends on the machine's load; that the model's own are traced does not.
+    everything = compile_profile.summary(tmp_path, step.op_names, count=found.instructions_emitted).slowest
+    assert len(everything) == found.instructions_emitted
+    assert any("LayerDiffUNet" in source for _, _, source in everything), everything[:5]
     assert found.lines()[0].startswith("compile phases: HLO passes ")
 
 
