@@ -16,7 +16,8 @@ every chip. The components' architectures are config.model.sd_path's when that f
 Prints one table: per-chip memory against HBM, FLOPs, collectives, ideal times at the chips' peak rates (estimates,
 not measurements), compile time; --json PATH writes it all. --find-max-batch compiles candidates to find the largest
 batch per chip that fits. A compile of SD-1.5-size programs takes minutes and ~20 GB of host memory per candidate;
---profile-compile DIR traces it and prints where that time went (layerdiff_jax/aot/compile_profile.py).
+--profile-compile DIR traces it and prints where that time went (layerdiff_jax/aot/compile_profile.py); the trace
+slows the compile, so time one without it.
 
 Exit status: 0 when the programs fit; 1 when they do not (the line names the bytes over and, with --find-max-batch,
 the largest batch that fits) or do not compile for the slice (the line says why); 2 on bad input, refused before
