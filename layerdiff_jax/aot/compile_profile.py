@@ -7,7 +7,7 @@ program one HLO instruction at a time ("XLA::TPU emitting for fusion.13676"), an
 records them (the Python tracer off, so the trace holds the compiler's events, not every Python call); `summary`
 reads the trace back: the time of each phase and the instructions that took longest to emit, each with the JAX
 operation it came from (the `op_name` of its HLO metadata). The trace itself opens in Perfetto or TensorBoard.
-Tracing slows the compile (at SD-1.5 size nearly twofold): read the phases as shares, time a compile untraced.
+Tracing slows the compile markedly at SD-1.5 size: read the phases as shares, and time a compile untraced.
 """
 
 from __future__ import annotations

@@ -203,9 +203,10 @@ def _similar_colour_pairs(rng: np.random.Generator, pairs: list[tuple[str, str]]
     chosen: list[tuple[str, str]] = []
     anchor = bg_colour
     for _ in range(count):
+        close, used = nearest_colours(anchor), {c for c, _ in chosen}
         free = [p for p in pairs if p not in chosen]
-        near = [p for p in free if p[0] in nearest_colours(anchor)]
-        unused = [p for p in near if p[0] not in {c for c, _ in chosen}]  # a new colour where one is near
+        near = [p for p in free if p[0] in close]
+        unused = [p for p in near if p[0] not in used]  # a new colour where one is near
         pool = unused or near or free
         chosen.append(pool[rng.integers(len(pool))])
         anchor = chosen[-1][0]
