@@ -31,6 +31,10 @@ def get_config():
     # Batch 4 rather than 8: the same samples per second on this CPU, so twice the updates in the budget, and
     # masks come out clean (docs/experiments.md, "2026-12-06 — issue 31: passages moved here from the README").
     c.finetune.train.per_host_batch_size = 4
+    # Each layer's intra-layer attention reads its own prompt only. With the paper's enhancer (S+C) the layer prompts
+    # also read the global prompt, which names every object's colour, and the toy model drew neighbours' colours
+    # (docs/experiments.md, issue 30: the prompt enhancer's variants).
+    c.finetune.model.layerdiff.prompt_enhancer = "none"
     c.finetune.train.learning_rate = 1e-3
     c.finetune.train.warmup_steps = 50
     # Prompt dropout as the paper trains: the unconditional branch that layer-aware guidance needs.
