@@ -2,6 +2,7 @@
 and write their files; no timing assertions), the load marking, the check's time box and batch search."""
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -77,6 +78,8 @@ def test_standard_suite_quick_unet_row_writes_json(tmp_path, capsys):
     assert rows[0]["max_abs_err"] < 1e-4 and rows[0]["targets"][0]["what"] == "ours/torch time"
     env = result["environment"]
     assert env["versions"]["jax"] == jax.__version__ and env["torch_threads"] >= 1 and env["cpu_count"] >= 1
+    assert env["torch_cpu_capability"] in {"DEFAULT", "AVX2", "AVX512", "ZVECTOR", "VSX", "SVE256", "SVE128"}
+    assert env["cpu_kernels_march"] == os.environ.get("LAYERDIFF_CPU_KERNELS_MARCH", "native")
     assert capsys.readouterr().out.count("\n| 1a |") == 2
 
 

@@ -296,7 +296,8 @@ def environment() -> dict[str, Any]:
         "jax_backend": device.platform,
         "device": device.device_kind,
         "device_count": jax.device_count(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),  # e.g. --xla_cpu_max_isa=AVX2 for XLA:CPU's own code
+        "cpu_kernels_march": os.environ.get("LAYERDIFF_CPU_KERNELS_MARCH", "native"),  # models/cpu_kernels.py's target
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # huge-page malloc: layerdiff_jax/hostmem.py
         "versions": versions,
     }

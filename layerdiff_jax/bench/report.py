@@ -104,7 +104,8 @@ def format_table(result: dict[str, Any]) -> str:
     header = [
         f"date {env['date']}; host {env['host']}; {env['cpu']} x{env['cpu_count']} cores; backend {env['jax_backend']} "
         f"({env['device']} x{env['device_count']})",
-        f"{versions}; python {env['python']}; torch threads {env.get('torch_threads')}; "
+        f"{versions}; python {env['python']}; torch threads {env.get('torch_threads')}, kernels "
+        f"{env.get('torch_cpu_capability')}; our CPU kernels -march={env.get('cpu_kernels_march')}; "
         f"XLA_FLAGS={env['xla_flags'] or '(none)'}",
         f"attention_impl {result['settings'].get('attention_impl') or result['settings']['bench']['attention_impl']}; "
         f"medians of warm calls (row 1: ours and torch taking turns); load average (1 min) {load['start'][0]:.2f} at start, "

@@ -635,14 +635,15 @@ ROWS = ("unet", "ddim", "layers")
 
 
 def suite_environment(settings: BenchSettings) -> dict[str, Any]:
-    """The machine and versions (`measure.environment`) and torch's thread count: on CPU, torch gets as many
-    intra-op threads as XLA's CPU client uses cores, for a like-for-like comparison."""
-    torch_threads = None
+    """The machine and versions (`measure.environment`), torch's thread count and the instruction set its CPU kernels
+    dispatch to (AVX2, AVX512; ATEN_CPU_CAPABILITY lowers it): on CPU, torch gets as many intra-op threads as XLA's
+    CPU client uses cores, for a like-for-like comparison."""
+    torch_threads = torch_isa = None
     if settings.device == "cpu":
         from layerdiff_jax.bench import torch_reference as ref
 
-        torch_threads = ref.set_cpu_threads()
-    return {**measure.environment(), "torch_threads": torch_threads}
+        torch_threads, torch_isa = ref.set_cpu_threads(), ref.cpu_capability()
+    return {**measure.environment(), "torch_threads": torch_threads, "torch_cpu_capability": torch_isa}
 
 
 @contextlib.contextmanager

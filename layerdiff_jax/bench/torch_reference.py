@@ -40,6 +40,11 @@ def set_cpu_threads(threads: int | None = None) -> int:
     return torch.get_num_threads()
 
 
+def cpu_capability() -> str:
+    """The instruction set torch's CPU kernels dispatch to on this machine."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def build_unet(config: UNetConfig, seed: int) -> TorchUNet:
     torch.manual_seed(seed)
     return TorchUNet.from_config(config.to_diffusers_config()).eval()
