@@ -81,6 +81,16 @@ def test_the_step_is_compiled_for_latents_in_place_of_pixels():
     assert "images" not in shapes and "masks" not in shapes
     assert shapes[LATENTS].shape == (4, 3, 16, 16, 8)
     assert shapes["layer_ids"].shape == (4, 3, 77)
+    kept = with_latents(batch_shapes(4, 3, 64, 77), (16, 16, 8), np.float32, keep_masks=True)
+    assert "images" not in kept and kept["masks"].shape == (4, 3, 64, 64, 1)
+
+
+def test_masks_stay_beside_the_latents_for_a_loss_that_weights_by_them():
+    cache, rng = LatentCache(lambda scale, images, masks: scale * images[..., :1, :1, :1], np.float32(1.0), keep_masks=True), np.random.default_rng(1)
+    batch = _batch([0, 1], rng)
+    out = cache(batch)
+    assert set(out) == {"layer_valid", "masks", LATENTS}
+    np.testing.assert_array_equal(out["masks"], batch["masks"])
 
 
 @pytest.mark.parametrize("field, value", [("sample_posterior", True), ("kind", "text_to_image")])

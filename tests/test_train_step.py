@@ -1,4 +1,5 @@
-"""Pieces of the train step: latent layout, prompt dropout, the loss over valid layers, the lr schedule."""
+"""Pieces of the train step: latent layout, prompt dropout, the loss over valid layers and its weights inside objects,
+the lr schedule."""
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ from layerdiff_jax.models.unet import UNetConfig
 from layerdiff_jax.models.vae import AutoencoderKL, VAEConfig, encode_layers
 from layerdiff_jax.training.config import base_config
 from layerdiff_jax.training.state import learning_rate_schedule
-from layerdiff_jax.training.step import diffusion_loss, drop_prompts
+from layerdiff_jax.training.step import diffusion_loss, drop_prompts, object_weights
 
 RNG = np.random.default_rng(0)
 
@@ -72,6 +73,41 @@ def test_loss_ignores_padded_layers(micro_layerdiff):
     np.testing.assert_allclose(loss(changed_latents, changed_context, valid)[0], base, rtol=1e-6)
     assert abs(float(loss(changed_latents, changed_context, np.ones((2, 3), bool))[0]) - float(base)) > 1e-3
     np.testing.assert_allclose(float(base), (float(parts["loss_image"]) + float(parts["loss_mask"])) / 2, rtol=1e-6)
+
+
+def test_object_weights_favour_each_foregrounds_mask_at_mean_one():
+    masks = np.zeros((1, 3, 8, 8, 1), np.float32)
+    masks[0, 0] = 1.0  # the background layer's mask: never weighted
+    masks[0, 1, :4, :4] = 1.0  # layer 1's object fills the top-left latent's footprint (4x4 pixels of a 2x2 grid)
+    masks[0, 2, :2, :2] = 1.0  # layer 2's fills a quarter of it
+    weights = np.asarray(object_weights(jnp.asarray(masks), 2, 3.0))
+    assert weights.shape == (1, 3, 2, 2, 1)
+    np.testing.assert_allclose(weights.mean(axis=(2, 3, 4)), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(weights[0, 0], 1.0)
+    # Layer 1: 1 + 3 at its object's latent, 1 elsewhere, over a mean of 7 / 4.
+    np.testing.assert_allclose(weights[0, 1, :, :, 0], np.array([[4, 1], [1, 1]]) / 1.75, rtol=1e-6)
+    # Layer 2: the object covers a quarter of its latent's footprint.
+    np.testing.assert_allclose(weights[0, 2, :, :, 0], np.array([[1.75, 1], [1, 1]]) / (4.75 / 4), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(object_weights(jnp.asarray(masks), 2, 0.0)), 1.0)
+
+
+def test_object_weights_move_the_image_loss_only(micro_layerdiff):
+    model, params = micro_layerdiff
+    schedule = make_schedule()
+    loss = jax.jit(lambda latents, weights: diffusion_loss(
+        model, params, latents, jnp.ones((2, 6, WIDTH)), jnp.ones((2, 3, 6, WIDTH)), jnp.ones((2, 3), bool),
+        jax.random.key(1), schedule, 0.5, image_weights=weights,
+    ))
+    latents = RNG.normal(size=(2, 3, 4, 4, 8)).astype(np.float32)
+    plain, plain_parts = loss(latents, None)
+    ones, _ = loss(latents, jnp.ones((2, 3, 4, 4, 1)))
+    np.testing.assert_allclose(float(ones), float(plain), rtol=1e-6)
+    weights = np.ones((2, 3, 4, 4, 1), np.float32)
+    weights[:, 1:, :2] = 1.8
+    weights[:, 1:, 2:] = 0.2  # mean 1 per layer, the error's positions weighted unevenly
+    _, parts = loss(latents, jnp.asarray(weights))
+    assert abs(float(parts["loss_image"]) - float(plain_parts["loss_image"])) > 1e-4
+    np.testing.assert_allclose(float(parts["loss_mask"]), float(plain_parts["loss_mask"]), rtol=1e-6)
 
 
 def test_warmup_then_constant_learning_rate():

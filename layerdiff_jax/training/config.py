@@ -85,6 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.diffusion.p_shared_timestep = 0.5  # else every layer draws its own t
     c.diffusion.noise_offset = 0.0  # per-image, per-channel noise added to the training noise (0: as SD trains)
     c.diffusion.min_snr_gamma = 0.0  # Min-SNR-gamma loss weights per timestep (0: plain MSE, as the paper trains)
+    # A foreground layer's image-latent error inside its mask weighted 1 + w against 1 outside it, each layer's weights
+    # scaled to mean 1 (0: plain MSE, as the paper trains).
+    c.diffusion.object_loss_weight = 0.0
     # The noisiest late_portion of the timesteps drawn late_multiplier times as often as the rest (1: uniform,
     # as the paper trains).
     c.diffusion.timestep_bias_portion = 0.25
@@ -215,6 +218,7 @@ RULES: dict[str, _Rule] = {
     "diffusion.p_shared_timestep": _PROBABILITY,
     "diffusion.noise_offset": _NON_NEGATIVE,
     "diffusion.min_snr_gamma": _NON_NEGATIVE,
+    "diffusion.object_loss_weight": _NON_NEGATIVE,
     "diffusion.timestep_bias_portion": _Rule(lambda v: 0.0 < v < 1.0, "must be in (0, 1)"),
     "diffusion.timestep_bias_multiplier": _POSITIVE,
     "train.num_steps": _POSITIVE,

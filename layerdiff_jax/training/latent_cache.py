@@ -6,6 +6,8 @@ seen for the first time are encoded by the frozen VAE on this host's first devic
 memory, and the step receives `latents` in place of `images` and `masks`. On a small model the VAE's pass over
 full-resolution layers and masks is a large share of the step, so every epoch after the first trains faster; the
 first runs a little slower, since the host waits for each batch's encoding instead of preparing the next one.
+With `keep_masks` the masks stay in the batch beside the latents, for a loss that weights positions by them
+(`config.diffusion.object_loss_weight`).
 MaxDiffusion caches its latents before training instead; encoding on first use needs no separate stage, which
 suits runs that stop on a time budget. Neither grain nor the other libraries have such a stage.
 """
@@ -41,23 +43,30 @@ def check_fits(nbytes: int, where: str) -> None:
         )
 
 
-def with_latents(shapes: dict[str, jax.ShapeDtypeStruct], latent_shape: tuple[int, ...], dtype) -> dict[str, jax.ShapeDtypeStruct]:
+def _replaced(keep_masks: bool) -> tuple[str, ...]:
+    return ("images",) if keep_masks else ENCODED
+
+
+def with_latents(
+    shapes: dict[str, jax.ShapeDtypeStruct], latent_shape: tuple[int, ...], dtype, keep_masks: bool = False
+) -> dict[str, jax.ShapeDtypeStruct]:
     """A layered batch's shapes (`loader.batch_shapes`) as the cache hands them to the step: `latents` (B, L,
-    *latent_shape) in place of images and masks."""
+    *latent_shape) in place of images and masks (of images only with `keep_masks`)."""
     batch, layers = shapes["images"].shape[:2]
-    out = {key: value for key, value in shapes.items() if key not in ENCODED}
+    out = {key: value for key, value in shapes.items() if key not in _replaced(keep_masks)}
     out[LATENTS] = jax.ShapeDtypeStruct((batch, layers, *latent_shape), dtype)
     return out
 
 
 class LatentCache:
     """`cache(batch)`: a loader batch (with `record_key`) -> the same batch with `latents` in place of images and
-    masks. `encode(params, images, masks) -> latents` is jitted here; each record is encoded once, the first time it
-    is seen."""
+    masks (images only with `keep_masks`). `encode(params, images, masks) -> latents` is jitted here; each record is
+    encoded once, the first time it is seen."""
 
-    def __init__(self, encode: Callable, params):
+    def __init__(self, encode: Callable, params, keep_masks: bool = False):
         self._encode = jax.jit(encode)
         self._params = params
+        self._replaced = _replaced(keep_masks)
         self._latents: dict[int, np.ndarray] = {}
         self.encoded = 0  # records encoded so far
 
@@ -72,6 +81,6 @@ class LatentCache:
             for i, row in enumerate(missing):
                 self._latents[keys[row]] = latents[i]
             self.encoded += len(missing)
-        out = {key: value for key, value in batch.items() if key not in (*ENCODED, RECORD_KEY)}
+        out = {key: value for key, value in batch.items() if key not in (*self._replaced, RECORD_KEY)}
         out[LATENTS] = np.stack([self._latents[key] for key in keys])
         return out

@@ -108,7 +108,9 @@ class TrainProgram:
         )
         if train.cache_latents:
             side = config.data.resolution // self.vae.config.downsample_factor
-            samples = with_latents(samples, (side, side, 2 * self.vae.config.latent_channels), jnp.float32)
+            samples = with_latents(
+                samples, (side, side, 2 * self.vae.config.latent_channels), jnp.float32, keep_masks=config.diffusion.object_loss_weight > 0
+            )
         # As the trainer hands it to the step: (grad_accum_steps, global micro-batch, ...), split on axis 1.
         batch = {
             key: jax.ShapeDtypeStruct((train.grad_accum_steps, *s.shape), s.dtype, sharding=batch_sharding) for key, s in samples.items()

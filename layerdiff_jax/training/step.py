@@ -96,11 +96,13 @@ def diffusion_loss(
     prediction_type: str = "epsilon",
     min_snr_gamma: float = 0.0,
     timestep_bias: tuple[float, float] = (0.25, 1.0),
+    image_weights: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """MSE between the model output and its `prediction_type` target (the noise, as SD 1.5 trains, by default)
     over the image and mask latents of valid layers, each layer's weighted by Min-SNR-`min_snr_gamma` of its
     timestep (0: unweighted, as the paper trains), the timesteps drawn with `timestep_bias` (`sample_timesteps`'s
-    late_portion and late_multiplier); (loss, {loss_image, loss_mask})."""
+    late_portion and late_multiplier), the image latents' error weighted per position by `image_weights` (B, L, h, w,
+    1) where given (`object_weights`); (loss, {loss_image, loss_mask})."""
     batch, num_layers = latents.shape[:2]
     k_t, k_noise = jax.random.split(rng)
     timesteps = sample_timesteps(k_t, batch, num_layers, schedule.num_train_timesteps, p_shared, *timestep_bias)
@@ -116,8 +118,21 @@ def diffusion_loss(
     def over_valid_layers(e):
         return (e.mean(axis=(2, 3, 4)) * weight).sum() / count
 
-    loss_image, loss_mask = over_valid_layers(err[..., :channels]), over_valid_layers(err[..., channels:])
+    err_image = err[..., :channels] if image_weights is None else err[..., :channels] * image_weights
+    loss_image, loss_mask = over_valid_layers(err_image), over_valid_layers(err[..., channels:])
     return (loss_image + loss_mask) / 2, {"loss_image": loss_image, "loss_mask": loss_mask}
+
+
+def object_weights(masks: jax.Array, latent_side: int, weight: float) -> jax.Array:
+    """Per-position weights (B, L, h, w, 1) of the image latents' error: 1 + `weight` x each foreground layer's mask
+    (B, L, H, W, 1) averaged over the VAE's footprint of a latent, scaled to mean 1 per layer; the background's 1.
+    An object is a small part of its layer, and the surround its mask hides takes the rest of plain MSE; these weights
+    give the objects, whose colour and shape the prompts name, more of the loss at the same loss scale."""
+    batch, layers, height, width, _ = masks.shape
+    f = height // latent_side
+    pooled = masks.reshape(batch, layers, height // f, f, width // f, f).mean(axis=(3, 5))[..., None]
+    weights = 1.0 + weight * pooled.at[:, 0].set(0.0)
+    return weights / weights.mean(axis=(2, 3), keepdims=True)
 
 
 def ema_decay(step: jax.Array, decay: float) -> jax.Array:
@@ -147,10 +162,13 @@ def layerdiff_micro_loss(model: LayerDiffUNet, encoders: FrozenEncoders, config:
         global_context, layer_context = drop_prompts(
             k_drop, global_context, layer_context, empty_prompt, train.global_prompt_dropout, train.layer_prompt_dropout
         )
+        weight = config.diffusion.object_loss_weight
+        image_weights = object_weights(micro_batch["masks"], latents.shape[2], weight) if weight else None
         return diffusion_loss(
             model, params, latents, global_context, layer_context, micro_batch["layer_valid"], k_loss, schedule,
             config.diffusion.p_shared_timestep, config.diffusion.noise_offset, config.diffusion.prediction_type,
             config.diffusion.min_snr_gamma, (config.diffusion.timestep_bias_portion, config.diffusion.timestep_bias_multiplier),
+            image_weights,
         )
 
     return micro_loss

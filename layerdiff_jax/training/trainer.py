@@ -158,7 +158,10 @@ def _latent_cache(config: ml_collections.ConfigDict, program, vae_params, num_re
     side = config.data.resolution // vae.config.downsample_factor
     channels = 2 * vae.config.latent_channels
     check_fits(cache_bytes(num_records, config.model.layerdiff.max_layers, side, channels, np.float32), f"{num_records} records")
-    return LatentCache(lambda params, images, masks: encode_layers(vae, params, images, masks), vae_params)
+    return LatentCache(
+        lambda params, images, masks: encode_layers(vae, params, images, masks), vae_params,
+        keep_masks=config.diffusion.object_loss_weight > 0,
+    )
 
 
 def _time_limit(train_cfg: ml_collections.ConfigDict, log_every: int):
