@@ -36,8 +36,8 @@ def get_config():
     # (docs/experiments.md, issue 30: the prompt enhancer's variants).
     c.finetune.model.layerdiff.prompt_enhancer = "none"
     # An object is a small part of its layer: the image latents' error inside each foreground's mask counts 4x the
-    # surround's (mean weight 1), and the wrong colours fell from 36 to 10, wrong shapes from 80 to 61 of 576
-    # foregrounds at 1,900 steps (docs/experiments.md, issue 30: the loss weighted inside objects).
+    # surround's (mean weight 1), so colour and shape get more of the loss than the surround the mask hides
+    # (docs/experiments.md, issue 30: the loss weighted inside objects).
     c.finetune.diffusion.object_loss_weight = 3.0
     c.finetune.train.learning_rate = 1e-3
     c.finetune.train.warmup_steps = 50

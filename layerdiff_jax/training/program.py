@@ -36,7 +36,7 @@ from layerdiff_jax.training.state import (
     frozen_param_shardings,
     make_optimizer,
 )
-from layerdiff_jax.training.step import FrozenEncoders, layerdiff_micro_loss, make_train_step, text_to_image_micro_loss
+from layerdiff_jax.training.step import FrozenEncoders, layerdiff_micro_loss, loss_reads_masks, make_train_step, text_to_image_micro_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +109,7 @@ class TrainProgram:
         if train.cache_latents:
             side = config.data.resolution // self.vae.config.downsample_factor
             samples = with_latents(
-                samples, (side, side, 2 * self.vae.config.latent_channels), jnp.float32, keep_masks=config.diffusion.object_loss_weight > 0
+                samples, (side, side, 2 * self.vae.config.latent_channels), jnp.float32, keep_masks=loss_reads_masks(config)
             )
         # As the trainer hands it to the step: (grad_accum_steps, global micro-batch, ...), split on axis 1.
         batch = {

@@ -135,6 +135,11 @@ def object_weights(masks: jax.Array, latent_side: int, weight: float) -> jax.Arr
     return weights / weights.mean(axis=(2, 3), keepdims=True)
 
 
+def loss_reads_masks(config: ml_collections.ConfigDict) -> bool:
+    """Whether the layered loss needs the pixel masks beside the latents (`object_weights`)."""
+    return config.diffusion.object_loss_weight > 0
+
+
 def ema_decay(step: jax.Array, decay: float) -> jax.Array:
     """The EMA's decay at `step` updates: `decay`, warmed up as (1 + step) / (10 + step) while that is smaller.
     A constant 0.999 would leave 0.999^500 = 61% of the initial weights in the average after 500 steps."""
@@ -162,8 +167,9 @@ def layerdiff_micro_loss(model: LayerDiffUNet, encoders: FrozenEncoders, config:
         global_context, layer_context = drop_prompts(
             k_drop, global_context, layer_context, empty_prompt, train.global_prompt_dropout, train.layer_prompt_dropout
         )
-        weight = config.diffusion.object_loss_weight
-        image_weights = object_weights(micro_batch["masks"], latents.shape[2], weight) if weight else None
+        image_weights = (
+            object_weights(micro_batch["masks"], latents.shape[2], config.diffusion.object_loss_weight) if loss_reads_masks(config) else None
+        )
         return diffusion_loss(
             model, params, latents, global_context, layer_context, micro_batch["layer_valid"], k_loss, schedule,
             config.diffusion.p_shared_timestep, config.diffusion.noise_offset, config.diffusion.prediction_type,

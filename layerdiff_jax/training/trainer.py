@@ -66,7 +66,7 @@ from layerdiff_jax.training.samples import data_requests, write_sample_grid
 from layerdiff_jax.training.latent_cache import LatentCache, cache_bytes, check_fits
 from layerdiff_jax.training.program import ModelConfigs, build_train_program
 from layerdiff_jax.training.state import state_initializer
-from layerdiff_jax.training.step import scheduler_from_config
+from layerdiff_jax.training.step import loss_reads_masks, scheduler_from_config
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def _latent_cache(config: ml_collections.ConfigDict, program, vae_params, num_re
     check_fits(cache_bytes(num_records, config.model.layerdiff.max_layers, side, channels, np.float32), f"{num_records} records")
     return LatentCache(
         lambda params, images, masks: encode_layers(vae, params, images, masks), vae_params,
-        keep_masks=config.diffusion.object_loss_weight > 0,
+        keep_masks=loss_reads_masks(config),
     )
 
 
