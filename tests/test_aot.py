@@ -168,7 +168,17 @@ HLO = """HloModule jit_step, is_scheduled=true, num_partitions=8
   ROOT %slice = f32[256]{0} dynamic-slice(%ar), dynamic_slice_sizes={256}
 }
 
-ENTRY %main (a: f32[1000], b: bf16[64,128], c: f32[16], d: f32[1024]) -> f32[1000] {
+%async_collective_fusion.1 (s: f32[250]) -> f32[1000] {
+  %s = f32[250]{0} parameter(0)
+  ROOT %agc = f32[1000]{0} all-gather(%s), channel_id=8, replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}
+}
+
+%async_collective_fusion.2 (s2: f32[250]) -> f32[1000] {
+  %s2 = f32[250]{0} parameter(0)
+  ROOT %agc2 = f32[1000]{0} all-gather(%s2), channel_id=8, replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}
+}
+
+ENTRY %main (a: f32[1000], b: bf16[64,128], c: f32[16], d: f32[1024], e: f32[250]) -> f32[1000] {
   %a = f32[1000]{0} parameter(0)
   %b = bf16[64,128]{1,0} parameter(1)
   %c = f32[16]{0} parameter(2)
@@ -183,6 +193,9 @@ ENTRY %main (a: f32[1000], b: bf16[64,128], c: f32[16], d: f32[1024]) -> f32[100
   %init2 = (s32[], f32[16]) tuple(%i0, %c)
   %loop2 = (s32[], f32[16]) while(%init2), condition=%cond2, body=%body2
   %fusion = f32[256]{0} fusion(%d), kind=kCustom, calls=%all-reduce-scatter.1
+  %e = f32[250]{0} parameter(4)
+  %start = f32[1000]{0} fusion(%e), kind=kOutput, calls=%async_collective_fusion.1
+  %continued = f32[1000]{0} fusion(%e), kind=kOutput, calls=%async_collective_fusion.2
   ROOT %out = f32[1000]{0} add(%all-reduce.1, %a2a)
 }
 """
@@ -196,8 +209,9 @@ def test_hlo_collectives_counts_bytes_and_group_sizes():
     # reduce-scatter of 4000 B in pairs: 2000 B; and the fused all-reduce-scatter of 4096 B in fours: 3072 B.
     assert (k["reduce-scatter"].count, k["reduce-scatter"].bytes_per_chip) == (2, 2000 + 3072)
     # all-gather-start of a 2000 B shard over axis_1 (4 chips): 3 x 2000; the loop's all-gather (iota [2,4]: groups
-    # of 4) of a 16 KiB shard, 3 trips: 3 x 3 x 16384.
-    assert (k["all-gather"].count, k["all-gather"].bytes_per_chip) == (1 + 3, 3 * 2000 + 3 * 3 * 16384)
+    # of 4) of a 16 KiB shard, 3 trips: 3 x 3 x 16384; one all-gather of a 1000 B shard in fours that XLA:TPU split
+    # into a start and a continuation fusion (one channel): 3 x 1000.
+    assert (k["all-gather"].count, k["all-gather"].bytes_per_chip) == (1 + 3 + 1, 3 * 2000 + 3 * 3 * 16384 + 3 * 1000)
     # all-to-all over every device (replica_groups={}, 8 partitions): 7/8 of 4000 B.
     assert (k["all-to-all"].count, k["all-to-all"].bytes_per_chip) == (1, 3500)
     # The second loop's trip count is not in the HLO: counted once, and said so.

@@ -16,6 +16,8 @@ loop's body count once per trip when the HLO states the trip count (a `known_tri
 `counter < constant`, the form JAX's scans and fori_loops compile to), else once with a note saying so.
 Conditional branches count once each (an upper bound). TPU's fused "all-reduce-scatter" (an all-reduce whose
 result each chip slices its shard from, in a computation named so) is counted as the reduce-scatter it is.
+XLA:TPU also splits one collective into the fusions that overlap it with compute (a start, continuations, a done),
+each of whose computations holds a copy of it with the collective's channel_id: a channel counts once.
 
 Pure string processing, so it is unit-tested on small literal HLO (tests/test_aot.py).
 """
@@ -204,11 +206,17 @@ def collectives(hlo_text: str) -> Collectives:
                         runs[callee] += runs[name] * trips
     counts = dict.fromkeys(KINDS, 0)
     sent = dict.fromkeys(KINDS, 0.0)
+    channels = set()
     for name in order:
         for i in computations[name]:
             kind = i.opcode.removesuffix("-start")
             if kind not in KINDS or not runs[name]:
                 continue
+            channel = re.search(r"\bchannel_id=(\d+)", i.attributes)
+            if channel:
+                if channel.group(1) in channels:
+                    continue
+                channels.add(channel.group(1))
             if kind == "all-reduce" and name.startswith("all-reduce-scatter"):
                 kind = "reduce-scatter"
             operands = i.operands[:1] if kind == "collective-permute" else i.operands
