@@ -1,34 +1,40 @@
 #!/usr/bin/env python
-"""Compiles the train step or the batch sampler for a TPU slice ahead of time, on this machine, and reports what fits.
+"""Compiles the train step or the batch sampler for a TPU slice or GPU node ahead of time, here, and reports what fits.
 
   python scripts/compile_aot.py --list-slices
   python scripts/compile_aot.py train --config configs/tpu_v4.py --slice v4-32 [--batch-per-chip 2] [--find-max-batch]
   python scripts/compile_aot.py train --config configs/shapes_cpu.py --slice v4-8 --profile-compile /tmp/trace
-  python scripts/compile_aot.py sample --slice v5e-256 --size 512 --layers 4 --steps 50 [--config ...] [--find-max-batch]
+  python scripts/compile_aot.py train --config configs/gpu_h100.py --slice h100-1   # with the gpu-aot extra
+  python scripts/compile_aot.py train --config configs/gpu_h100.py --slice h100-1   # in a venv with the gpu-aot extra
 
-No TPU is needed: libtpu (pip install -e ".[tpu]") describes the slice, and XLA:TPU compiles for it here
-(layerdiff_jax/aot). train compiles the trainer's own step for --config (override fields with --config.<field>=<value>)
-on the config's mesh over the slice's chips, each host loading config.train.per_host_batch_size samples per
-micro-batch, or --batch-per-chip. sample compiles the sampler's guided DDIM and decode programs, data parallel over
-every chip. The components' architectures are config.model.sd_path's when that folder exists here, the toy SD's for
-"toy", else SD 1.5's (sample without --config: SD 1.5's with the paper's LayerDiff).
+No TPU or GPU is needed: libtpu (pip install -e ".[tpu]") describes a TPU slice, jax's CUDA plugin without the CUDA
+libraries (pip install -e ".[gpu-aot]", best in a virtual environment of its own) a node of NVIDIA GPUs, and XLA
+compiles for it here (layerdiff_jax/aot). train compiles the trainer's own step for --config (override fields with
+--config.<field>=<value>) on the config's mesh over the slice's chips, each host loading
+config.train.per_host_batch_size samples per micro-batch, or --batch-per-chip. sample compiles the sampler's guided
+DDIM and decode programs, data parallel over every chip. The components' architectures are config.model.sd_path's
+when that folder exists here, the toy SD's for "toy", else SD 1.5's (sample without --config: SD 1.5's with the
+paper's LayerDiff).
 
-Prints one table: per-chip memory against HBM, FLOPs, collectives, ideal times at the chips' peak rates (estimates,
-not measurements), compile time; --json PATH writes it all. --find-max-batch compiles candidates to find the largest
-batch per chip that fits. A compile of SD-1.5-size programs takes minutes and ~20 GB of host memory per candidate;
---profile-compile DIR traces it and prints where that time went (layerdiff_jax/aot/compile_profile.py); the trace
-slows the compile, so time one without it.
+Prints one table: per-chip memory against what a program may use (a TPU chip's HBM; a GPU's memory times
+XLA_PYTHON_CLIENT_MEM_FRACTION, JAX's default 0.75, as the GPU run reads it), FLOPs, collectives, ideal times at the
+chips' peak rates (estimates, not measurements), compile time; --json PATH writes it all. --find-max-batch compiles
+candidates to find the largest batch per chip that fits. A compile of SD-1.5-size programs takes minutes per
+candidate, with ~20 GB of host memory for a TPU slice, ~5 GB for a GPU; --profile-compile DIR (TPU slices) traces it
+and prints where that time went (layerdiff_jax/aot/compile_profile.py); the trace slows the compile, so time one
+without it.
 
 Exit status: 0 when the programs fit; 1 when they do not (the line names the bytes over and, with --find-max-batch,
 the largest batch that fits) or do not compile for the slice (the line says why); 2 on bad input, refused before
-anything is compiled: an unknown slice (the known ones are listed), libtpu missing (the install command is given), a
-config whose mesh does not divide the slice's chips, a bad flag or config.
+anything is compiled: an unknown slice (the known ones are listed), libtpu or the CUDA plugin missing (the install
+command is given), a config whose mesh does not divide the slice's chips, a bad flag or config.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -39,13 +45,13 @@ from layerdiff_jax.cli import absl_flags_parser, attach_package_log, config_prob
 
 TOOL = "compile_aot.py"
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/*.py); train needs one", lock_config=True)
-_SLICE = flags.DEFINE_string("slice", None, "TPU slice, e.g. v4-32 (--list-slices lists them)")
+_SLICE = flags.DEFINE_string("slice", None, "TPU slice or GPU node, e.g. v4-32, h100-8 (--list-slices lists them)")
 _LIST = flags.DEFINE_bool("list-slices", False, "list the known slices and their chips' figures")
 _BATCH = flags.DEFINE_integer("batch-per-chip", None, "samples per chip (train: per micro-batch); default the config's (train), 1 (sample)", lower_bound=1)
 _FIND = flags.DEFINE_bool("find-max-batch", False, "compile candidates to find the largest batch per chip that fits")
 _JSON = flags.DEFINE_string("json", None, "write the report as JSON to this file")
 _PROFILE = flags.DEFINE_string(
-    "profile-compile", None, "trace the compile into this folder and print where its time went (phases, slowest instructions)"
+    "profile-compile", None, "TPU slices: trace the compile into this folder and print where its time went (phases, slowest instructions)"
 )
 _SIZE = flags.DEFINE_integer("size", None, "sample: image side in pixels (default: the config's data.resolution, else 512)", lower_bound=1)
 _LAYERS = flags.DEFINE_integer("layers", None, "sample: layers, background included (default: the model's max_layers)", lower_bound=1)
@@ -61,11 +67,11 @@ def list_slices() -> str:
     from layerdiff_jax.aot.analysis import gib
     from layerdiff_jax.aot.slices import SLICES
 
-    lines = [f"{'slice':9} {'topology':11} {'chips':>5} {'hosts':>5} {'HBM/chip':>10} {'bf16/chip':>12} {'HBM BW':>10} {'ICI BW':>10}"]
+    lines = [f"{'slice':9} {'topology':11} {'chips':>5} {'hosts':>5} {'HBM/chip':>11} {'bf16/chip':>12} {'HBM BW':>10} {'link BW':>17}"]
     for s in SLICES.values():
         lines.append(
-            f"{s.name:9} {s.topology_name:11} {s.chips:5d} {s.hosts:5d} {gib(s.hbm_bytes):>10} {s.peak_bf16_flops / 1e12:>8.0f} TF/s "
-            f"{s.hbm_bytes_per_s / 1e9:>5.0f} GB/s {s.ici_bytes_per_s / 1e9:>5.0f} GB/s"
+            f"{s.name:9} {s.topology_name:11} {s.chips:5d} {s.hosts:5d} {gib(s.hbm_bytes):>11} {s.peak_bf16_flops / 1e12:>8.0f} TF/s "
+            f"{s.hbm_bytes_per_s / 1e9:>5.0f} GB/s {s.ici_bytes_per_s / 1e9:>5.0f} GB/s {s.interconnect}"
         )
     return "\n".join(lines)
 
@@ -133,7 +139,7 @@ def _sample(s, config):
 
 
 def run(command: str) -> int:
-    from layerdiff_jax.aot.slices import SliceError, check_libtpu, get_slice
+    from layerdiff_jax.aot.slices import SliceError, check_compiler, get_slice, usable_memory
     from layerdiff_jax.training.config import ConfigError
 
     if _SLICE.value is None:
@@ -144,12 +150,15 @@ def run(command: str) -> int:
         raise BadInput(f"--profile-compile {_PROFILE.value}: not a folder")
     try:
         s = get_slice(_SLICE.value)
+        if _PROFILE.value and s.platform != "tpu":
+            raise BadInput(f"--profile-compile reads libtpu's trace events: it profiles TPU slices, not {s.name}")
         config = _config(required=command == "train")
         if command == "train":
             from layerdiff_jax.aot.train import mesh_shape
 
             mesh_shape(config, s)
-        check_libtpu()
+        check_compiler(s)
+        usable_memory(s)  # a bad XLA_PYTHON_CLIENT_MEM_FRACTION, refused now
         settings, batch, compile_at, samples_per_batch, unit = (_train if command == "train" else _sample)(s, config)
         return _compile(command, s, settings, batch, compile_at, samples_per_batch, unit)
     except ConfigError as e:
@@ -181,6 +190,7 @@ def _compile(command, s, settings, batch, compile_at, samples_per_batch, unit) -
 def _compile_and_report(command, s, settings, batch, compile_at, samples_per_batch, unit) -> int:
     from layerdiff_jax.aot.analysis import DoesNotFit, peak_rss_bytes
     from layerdiff_jax.aot.fit import largest_batch
+    from layerdiff_jax.aot.slices import usable_memory
     from layerdiff_jax.aot.report import Report, table
 
     def compile_and_measure(b: int):
@@ -190,7 +200,7 @@ def _compile_and_report(command, s, settings, batch, compile_at, samples_per_bat
     search = None
     try:
         if _FIND.value:
-            search = largest_batch(compile_and_measure, s.hbm_bytes, start=batch)
+            search = largest_batch(compile_and_measure, usable_memory(s)[0], start=batch)
             if search.batch is None:
                 print(f"{TOOL}: {search.smallest_failure}, even at 1 per chip", file=sys.stderr)
                 return 1
@@ -213,6 +223,9 @@ def _compile_and_report(command, s, settings, batch, compile_at, samples_per_bat
 
 
 def main(argv: list[str]) -> int:
+    # Where jax's CUDA plugin is installed without the CUDA libraries (the gpu-aot extra), it loads only without its
+    # check of them; this tool runs nothing on a GPU, so the check has nothing to protect.
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     attach_package_log(sys.stderr, f"{TOOL}: %(message)s", logging.INFO)
     logging.getLogger("layerdiff_jax").propagate = False  # once, not again through absl's handler
     logging.getLogger("jax").setLevel(logging.WARNING)  # not "Unable to initialize backend 'tpu'": no TPU is expected here

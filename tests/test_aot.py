@@ -244,7 +244,25 @@ def test_libtpu_missing_names_the_install_command(monkeypatch):
     monkeypatch.setattr(slices.importlib.util, "find_spec", lambda name: None)
     monkeypatch.delenv("TPU_LIBRARY_PATH", raising=False)
     with pytest.raises(slices.SliceError, match=r'pip install -e "\.\[tpu\]"'):
-        slices.check_libtpu()
+        slices.check_compiler(slices.get_slice("v4-8"))
+
+
+def test_gpu_target_configs_describe_the_slices_figures(monkeypatch):
+    h100, v4 = slices.get_slice("h100-1"), slices.get_slice("v4-8")
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    assert slices.usable_memory(h100)[0] == int(0.75 * h100.hbm_bytes) and slices.usable_memory(v4)[0] == v4.hbm_bytes
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", ".95")  # what a GPU run gives JAX, a TPU chip ignores
+    assert slices.usable_memory(h100)[0] == int(0.95 * h100.hbm_bytes) and slices.usable_memory(v4)[0] == v4.hbm_bytes
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "95%")
+    with pytest.raises(slices.SliceError, match="XLA_PYTHON_CLIENT_MEM_FRACTION='95%' is not a number"):
+        slices.usable_memory(h100)
+    for s in (s for s in slices.SLICES.values() if s.platform == "gpu"):
+        gpu = slices.CUDA_DEVICES[s.name.split("-")[0]]
+        text = gpu.target_config()
+        assert f"device_memory_size: {s.hbm_bytes} " in text and f"memory_bandwidth: {int(s.hbm_bytes_per_s)} " in text
+        assert f'device_description_str: "{gpu.description}"' in text and "major: 9 minor: 0" in text
+        assert (s.hosts, s.topology_name, s.interconnect) == (1, f"1x1x{s.chips}", "NVLink")
+        assert text.count("{") == text.count("}")
 
 
 def _cli(*args):
@@ -262,6 +280,9 @@ def _cli(*args):
         (["train", "--config=configs/shapes_cpu.py", "--slice=v4-8", "--profile-compile=README.md"],
          "compile_aot.py: --profile-compile README.md: not a folder"),
         (["deploy", "--slice=v4-8"], "compile_aot.py: give one command, train or sample"),
+        # The suite's environment has libtpu but not jax's CUDA plugin (gpu-aot, ~480 MB).
+        (["train", "--config=configs/shapes_cpu.py", "--slice=h100-8"],
+         'compile_aot.py: compiling for NVIDIA GPUs needs jax\'s CUDA plugin, which is not installed: pip install -e ".[gpu-aot]"'),
     ],
 )
 def test_cli_refuses_bad_input_in_one_line_before_compiling(args, message):

@@ -30,7 +30,7 @@ def _requires(distribution: str, extra: str) -> list[str]:
 def test_accelerator_extras_pin_the_plugin_to_the_installed_jax():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert extras["cuda"] == ["jax[cuda12]>=0.10"] and extras["cuda13"] == ["jax[cuda13]>=0.10"]
-    assert extras["tpu"] == ["jax[tpu]>=0.10"]
+    assert extras["tpu"] == ["jax[tpu]>=0.10"] and extras["gpu-aot"] == ["jax[cuda12-local]>=0.10"]
     version = jax.__version__
     pinned = f"<={version},>={version}"
     # jax's own extras: the plugin (and jaxlib) at exactly jax's version; libtpu for TPUs.
@@ -38,6 +38,8 @@ def test_accelerator_extras_pin_the_plugin_to_the_installed_jax():
     assert f"jax-cuda13-plugin[with-cuda]{pinned}" in _requires("jax", "cuda13")
     assert f"jaxlib{pinned}" in _requires("jax", "cuda12")
     assert any(r.startswith("libtpu") for r in _requires("jax", "tpu"))
+    # Compiling for GPUs without one: the plugin alone, without the CUDA libraries ([with-cuda]).
+    assert f"jax-cuda12-plugin{pinned}" in _requires("jax", "cuda12-local")
 
 
 def _pip_env() -> dict[str, str]:

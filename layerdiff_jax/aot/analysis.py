@@ -1,17 +1,17 @@
-"""What one program compiled for a TPU slice needs and does per chip.
+"""What one program compiled for a slice (TPU chips or GPUs) needs and does per chip.
 
 - memory: XLA's buffer assignment, per chip: arguments, outputs, what outputs alias of donated arguments, temporaries;
-  their total (arguments + outputs + temporaries - aliases) against the chip's HBM. A program XLA cannot fit fails to
-  compile with RESOURCE_EXHAUSTED (against what it can use of the HBM, a little less than all), which
-  `compile_program` turns into `DoesNotFit` naming the bytes over.
+  their total (arguments + outputs + temporaries - aliases) against what a program may use of the chip's memory
+  (`slices.usable_memory`). A program XLA:TPU cannot fit fails to compile with RESOURCE_EXHAUSTED (against what it
+  can use of the HBM, a little less than all), which `compile_program` turns into `DoesNotFit` naming the bytes over.
 - FLOPs: the project's count on the jaxpr (`bench.measure.jaxpr_matmul_flops`: matrix products and convolutions of
   the whole program, every scan trip counted) beside XLA's cost analysis per chip, which counts every op but each loop
   body once (a DDIM loop's 50 steps, gradient accumulation's micro-batches are one body to it).
 - HBM traffic: XLA's "bytes accessed" per chip (loop bodies once, too).
 - collectives: parsed from the partitioned HLO (`hlo.collectives`).
 - an ideal time, an estimate: the largest of compute (jaxpr FLOPs / chips at the bf16 peak), communication
-  (collective bytes at the chip's full ICI bandwidth) and HBM traffic (at its HBM bandwidth), as if each overlapped the
-  others perfectly; the largest names the bound. Real steps are slower.
+  (collective bytes at the chip's full ICI or NVLink bandwidth) and HBM traffic (at its HBM bandwidth), as if each
+  overlapped the others perfectly; the largest names the bound. Real steps are slower.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 from layerdiff_jax.aot.compile_profile import op_names
 from layerdiff_jax.aot.hlo import Collectives, collectives
-from layerdiff_jax.aot.slices import GiB, Slice
+from layerdiff_jax.aot.slices import GiB, Slice, compiler_options, usable_memory
 from layerdiff_jax.bench.measure import jaxpr_matmul_flops
 from layerdiff_jax.models.backend import tracing_for
 
@@ -123,7 +123,7 @@ class CompiledProgram:
     def to_json(self, s: Slice) -> dict[str, Any]:
         return {
             "name": self.name,
-            "memory_bytes_per_chip": {**dataclasses.asdict(self.memory), "total": self.memory.total, "hbm": s.hbm_bytes},
+            "memory_bytes_per_chip": {**dataclasses.asdict(self.memory), "total": self.memory.total, "hbm": s.hbm_bytes, "usable": usable_memory(s)[0]},
             "jaxpr_flops": self.jaxpr_flops,
             "xla_flops_per_chip": self.xla_flops,
             "xla_bytes_accessed_per_chip": self.xla_bytes_accessed,
@@ -139,21 +139,22 @@ class CompiledProgram:
 
 
 def compile_program(name: str, trace, s: Slice) -> CompiledProgram:
-    """Traces (`trace()` -> a `jax.stages.Traced`, models choosing their TPU kernels), lowers and compiles a program for
+    """Traces (`trace()` -> a `jax.stages.Traced`, models choosing the slice's kernels), lowers and compiles a program for
     slice `s`; `DoesNotFit` when XLA cannot fit it in a chip's HBM or its memory plan is over it."""
     start = time.perf_counter()
-    with tracing_for("tpu"):
+    with tracing_for(s.platform):
         traced = trace()
     try:
-        compiled = traced.lower().compile()
+        compiled = traced.lower().compile(compiler_options(s))
     except Exception as e:  # noqa: BLE001 - jax raises JaxRuntimeError; only RESOURCE_EXHAUSTED is ours to report
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         raise DoesNotFit(name, *xla_memory_report(str(e)), detail=str(e).strip()) from None
     compile_s = time.perf_counter() - start
     memory = Memory.of(compiled)
-    if memory.total > s.hbm_bytes:
-        raise DoesNotFit(name, memory.total - s.hbm_bytes, f"XLA plans {gib(memory.total)} of {gib(s.hbm_bytes)}")
+    usable, what = usable_memory(s)
+    if memory.total > usable:
+        raise DoesNotFit(name, memory.total - usable, f"XLA plans {gib(memory.total)} of {gib(usable)}, {what}")
     cost = compiled.cost_analysis() or {}
     if isinstance(cost, list):  # older jax: one dict per computation
         cost = cost[0] if cost else {}

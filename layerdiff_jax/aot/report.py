@@ -11,7 +11,7 @@ from typing import Any
 from layerdiff_jax.aot.analysis import CompiledProgram, gib
 from layerdiff_jax.aot.fit import Search
 from layerdiff_jax.aot.hlo import KINDS
-from layerdiff_jax.aot.slices import Slice
+from layerdiff_jax.aot.slices import Slice, usable_memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,13 +82,14 @@ def table(report: Report) -> str:
     row("  outputs", [gib(p.memory.output) for p in programs])
     row("  aliased (donated)", [gib(p.memory.alias) for p in programs])
     row("  temporaries", [gib(p.memory.temp) for p in programs])
-    row(f"  total, of {gib(s.hbm_bytes)} HBM", [f"{gib(p.memory.total)} ({100 * p.memory.total / s.hbm_bytes:.1f}%)" for p in programs])
+    usable, what = usable_memory(s)
+    row(f"  total, of {gib(usable)} ({what})", [f"{gib(p.memory.total)} ({100 * p.memory.total / usable:.1f}%)" for p in programs])
     row("FLOPs, jaxpr, all chips", [_si(p.jaxpr_flops, "FLOP") for p in programs])
     row("FLOPs, XLA, per chip", [_si(p.xla_flops, "FLOP") for p in programs])
     row("HBM traffic, XLA, per chip", [_si(p.xla_bytes_accessed, "B") for p in programs])
     for kind in KINDS:
         row(f"{kind}: count, bytes per chip", [f"{p.collectives.kinds[kind].count}, {_si(p.collectives.kinds[kind].bytes_per_chip, 'B')}" for p in programs])
-    row("collectives at ICI", [_seconds(e.communication_s) for e in estimates])
+    row(f"collectives at {s.interconnect}", [_seconds(e.communication_s) for e in estimates])
     row("compute at bf16 peak", [_seconds(e.compute_s) for e in estimates])
     row("HBM traffic at HBM bandwidth", [_seconds(e.hbm_s) for e in estimates])
     row("ideal time (estimate), bound", [f"{_seconds(e.ideal_s)}, {e.bound}" for e in estimates])
@@ -96,7 +97,7 @@ def table(report: Report) -> str:
     width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [
         f"{report.command} on {s.name}: {s.chips} chips, {s.hosts} host(s), {s.topology_name}; per chip {gib(s.hbm_bytes)} HBM, "
-        f"{_si(s.peak_bf16_flops, 'FLOP/s')} bf16, {_si(s.hbm_bytes_per_s, 'B/s')} HBM, {_si(s.ici_bytes_per_s, 'B/s')} ICI",
+        f"{_si(s.peak_bf16_flops, 'FLOP/s')} bf16, {_si(s.hbm_bytes_per_s, 'B/s')} HBM, {_si(s.ici_bytes_per_s, 'B/s')} {s.interconnect}",
         *(f"  {label}: {value}" for label, value in report.settings.items()),
         f"  batch: {report.batch_per_chip} per chip, {report.samples} {report.unit} per {report.per}",
         "",

@@ -1,4 +1,4 @@
-"""The batch sampler's programs compiled for a TPU slice ahead of time, without weights.
+"""The batch sampler's programs compiled for a TPU slice or GPU node ahead of time, without weights.
 
   python scripts/compile_aot.py sample --slice v5e-256 --size 512 --layers 4 --steps 50 --find-max-batch
 
@@ -66,7 +66,7 @@ class SampleCompiler:
             raise SliceError(f"--steps {settings.steps} must be in [1, {scheduler.num_train_timesteps}]")
         dtype, impl = jnp.dtype(settings.dtype), settings.attention_impl
         devices = slice_devices(s.name)
-        # The pipeline runs one device without a mesh; a one-device mesh compiles the same program for the TPU.
+        # The pipeline runs one device without a mesh; a one-device mesh compiles the same program for the chip.
         mesh = data_parallel_mesh(devices) or Mesh(np.asarray(devices).reshape(1, 1, 1), MESH_AXES)
         return cls(
             s, settings, LayerDiffUNet(models.unet, layerdiff, dtype=dtype, attention_impl=impl),
@@ -91,7 +91,7 @@ class SampleCompiler:
     def compile(self, batch_per_chip: int) -> tuple[CompiledProgram, CompiledProgram]:
         """(denoise, decode) for `batch_per_chip` samples on each chip; DoesNotFit when either does not fit."""
         batch = batch_per_chip * self.slice.chips
-        with tracing_for("tpu"):  # the modules' init, traced for the parameters' shapes, picks TPU kernels too
+        with tracing_for(self.slice.platform):  # the modules' init, traced for the parameters' shapes, picks the slice's kernels too
             params = self.params()
         schedule = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), self.scheduler.make_schedule())
         tokens = self.text_encoder.config.max_position_embeddings

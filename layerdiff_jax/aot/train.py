@@ -1,4 +1,4 @@
-"""The trainer's own train step compiled for a TPU slice ahead of time, from abstract inputs only.
+"""The trainer's own train step compiled for a TPU slice or GPU node ahead of time, from abstract inputs only.
 
   python scripts/compile_aot.py train --config configs/tpu_v4.py --slice v4-32 --find-max-batch
 
@@ -92,7 +92,7 @@ class TrainCompiler:
     def compile(self, batch_per_chip: int) -> CompiledProgram:
         """The step at `batch_per_chip`; DoesNotFit when it does not fit a chip."""
         config = with_batch_per_chip(self.config, self.slice, batch_per_chip)
-        with tracing_for("tpu"):  # the modules' init, traced for the state's shapes, picks TPU kernels too
+        with tracing_for(self.slice.platform):  # the modules' init, traced for the state's shapes, picks the slice's kernels too
             program = build_train_program(config, self.mesh, self.models, token_length=MAX_LENGTH, processes=self.slice.hosts)
             args = program.abstract_inputs(self.slice.hosts, MAX_LENGTH)
         return compile_program("train step", lambda: program.step.trace(*args), self.slice)
