@@ -233,10 +233,12 @@ def test_largest_batch_aims_where_memory_meets_the_hbm():
         return compile_at
 
     search = largest_batch(compiler(100), 100, start=1)
-    assert (search.batch, search.result, search.failed_batch, search.tries) == (48, "program 48", 49, (1, 2, 48, 49))
+    # From one point the line through zero (5 per sample) aims short, at 20; from two, at 48.
+    assert (search.batch, search.result, search.failed_batch, search.tries) == (48, "program 48", 49, (1, 20, 48, 49))
     # XLA uses less than the whole HBM: its bytes over at 48 aim the next candidate.
-    assert largest_batch(compiler(96), 100, start=1).tries == (1, 2, 48, 46, 47)
-    assert largest_batch(compiler(100), 100, start=64).batch == 48  # a start that does not fit: from 1 up again
+    assert largest_batch(compiler(96), 100, start=1).tries == (1, 20, 48, 46, 47)
+    # A start that does not fit (131 at 64, 31 over): from 1 (5) up again, aimed by the line through both points.
+    assert largest_batch(compiler(100), 100, start=64).tries == (64, 1, 48, 49)
     assert largest_batch(compiler(2), 100).batch is None
 
 
