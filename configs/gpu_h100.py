@@ -5,10 +5,10 @@
 
 The paper's optimizer and losses at 256x256, 32 samples per update in one micro-batch (no accumulation),
 the state FSDP-sharded over the node's GPUs (mesh (1, -1, 1)), UNet blocks rematerialised, an EMA of the
-parameters (exported as the model). What to expect: 16.5 GiB of train state (parameters, Adam moments,
-EMA) plus 0.8 GiB of frozen VAE and text encoder on one GPU, 2.1 + 0.1 GiB per GPU on eight
-(docs/accelerators.md, "What fits where"), before activations; set XLA_PYTHON_CLIENT_MEM_FRACTION=.95 to give
-XLA the whole GPU.
+parameters (exported as the model). What to expect, compiled for one H100 without one (docs/accelerators.md,
+"Ahead-of-time compiles for NVIDIA GPUs"): 55.9 GiB per GPU at 32 samples, of which 17.2 GiB are the train state
+(parameters, Adam moments, EMA), the frozen VAE and text encoder and the batch; that fits JAX's default 75% of the
+GPU. With XLA_PYTHON_CLIENT_MEM_FRACTION=.95, which gives XLA the whole GPU, up to 69 samples fit one H100.
 """
 
 from configs import sd15_256

@@ -171,7 +171,9 @@ class CheckSettings:
                 image_size=512, batch=images, steps=50,
             )
             unet = UNetBench(sd.unet, batch=CFG_COPIES * images, latent_size=64)
-            layers = LayerBench(image_size=256, batch=8, layer_counts=(4,), enhancer_heads=8)
+            # The train batch's search starts near the largest that fits an H100, as its compile without a GPU puts
+            # it (docs/accelerators.md, "Ahead-of-time compiles for NVIDIA GPUs"): fewer compiles before the deadline.
+            layers = LayerBench(image_size=256, batch=16, layer_counts=(4,), enhancer_heads=8)
             # remat off first: its step's HLO has no recomputation, so it gives the model FLOPs for both.
             remat_modes, repeats = (False, True), {"unet": 10, "attention": 5, "ddim": 3, "train": 5}
         bench = BenchSettings(device, quick, "bfloat16", kernel, repeats["unet"], unet, sd, layers, peak_flops)
