@@ -13,7 +13,7 @@ train --config configs/tpu_v4.py --slice v4-32`): 5.2 GiB per chip of a v4 chip'
 arguments: the sharded train state and frozen encoders, 4.1 GiB of temporaries), 8.2 on a v4-8, 5.3 on a v4-128; on
 a v5e-256 with `--config.mesh.shape=(-1,64,1)` (256-way FSDP would not divide SD's kernels) 4.9 of a v5e chip's 16.
 With remat on a v4-32 chip fits at least 30 samples per micro-batch (29.6 GiB compiled), for larger batches;
-with `--config.model.remat=False` at least 14 (28.5 GiB), for 9% fewer FLOPs per sample.
+with `--config.model.remat=False` at least 18 (28.7 GiB), for 9% fewer FLOPs per sample.
 The workdir must be shared by all hosts (a GCS bucket); the model folder is written to <workdir>/model by process 0.
 """
 
