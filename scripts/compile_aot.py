@@ -4,7 +4,7 @@
   python scripts/compile_aot.py --list-slices
   python scripts/compile_aot.py train --config configs/tpu_v4.py --slice v4-32 [--batch-per-chip 2] [--find-max-batch]
   python scripts/compile_aot.py train --config configs/shapes_cpu.py --slice v4-8 --profile-compile /tmp/trace
-  python scripts/compile_aot.py train --config configs/gpu_h100.py --slice h100-1   # with the gpu-aot extra
+  python scripts/compile_aot.py sample --slice v5e-256 --size 512 --layers 4 --steps 50 [--config ...] [--find-max-batch]
   python scripts/compile_aot.py train --config configs/gpu_h100.py --slice h100-1   # in a venv with the gpu-aot extra
 
 No TPU or GPU is needed: libtpu (pip install -e ".[tpu]") describes a TPU slice, jax's CUDA plugin without the CUDA
